@@ -1,1 +1,21 @@
+//! thaw's engine: templates, isolation tiers, invocations, sessions.
+//!
+//! Module map: [`template`] parses and builds templates; [`container`] is the container tier
+//! (runc + CRIU); [`agent`] speaks the guest-init protocol; [`engine`] ties them into
+//! publish/invoke/exec; [`store`] is durable metadata; [`cleanup`] recovers from crashes;
+//! [`doctor`] checks the host.
 
+pub mod agent;
+pub mod cleanup;
+pub mod container;
+pub mod doctor;
+pub mod engine;
+pub mod error;
+pub mod paths;
+pub mod progress;
+pub mod store;
+pub mod template;
+
+pub use engine::Engine;
+pub use error::{Error, Result};
+pub use paths::Paths;

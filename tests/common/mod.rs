@@ -1,1 +1,208 @@
+//! Helpers for end-to-end tests: each test gets its own `THAW_HOME` (metadata, snapshots,
+//! sandboxes) and shares `THAW_CACHE` (root filesystems are pure functions of their inputs,
+//! and the Debian one takes a minute to build). After each test, [`Home::assert_clean`]
+//! checks that no sandbox process, mount, cgroup or directory is left behind.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The thaw binary of the same profile as this test (target/<profile>/thaw).
+pub fn thaw_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("thaw");
+    assert!(
+        bin.exists(),
+        "{} missing: run `make build-debug` (or `make test`) first",
+        bin.display()
+    );
+    bin
+}
+
+pub fn is_root() -> bool {
+    // SAFETY-free check: /proc/self/status Uid line.
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+pub struct Home {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub out: Output,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.out.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).to_string()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).to_string()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {}\nstderr: {}",
+                self.stdout(),
+                self.stderr()
+            )
+        })
+    }
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        assert_eq!(
+            self.code(),
+            0,
+            "thaw failed\nstdout: {}\nstderr: {}",
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+}
+
+impl Home {
+    pub fn new() -> Home {
+        let dir = tempfile::Builder::new()
+            .prefix("thaw-e2e-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        Home { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(thaw_bin());
+        c.env("THAW_HOME", self.path());
+        c.env_remove("THAW_SERVER");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.run_stdin(args, None)
+    }
+
+    pub fn run_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Run {
+        let mut c = self.cmd();
+        c.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn thaw");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            let mut s = child.stdin.take().expect("stdin");
+            // thaw may refuse an oversized input before reading all of it: a broken pipe
+            // here is the behaviour under test, not a failure.
+            match s.write_all(input) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => panic!("write stdin: {e}"),
+            }
+        }
+        Run {
+            out: child.wait_with_output().expect("wait thaw"),
+        }
+    }
+
+    pub fn deploy(&self, template: &str) -> serde_json::Value {
+        let dir = repo_root().join("templates").join(template);
+        self.run(&["--json", "deploy", dir.to_str().expect("utf-8 path")])
+            .ok()
+            .json()
+    }
+
+    /// Nothing of this home's sandboxes may survive: no container, mount, cgroup or dir.
+    #[track_caller]
+    pub fn assert_clean(&self) {
+        let home = self.path();
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let leaked: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(home.to_str().unwrap_or("?")))
+            .collect();
+        assert!(leaked.is_empty(), "mounts left behind: {leaked:?}");
+        let sandboxes: Vec<_> = std::fs::read_dir(home.join("sandboxes"))
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            sandboxes.is_empty(),
+            "sandbox dirs left behind: {sandboxes:?}"
+        );
+        let runc_root = home.join("runc");
+        if runc_root.exists() {
+            let out = Command::new("runc")
+                .arg("--root")
+                .arg(&runc_root)
+                .args(["list", "--quiet"])
+                .output()
+                .expect("runc list");
+            let list = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert!(list.is_empty(), "containers left behind: {list}");
+        }
+        // Processes whose root is inside this home (a sandbox's overlay) must be gone.
+        let mut stray = Vec::new();
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if let Ok(root) = std::fs::read_link(format!("/proc/{pid}/root")) {
+                    if root.starts_with(home) {
+                        stray.push(pid);
+                    }
+                }
+            }
+        }
+        assert!(stray.is_empty(), "sandbox processes left behind: {stray:?}");
+    }
+}
+
+impl Default for Home {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Cgroups named after sandboxes of this test that still exist.
+pub fn leaked_cgroups(ids: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in ids {
+        for ctrl in ["memory", "pids", "cpu", "freezer", "unified"] {
+            let p = format!("/sys/fs/cgroup/{ctrl}/thaw/{id}");
+            if Path::new(&p).exists() {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

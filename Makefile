@@ -1,0 +1,61 @@
+# thaw: two commands on a fresh machine.
+#   make demo   installs what is missing, builds, publishes templates/python, invokes it
+#   make test   installs what is missing, runs every test
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+CARGO        ?= cargo
+TARGET_TRIPLE := x86_64-unknown-linux-gnu
+STATIC_DIR   := target/static
+GUEST_INIT_STATIC := $(STATIC_DIR)/$(TARGET_TRIPLE)/release/guest-init
+THAW         := target/release/thaw
+TEST_THREADS ?= 2
+
+.PHONY: deps build build-debug guest-init demo test unit e2e lint bench doctor clean
+
+deps:
+	@bash scripts/install-deps.sh
+
+# guest-init is PID 1 in every sandbox, whatever its rootfs: it must be static. The explicit
+# --target keeps RUSTFLAGS away from build scripts and proc-macros, which must stay dynamic.
+guest-init:
+	RUSTFLAGS="-C target-feature=+crt-static -C strip=debuginfo" $(CARGO) build --release --locked -p thaw-guest-init \
+		--target $(TARGET_TRIPLE) --target-dir $(STATIC_DIR)
+	@ldd $(GUEST_INIT_STATIC) 2>&1 | grep -qE "not a dynamic executable|statically linked" || \
+		{ echo "guest-init is not static"; exit 1; }
+
+build: deps guest-init
+	$(CARGO) build --release --locked -p thaw-cli
+	install -m 0755 $(GUEST_INIT_STATIC) target/release/thaw-guest-init
+
+build-debug: deps guest-init
+	$(CARGO) build --locked -p thaw-cli
+	install -m 0755 $(GUEST_INIT_STATIC) target/debug/thaw-guest-init
+
+doctor: build
+	$(THAW) doctor
+
+demo: build
+	@echo "== thaw doctor"; $(THAW) doctor || true
+	@echo "== deploy templates/shell"; $(THAW) deploy templates/shell
+	@echo "== invoke shell"; $(THAW) invoke shell --payload '{"task": "say hi"}'
+	@echo "== deploy templates/python (first time: debootstrap, about a minute)"; $(THAW) deploy templates/python
+	@echo "== invoke python"; $(THAW) invoke python --payload '{"op": "fit", "x": [0, 1, 2, 3], "y": [1, 3, 5, 7]}'
+	@echo "== exec in python"; $(THAW) exec python -- python3 -c 'import sys; print("python", sys.version.split()[0], "in a sandbox")'
+
+# Every test: unit tests of every crate, then the end-to-end tests that drive the real thaw
+# binary against runc and CRIU. Sandboxes are real, so e2e tests run two at a time.
+test: build-debug
+	export THAW_GUEST_INIT=$(abspath $(GUEST_INIT_STATIC)); \
+	$(CARGO) test --locked --workspace --exclude thaw-e2e
+	$(CARGO) test --locked -p thaw-e2e -- --test-threads $(TEST_THREADS)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+bench: build
+	$(THAW) bench
+
+clean:
+	$(CARGO) clean

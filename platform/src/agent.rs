@@ -1,0 +1,245 @@
+//! Host side of the guest-init protocol: one connection per exchange, so that a dropped
+//! future (client went away, timeout) closes the socket, which guest-init treats as cancel.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use thaw_protocol::frame::{read_frame_async, write_frame_async};
+use thaw_protocol::{
+    ExecRequest, InvokeRequest, InvokeStatus, Outcome, Request, Response, Stream, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::error::{Error, Result};
+
+pub trait AgentStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AgentStream for T {}
+
+pub type BoxStream = Pin<Box<dyn AgentStream>>;
+
+/// How to reach a sandbox's guest-init.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// Container tier: guest-init's socket, seen from the host through the bind mount.
+    Unix(PathBuf),
+    /// microvm tier: Cloud Hypervisor's hybrid vsock socket (`CONNECT <port>` handshake).
+    HybridVsock { socket: PathBuf, port: u32 },
+}
+
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub sandbox: String,
+    pub endpoint: Endpoint,
+}
+
+/// What an exec produced (output also went to the callback as it came).
+#[derive(Debug, Clone)]
+pub struct ExecDone {
+    pub outcome: Outcome,
+    pub duration_ms: u64,
+    pub truncated: bool,
+}
+
+/// The result of one invocation as the guest reported it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InvokeDone {
+    pub status: InvokeStatus,
+    pub result: Option<serde_json::Value>,
+    pub raw_output: Option<String>,
+    pub stderr_tail: String,
+    pub outcome: Option<Outcome>,
+    pub duration_ms: u64,
+    pub truncated: bool,
+}
+
+impl Agent {
+    pub fn new(sandbox: impl Into<String>, endpoint: Endpoint) -> Agent {
+        Agent {
+            sandbox: sandbox.into(),
+            endpoint,
+        }
+    }
+
+    fn err(&self, message: impl Into<String>) -> Error {
+        Error::Agent {
+            sandbox: self.sandbox.clone(),
+            message: message.into(),
+        }
+    }
+
+    pub async fn connect(&self) -> Result<BoxStream> {
+        match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let s = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| self.err(format!("connect {}: {e}", path.display())))?;
+                Ok(Box::pin(s))
+            }
+            Endpoint::HybridVsock { socket, port } => {
+                use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+                let mut s = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map_err(|e| self.err(format!("connect {}: {e}", socket.display())))?;
+                s.write_all(format!("CONNECT {port}\n").as_bytes())
+                    .await
+                    .map_err(|e| self.err(format!("vsock handshake: {e}")))?;
+                // Read the `OK <port>\n` line byte by byte: a BufReader could swallow the
+                // first bytes of the protocol stream that follow it.
+                let mut line = Vec::new();
+                let mut reader = BufReader::with_capacity(1, &mut s);
+                reader
+                    .read_until(b'\n', &mut line)
+                    .await
+                    .map_err(|e| self.err(format!("vsock handshake: {e}")))?;
+                if !line.starts_with(b"OK ") {
+                    return Err(self.err(format!(
+                        "vsock handshake: expected `OK <port>`, got {:?}",
+                        String::from_utf8_lossy(&line)
+                    )));
+                }
+                Ok(Box::pin(s))
+            }
+        }
+    }
+
+    /// Sends one request and returns its terminal response, turning guest errors into
+    /// [`Error::Guest`].
+    pub async fn call(&self, req: &Request) -> Result<Response> {
+        let mut s = self.connect().await?;
+        self.exchange(&mut s, req, |_| {}).await
+    }
+
+    async fn exchange(
+        &self,
+        s: &mut BoxStream,
+        req: &Request,
+        mut on_partial: impl FnMut(Response),
+    ) -> Result<Response> {
+        write_frame_async(s, req)
+            .await
+            .map_err(|e| self.err(format!("send: {e}")))?;
+        loop {
+            let resp: Response = read_frame_async(s).await.map_err(|e| {
+                if e.is_closed() {
+                    self.err("guest-init closed the connection (sandbox died or was killed)")
+                } else {
+                    self.err(format!("receive: {e}"))
+                }
+            })?;
+            if let Response::Error { code, message } = resp {
+                return Err(Error::Guest {
+                    sandbox: self.sandbox.clone(),
+                    code,
+                    message,
+                });
+            }
+            if resp.is_terminal() {
+                return Ok(resp);
+            }
+            on_partial(resp);
+        }
+    }
+
+    /// Polls until guest-init answers a ping (it may still be starting).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<Response> {
+        let deadline = Instant::now() + timeout;
+        let mut delay = Duration::from_micros(500);
+        loop {
+            match self.call(&Request::Ping).await {
+                Ok(pong @ Response::Pong { .. }) => return Ok(pong),
+                Ok(other) => return Err(self.err(format!("unexpected answer to ping: {other:?}"))),
+                Err(e) => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::NotReady {
+                            sandbox: self.sandbox.clone(),
+                            timeout_ms: timeout.as_millis() as u64,
+                            log: format!(" (last error: {e})"),
+                        });
+                    }
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn hello(&self) -> Result<()> {
+        match self
+            .call(&Request::Hello {
+                version: PROTOCOL_VERSION,
+            })
+            .await?
+        {
+            Response::Hello { .. } => Ok(()),
+            other => Err(self.err(format!("unexpected answer to hello: {other:?}"))),
+        }
+    }
+
+    /// Expects `Ok` (or any non-error terminal answer) from a simple request.
+    pub async fn simple(&self, req: &Request) -> Result<Response> {
+        self.call(req).await
+    }
+
+    pub async fn exec(
+        &self,
+        req: ExecRequest,
+        mut on_output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExecDone> {
+        let mut s = self.connect().await?;
+        let resp = self
+            .exchange(&mut s, &Request::Exec(req), |r| {
+                if let Response::Output { stream, data } = r {
+                    on_output(stream, &data.0);
+                }
+            })
+            .await?;
+        match resp {
+            Response::Exited {
+                outcome,
+                duration_ms,
+                truncated,
+            } => Ok(ExecDone {
+                outcome,
+                duration_ms,
+                truncated,
+            }),
+            other => Err(self.err(format!("unexpected answer to exec: {other:?}"))),
+        }
+    }
+
+    pub async fn invoke(
+        &self,
+        req: InvokeRequest,
+        mut on_stderr: impl FnMut(&[u8]),
+    ) -> Result<InvokeDone> {
+        let mut s = self.connect().await?;
+        let resp = self
+            .exchange(&mut s, &Request::Invoke(req), |r| {
+                if let Response::Output { data, .. } = r {
+                    on_stderr(&data.0);
+                }
+            })
+            .await?;
+        match resp {
+            Response::InvokeResult {
+                status,
+                result,
+                raw_output,
+                stderr_tail,
+                outcome,
+                duration_ms,
+                truncated,
+            } => Ok(InvokeDone {
+                status,
+                result,
+                raw_output,
+                stderr_tail,
+                outcome,
+                duration_ms,
+                truncated,
+            }),
+            other => Err(self.err(format!("unexpected answer to invoke: {other:?}"))),
+        }
+    }
+}

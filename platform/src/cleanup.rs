@@ -1,0 +1,100 @@
+//! Crash recovery: every sandbox directory records the thaw process that owns it (pid and
+//! kernel start time, so a recycled pid is not mistaken for its owner). On start, thaw
+//! destroys every sandbox whose owner is gone: processes, cgroups, mounts and files left by
+//! a `kill -9` mid-publish or mid-invocation.
+
+use std::path::Path;
+
+use tracing::{info, warn};
+
+use crate::container::{mounts, runc::Runc};
+use crate::error::{IoContext, Result};
+use crate::paths::Paths;
+
+/// `<pid> <starttime>` of a process, from /proc/<pid>/stat field 22.
+fn identity(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let start = rest.split_whitespace().nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
+pub fn write_owner(path: &Path) -> Result<()> {
+    let me = identity(std::process::id()).unwrap_or_else(|| format!("{} 0", std::process::id()));
+    std::fs::write(path, me).ctx("writing owner record", path)
+}
+
+/// Whether the process recorded in `path` still runs.
+pub fn owner_alive(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) else {
+        return false;
+    };
+    identity(pid).as_deref() == Some(text.trim())
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct SweepStats {
+    pub sandboxes: usize,
+    pub containers: usize,
+    pub temp_dirs: usize,
+}
+
+/// Destroys every orphaned sandbox, container and scratch directory under `paths`.
+pub async fn sweep(paths: &Paths) -> Result<SweepStats> {
+    let mut stats = SweepStats::default();
+    let runc = Runc::new(paths.runc_root());
+    let sandboxes = paths.sandboxes();
+    let mut live = std::collections::HashSet::new();
+    if let Ok(rd) = std::fs::read_dir(&sandboxes) {
+        for entry in rd.flatten() {
+            let dir = entry.path();
+            let id = entry.file_name().to_string_lossy().to_string();
+            if owner_alive(&dir.join("owner")) {
+                live.insert(id);
+                continue;
+            }
+            info!(sandbox = %id, "cleaning up orphaned sandbox");
+            if let Err(e) = runc.delete(&id).await {
+                warn!(sandbox = %id, error = %e, "runc delete of orphan");
+            }
+            if let Err(e) = mounts::teardown_dir(&dir) {
+                warn!(sandbox = %id, error = %e, "teardown of orphan");
+            }
+            stats.sandboxes += 1;
+        }
+    }
+    // Containers whose directory is already gone (a crash between the two steps).
+    if paths.runc_root().exists() {
+        if let Ok(ids) = runc.list().await {
+            for id in ids.into_iter().filter(|id| !live.contains(id)) {
+                if !sandboxes.join(&id).exists() {
+                    let _ = runc.delete(&id).await;
+                    stats.containers += 1;
+                }
+            }
+        }
+    }
+    // Scratch dirs (checkpoints in flight, build temp dirs) of dead owners.
+    for scratch in [paths.checkpoints(), paths.rootfs_cache()] {
+        if let Ok(rd) = std::fs::read_dir(&scratch) {
+            for entry in rd.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if !name.starts_with(".tmp-") {
+                    continue;
+                }
+                let dir = entry.path();
+                if owner_alive(&dir.join(".owner")) {
+                    continue;
+                }
+                if mounts::teardown_dir(&dir).is_ok() {
+                    stats.temp_dirs += 1;
+                }
+            }
+        }
+    }
+    Ok(stats)
+}

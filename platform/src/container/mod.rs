@@ -1,0 +1,222 @@
+//! The container tier: Linux namespaces, cgroups, seccomp and an overlayfs root per sandbox,
+//! through runc; memory snapshots by CRIU.
+
+pub mod mounts;
+pub mod oci;
+pub mod runc;
+pub mod seccomp;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::agent::{Agent, Endpoint};
+use crate::error::{Error, IoContext, Result};
+use crate::paths::Paths;
+use crate::template::spec::Limits;
+use oci::{ContainerConfig, Network, GUEST_INIT_PATH};
+use runc::Runc;
+
+/// What a new sandbox is made of.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub hostname: String,
+    /// Read-only rootfs layers, top first.
+    pub layers: Vec<PathBuf>,
+    pub limits: Limits,
+    pub boot_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ContainerTier {
+    pub paths: Paths,
+    pub runc: Runc,
+    pub guest_init: PathBuf,
+}
+
+/// A live container sandbox. Dropping it does not destroy it: call [`ContainerSandbox::destroy`]
+/// (the engine does, on every path); the startup sweep catches what a crash leaves.
+#[derive(Debug)]
+pub struct ContainerSandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub agent: Agent,
+    runc: Runc,
+}
+
+/// Layout of a sandbox directory.
+pub struct SandboxDir {
+    pub root: PathBuf,
+}
+
+impl SandboxDir {
+    pub fn disk(&self) -> PathBuf {
+        self.root.join("disk")
+    }
+    pub fn upper(&self) -> PathBuf {
+        self.disk().join("upper")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.disk().join("work")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.root.join("rootfs")
+    }
+    pub fn agent_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.agent_dir().join(thaw_protocol::CONTAINER_SOCKET_NAME)
+    }
+    pub fn log(&self) -> PathBuf {
+        self.root.join("init.log")
+    }
+    pub fn owner(&self) -> PathBuf {
+        self.root.join("owner")
+    }
+}
+
+impl ContainerTier {
+    pub fn new(paths: Paths, guest_init: PathBuf) -> ContainerTier {
+        let runc = Runc::new(paths.runc_root());
+        ContainerTier {
+            paths,
+            runc,
+            guest_init,
+        }
+    }
+
+    /// Prepares the sandbox directory: owner record, tmpfs disk, overlay root, agent dir.
+    pub fn prepare_dir(&self, id: &str, layers: &[PathBuf], disk_mib: u64) -> Result<SandboxDir> {
+        let d = SandboxDir {
+            root: self.paths.sandbox(id),
+        };
+        std::fs::create_dir_all(&d.root).ctx("creating sandbox directory", &d.root)?;
+        crate::cleanup::write_owner(&d.owner())?;
+        mounts::mount_tmpfs(&d.disk(), disk_mib)?;
+        mounts::mount_overlay(layers, &d.upper(), &d.work(), &d.rootfs())?;
+        std::fs::create_dir_all(d.agent_dir()).ctx("creating agent directory", d.agent_dir())?;
+        Ok(d)
+    }
+
+    pub fn container_config(&self, spec: &SandboxSpec, d: &SandboxDir) -> ContainerConfig {
+        ContainerConfig {
+            rootfs: d.rootfs(),
+            hostname: spec.hostname.clone(),
+            args: vec![GUEST_INIT_PATH.to_string()],
+            env: vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                format!("THAW_SANDBOX_ID={}", spec.id),
+            ],
+            cwd: "/".into(),
+            network: Network::Loopback,
+            privileged_build: false,
+            memory_bytes: Some(spec.limits.memory_mib << 20),
+            cpu_quota_us: Some(spec.limits.vcpus as u64 * 100_000),
+            pids: Some(spec.limits.pids),
+            agent_dir: Some(d.agent_dir()),
+            guest_init: Some(self.guest_init.clone()),
+            cgroup_path: format!("/thaw/{}", spec.id),
+        }
+    }
+
+    /// Cold boot: a fresh container running guest-init, ready to serve.
+    pub async fn boot(&self, spec: &SandboxSpec) -> Result<ContainerSandbox> {
+        let span = info_span!("sandbox.boot", sandbox = %spec.id);
+        async {
+            let started = Instant::now();
+            let d = self.prepare_dir(&spec.id, &spec.layers, spec.limits.disk_mib);
+            let d = match d {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = mounts::teardown_dir(&self.paths.sandbox(&spec.id));
+                    return Err(e);
+                }
+            };
+            let sb = ContainerSandbox {
+                id: spec.id.clone(),
+                dir: d.root.clone(),
+                agent: Agent::new(spec.id.clone(), Endpoint::Unix(d.socket())),
+                runc: self.runc.clone(),
+            };
+            let result = async {
+                let cfg = oci::render(&self.container_config(spec, &d));
+                write_json(&d.root.join("config.json"), &cfg)?;
+                self.runc.run_detached(&spec.id, &d.root, &d.log()).await?;
+                debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "runc started"
+                );
+                sb.agent
+                    .wait_ready(spec.boot_timeout)
+                    .await
+                    .map_err(|e| with_log(e, &d.log()))?;
+                Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => Ok(sb),
+                Err(e) => {
+                    sb.destroy().await;
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl ContainerSandbox {
+    pub fn layout(&self) -> SandboxDir {
+        SandboxDir {
+            root: self.dir.clone(),
+        }
+    }
+
+    /// Kills every process, removes the cgroup, unmounts and deletes the directory.
+    /// Best effort on every step, so that one failure does not leak the rest.
+    pub async fn destroy(self) {
+        let span = info_span!("sandbox.destroy", sandbox = %self.id);
+        async {
+            if let Err(e) = self.runc.delete(&self.id).await {
+                warn!(error = %e, "runc delete");
+            }
+            if let Err(e) = mounts::teardown_dir(&self.dir) {
+                warn!(error = %e, "teardown");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    pub async fn init_pid(&self) -> Result<u32> {
+        self.runc.init_pid(&self.id).await
+    }
+}
+
+pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(v).map_err(|e| Error::Other(e.to_string()))?;
+    std::fs::write(path, bytes).ctx("writing", path)
+}
+
+/// Appends the tail of the container log to a readiness error: it usually says why.
+fn with_log(e: Error, log: &Path) -> Error {
+    match e {
+        Error::NotReady {
+            sandbox,
+            timeout_ms,
+            log: _,
+        } => {
+            let text = std::fs::read(log).unwrap_or_default();
+            Error::NotReady {
+                sandbox,
+                timeout_ms,
+                log: format!("; guest-init log: {}", runc::tail(&text, 400)),
+            }
+        }
+        other => other,
+    }
+}

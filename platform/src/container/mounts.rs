@@ -1,0 +1,128 @@
+//! Host-side mounts of a sandbox: a size-capped tmpfs that holds the private overlay upper
+//! directory (so the template's `disk_mib` limit is enforced by the kernel), and the overlayfs
+//! root that stacks it on the template's read-only layers.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Mounts a tmpfs of `size_mib` at `target`.
+pub fn mount_tmpfs(target: &Path, size_mib: u64) -> Result<()> {
+    std::fs::create_dir_all(target).ctx("creating tmpfs mountpoint", target)?;
+    let opts = format!("size={}m,mode=0700", size_mib);
+    mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| Error::Runtime {
+        command: format!("mount tmpfs {}", target.display()),
+        message: format!("{e} (thaw must run as root)"),
+    })
+}
+
+/// Mounts an overlay of `lowers` (top first) + `upper` at `target`.
+pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<()> {
+    for d in [upper, work, target] {
+        std::fs::create_dir_all(d).ctx("creating overlay directory", d)?;
+    }
+    let lower = lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    // index=off: CRIU cannot dump overlay mounts that use inode indexing across restores, and
+    // we never hard-link across layers.
+    let opts = format!(
+        "lowerdir={lower},upperdir={},workdir={},index=off",
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|e| Error::Runtime {
+        command: format!("mount overlay {}", target.display()),
+        message: format!("{e} (needs root and overlayfs support; options: {opts})"),
+    })
+}
+
+/// Unmounts `target` if it is mounted. Lazy (MNT_DETACH) so that a straggling process holding
+/// a file cannot wedge cleanup; the kernel frees the mount when the last user goes.
+pub fn unmount(target: &Path) -> Result<()> {
+    match umount2(target, MntFlags::MNT_DETACH) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(Error::Runtime {
+            command: format!("umount {}", target.display()),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Every mountpoint at or below `dir`, deepest first (from /proc/self/mountinfo).
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v as char);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
+/// Unmounts everything below `dir`, then removes it.
+pub fn teardown_dir(dir: &Path) -> Result<()> {
+    for m in mounts_below(dir) {
+        unmount(&m)?;
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("removing sandbox directory", dir, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,230 @@
+//! OCI runtime spec (`config.json`) for a sandbox, as runc consumes it.
+//!
+//! Deny by default: every capability dropped, no_new_privs, a seccomp filter, read-only /sys,
+//! masked /proc paths, fresh pid/mount/network/ipc/uts/cgroup namespaces (the network
+//! namespace holds only loopback), and cgroup limits on memory, CPU and pids.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::seccomp;
+
+/// Which network a container sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// A fresh network namespace with loopback only (every sandbox).
+    Loopback,
+    /// The host's network (build-time `setup` commands only, which fetch packages).
+    Host,
+}
+
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    pub rootfs: PathBuf,
+    pub hostname: String,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub network: Network,
+    /// Build containers get the default capability set; sandboxes get none.
+    pub privileged_build: bool,
+    pub memory_bytes: Option<u64>,
+    pub cpu_quota_us: Option<u64>,
+    pub pids: Option<u64>,
+    /// Host directory bind-mounted at `/run/thaw` (guest-init's socket lives there).
+    pub agent_dir: Option<PathBuf>,
+    /// The static guest-init binary, bind-mounted read-only at [`GUEST_INIT_PATH`].
+    pub guest_init: Option<PathBuf>,
+    /// cgroup path below each hierarchy root.
+    pub cgroup_path: String,
+}
+
+/// Where guest-init appears inside a container sandbox.
+pub const GUEST_INIT_PATH: &str = "/.thaw/init";
+
+const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// True when the v1 memory controller accounts swap (memsw), so `memory.swap` may be set.
+/// Setting it where swap accounting is off makes runc fail to start the container.
+fn memsw_available() -> bool {
+    Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
+        || Path::new("/sys/fs/cgroup/memory.swap.max").exists()
+}
+
+pub fn render(c: &ContainerConfig) -> Value {
+    let caps: Vec<&str> = if c.privileged_build {
+        DEFAULT_CAPS.to_vec()
+    } else {
+        Vec::new()
+    };
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc",
+               "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+               "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+               "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+               "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+               "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+               "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
+    ];
+    if let Some(dir) = &c.agent_dir {
+        mounts.push(
+            json!({"destination": thaw_protocol::CONTAINER_SOCKET_DIR, "type": "bind",
+            "source": dir, "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]}),
+        );
+    }
+    if let Some(init) = &c.guest_init {
+        mounts.push(json!({"destination": GUEST_INIT_PATH, "type": "bind",
+            "source": init, "options": ["bind", "ro", "nosuid", "nodev"]}));
+    }
+    if c.network == Network::Host && Path::new("/etc/resolv.conf").exists() {
+        mounts.push(json!({"destination": "/etc/resolv.conf", "type": "bind",
+            "source": "/etc/resolv.conf", "options": ["bind", "ro"]}));
+    }
+
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+        json!({"type": "cgroup"}),
+    ];
+    if c.network == Network::Loopback {
+        namespaces.push(json!({"type": "network"}));
+    }
+
+    let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
+    if let Some(mem) = c.memory_bytes {
+        let mut m = json!({"limit": mem});
+        if memsw_available() {
+            // No swap: memory+swap equals memory, so the limit is a hard one.
+            m["swap"] = json!(mem);
+        }
+        resources["memory"] = m;
+    }
+    if let Some(q) = c.cpu_quota_us {
+        resources["cpu"] = json!({"quota": q, "period": 100_000});
+    }
+    if let Some(p) = c.pids {
+        resources["pids"] = json!({"limit": p});
+    }
+
+    let mut linux = json!({
+        "namespaces": namespaces,
+        "resources": resources,
+        "cgroupsPath": c.cgroup_path,
+        "maskedPaths": [
+            "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+            "/proc/scsi", "/sys/kernel/debug"
+        ],
+        "readonlyPaths": [
+            "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
+        ],
+    });
+    linux["seccomp"] = seccomp::profile(c.privileged_build);
+
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": c.args,
+            "env": c.env,
+            "cwd": c.cwd,
+            "capabilities": {
+                "bounding": caps, "effective": caps, "permitted": caps,
+                "inheritable": [], "ambient": []
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096u64, "soft": 4096u64}],
+            "noNewPrivileges": true,
+        },
+        "root": {"path": c.rootfs, "readonly": false},
+        "hostname": c.hostname,
+        "mounts": mounts,
+        "linux": linux,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ContainerConfig {
+        ContainerConfig {
+            rootfs: "/r".into(),
+            hostname: "h".into(),
+            args: vec!["/.thaw/init".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            network: Network::Loopback,
+            privileged_build: false,
+            memory_bytes: Some(64 << 20),
+            cpu_quota_us: Some(100_000),
+            pids: Some(64),
+            agent_dir: Some("/a".into()),
+            guest_init: Some("/gi".into()),
+            cgroup_path: "/thaw/x".into(),
+        }
+    }
+
+    #[test]
+    fn sandbox_drops_every_capability_and_isolates_network() {
+        let v = render(&cfg());
+        assert_eq!(v["process"]["capabilities"]["bounding"], json!([]));
+        assert_eq!(v["process"]["noNewPrivileges"], json!(true));
+        let ns: Vec<_> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap().to_string())
+            .collect();
+        for want in ["pid", "mount", "network", "ipc", "uts"] {
+            assert!(ns.contains(&want.to_string()), "{ns:?}");
+        }
+        assert_eq!(v["linux"]["resources"]["pids"]["limit"], json!(64));
+        assert_eq!(
+            v["linux"]["resources"]["memory"]["limit"],
+            json!(64u64 << 20)
+        );
+        assert!(v["linux"]["seccomp"]["syscalls"].as_array().unwrap().len() > 3);
+    }
+
+    #[test]
+    fn build_container_shares_host_network() {
+        let mut c = cfg();
+        c.network = Network::Host;
+        c.privileged_build = true;
+        let v = render(&c);
+        assert!(!v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["type"] == "network"));
+        assert!(!v["process"]["capabilities"]["bounding"]
+            .as_array()
+            .unwrap()
+            .is_empty());
+    }
+}

@@ -1,0 +1,202 @@
+//! A thin wrapper over the `runc` binary.
+//!
+//! Why runc and not youki's `libcontainer` in-process: runc 1.1 is in Debian (so `make` can
+//! install it), it is the reference OCI runtime, and it drives CRIU for checkpoint/restore
+//! with years of hardening around mounts and namespaces, which is exactly the part of the
+//! container tier we most need to be right. Its measured cost here is in docs/benchmarks.md;
+//! the restore hot path does not go through runc at all (see `criu.rs`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct Runc {
+    /// `runc --root`: our private state directory.
+    pub root: PathBuf,
+}
+
+/// Output of a finished runc (or container) process.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Runc {
+    pub fn new(root: impl Into<PathBuf>) -> Runc {
+        Runc { root: root.into() }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("runc");
+        c.arg("--root").arg(&self.root);
+        c.kill_on_drop(true);
+        c
+    }
+
+    async fn run(&self, args: &[&str], what: &str) -> Result<Finished> {
+        let out = self
+            .cmd()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| spawn_error(e, what))?;
+        let f = Finished {
+            status: out.status,
+            stdout: out.stdout,
+            stderr: out.stderr,
+        };
+        if !f.status.success() {
+            return Err(Error::Runtime {
+                command: format!("runc {what}"),
+                message: tail(&f.stderr, 600),
+            });
+        }
+        Ok(f)
+    }
+
+    /// `runc run --detach`: creates and starts the container; returns once its init runs.
+    /// The container's stdout/stderr go to `log`.
+    pub async fn run_detached(&self, id: &str, bundle: &Path, log: &Path) -> Result<()> {
+        let log_file =
+            std::fs::File::create(log).map_err(|e| Error::io("creating container log", log, e))?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(|e| Error::io("cloning log handle", log, e))?;
+        let out = self
+            .cmd()
+            .args(["run", "--detach", "--bundle"])
+            .arg(bundle)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .status()
+            .await
+            .map_err(|e| spawn_error(e, "run"))?;
+        if !out.success() {
+            let log_text = std::fs::read(log).unwrap_or_default();
+            return Err(Error::Runtime {
+                command: format!("runc run {id}"),
+                message: tail(&log_text, 600),
+            });
+        }
+        Ok(())
+    }
+
+    /// `runc run` in the foreground, collecting output (build-time setup commands).
+    pub async fn run_foreground(
+        &self,
+        id: &str,
+        bundle: &Path,
+        timeout: Duration,
+    ) -> Result<Finished> {
+        let child = self
+            .cmd()
+            .args(["run", "--bundle"])
+            .arg(bundle)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| spawn_error(e, "run"))?;
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) => Ok(Finished {
+                status: out.status,
+                stdout: out.stdout,
+                stderr: out.stderr,
+            }),
+            Ok(Err(e)) => Err(Error::io("waiting for runc", bundle, e)),
+            Err(_) => {
+                let _ = self.kill(id).await;
+                let _ = self.delete(id).await;
+                Err(Error::Runtime {
+                    command: format!("runc run {id}"),
+                    message: format!("did not finish within {} s", timeout.as_secs()),
+                })
+            }
+        }
+    }
+
+    pub async fn kill(&self, id: &str) -> Result<()> {
+        self.run(&["kill", "--all", id, "KILL"], "kill")
+            .await
+            .map(|_| ())
+    }
+
+    /// `runc delete --force`: kills whatever is left and removes the cgroup and state.
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        match self.run(&["delete", "--force", id], "delete").await {
+            Ok(_) => Ok(()),
+            Err(Error::Runtime { message, .. }) if message.contains("does not exist") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Container ids in our state directory.
+    pub async fn list(&self) -> Result<Vec<String>> {
+        let f = self.run(&["list", "--quiet"], "list").await?;
+        Ok(String::from_utf8_lossy(&f.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    /// Host pid of the container's init.
+    pub async fn init_pid(&self, id: &str) -> Result<u32> {
+        let f = self.run(&["state", id], "state").await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&f.stdout).map_err(|e| Error::Runtime {
+                command: "runc state".into(),
+                message: format!("unreadable state JSON: {e}"),
+            })?;
+        v["pid"]
+            .as_u64()
+            .filter(|p| *p > 0)
+            .map(|p| p as u32)
+            .ok_or_else(|| Error::Runtime {
+                command: "runc state".into(),
+                message: format!("container {id} has no running init"),
+            })
+    }
+}
+
+fn spawn_error(e: std::io::Error, what: &str) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::MissingDependency {
+            what: "runc (OCI runtime)".into(),
+            fix: "run `make deps` or `apt-get install runc`".into(),
+        }
+    } else {
+        Error::Runtime {
+            command: format!("runc {what}"),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The last `max` bytes of some output, on one line.
+pub fn tail(bytes: &[u8], max: usize) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let s = s.trim();
+    let start = s.len().saturating_sub(max);
+    let start = (start..=s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
+    let t = s[start..].replace('\n', " | ");
+    if t.is_empty() {
+        "(no output)".to_string()
+    } else {
+        t
+    }
+}

@@ -1,0 +1,214 @@
+//! `thaw doctor`: every system dependency, whether it is usable, and the fix when it is not;
+//! plus which isolation tier `auto` picks and why.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::paths::{guest_init_binary, is_static_elf};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    /// What was found (a version, a path) or what is wrong.
+    pub detail: String,
+    /// How to fix it; empty when ok.
+    pub fix: String,
+    /// Whether the container tier needs it (false: optional or microvm-only).
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub checks: Vec<Check>,
+    pub tier: String,
+    pub tier_reason: String,
+    pub ok: bool,
+}
+
+fn check(name: &str, required: bool, r: Result<String, (String, String)>) -> Check {
+    match r {
+        Ok(detail) => Check {
+            name: name.into(),
+            ok: true,
+            detail,
+            fix: String::new(),
+            required,
+        },
+        Err((detail, fix)) => Check {
+            name: name.into(),
+            ok: false,
+            detail,
+            fix,
+            required,
+        },
+    }
+}
+
+fn version_of(bin: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .map_err(|e| format!("`{bin}` not found ({e})"))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    Ok(text.lines().next().unwrap_or("").trim().to_string())
+}
+
+pub fn criu_major() -> Option<u32> {
+    let out = Command::new("criu").arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version:"))?
+        .trim();
+    v.split('.').next()?.parse().ok()
+}
+
+/// Whether hardware-backed KVM and Cloud Hypervisor are usable, with the reason if not.
+pub fn microvm_availability() -> Result<String, String> {
+    let ch = version_of("cloud-hypervisor", &["--version"]).map_err(|_| {
+        "cloud-hypervisor is not on PATH (install the static binary of Cloud Hypervisor v53 from its GitHub releases into /usr/local/bin)".to_string()
+    })?;
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Err("/dev/kvm is missing or not accessible (load kvm_intel/kvm_amd, run as root or join group kvm)".into());
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap_or("");
+    let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    if !hw {
+        return Err("/dev/kvm is not backed by hardware virtualization (no vmx/svm CPU flag; PVM or nested emulation): guests crawl and snapshots fail".into());
+    }
+    Ok(ch)
+}
+
+pub fn run() -> Report {
+    let mut checks = Vec::new();
+    let root = nix::unistd::geteuid().is_root();
+    checks.push(check(
+        "root",
+        true,
+        if root {
+            Ok("running as root".into())
+        } else {
+            Err((
+                "not root: mounts, namespaces and cgroups need it".into(),
+                "run thaw as root (sudo)".into(),
+            ))
+        },
+    ));
+    checks.push(check(
+        "runc",
+        true,
+        version_of("runc", &["--version"])
+            .map_err(|e| (e, "run `make deps` or `apt-get install runc`".into())),
+    ));
+    checks.push(check(
+        "criu",
+        true,
+        match criu_major() {
+            Some(v) if v >= 4 => version_of("criu", &["--version"])
+                .map(|s| s.replace("Version: ", "criu "))
+                .map_err(|e| (e, String::new())),
+            Some(v) => Err((
+                format!("criu {v}.x is too old (its vDSO check fails on current kernels)"),
+                "run `make deps` (builds CRIU 4.1.1 into /usr/local/sbin)".into(),
+            )),
+            None => Err((
+                "criu not found".into(),
+                "run `make deps` (builds CRIU 4.1.1 into /usr/local/sbin)".into(),
+            )),
+        },
+    ));
+    checks.push(check(
+        "busybox-static",
+        true,
+        if Path::new("/bin/busybox").exists() {
+            Ok("/bin/busybox".into())
+        } else {
+            Err((
+                "/bin/busybox missing (the busybox base)".into(),
+                "run `make deps` or `apt-get install busybox-static`".into(),
+            ))
+        },
+    ));
+    checks.push(check(
+        "debootstrap",
+        false,
+        if Path::new("/usr/sbin/debootstrap").exists() {
+            Ok("/usr/sbin/debootstrap".into())
+        } else {
+            Err((
+                "debootstrap missing (needed by templates on a Debian base)".into(),
+                "run `make deps` or `apt-get install debootstrap`".into(),
+            ))
+        },
+    ));
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    checks.push(check(
+        "overlayfs",
+        true,
+        if fs.contains("overlay") {
+            Ok("available".into())
+        } else {
+            Err(("kernel has no overlayfs".into(), "modprobe overlay".into()))
+        },
+    ));
+    let cg = if Path::new("/sys/fs/cgroup/memory").is_dir() {
+        Ok("cgroup v1 (memory, cpu, pids controllers)".to_string())
+    } else if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        Ok("cgroup v2".to_string())
+    } else {
+        Err((
+            "no cgroup hierarchy mounted at /sys/fs/cgroup".to_string(),
+            "mount cgroup2 on /sys/fs/cgroup".to_string(),
+        ))
+    };
+    checks.push(check("cgroups", true, cg));
+    checks.push(check(
+        "guest-init",
+        true,
+        match guest_init_binary() {
+            Ok(p) => match is_static_elf(&p) {
+                Ok(true) => Ok(format!("{} (static)", p.display())),
+                _ => Err((
+                    format!("{} is not a static executable", p.display()),
+                    "run `make build`".into(),
+                )),
+            },
+            Err(e) => Err((e.to_string(), "run `make build`".into())),
+        },
+    ));
+    let micro = microvm_availability();
+    checks.push(check(
+        "microvm tier",
+        false,
+        micro
+            .clone()
+            .map_err(|e| (e, "see README: Running on a KVM host".into())),
+    ));
+    let (tier, tier_reason) = match micro {
+        Ok(v) => ("microvm".to_string(), format!("{v} with hardware KVM")),
+        Err(why) => (
+            "container".to_string(),
+            format!("microvm unavailable: {why}"),
+        ),
+    };
+    let ok = checks.iter().all(|c| c.ok || !c.required);
+    Report {
+        checks,
+        tier,
+        tier_reason,
+        ok,
+    }
+}

@@ -1,0 +1,478 @@
+//! The invocation engine: publish templates, run invocations and execs in fresh sandboxes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use thaw_protocol::{
+    Bytes, Env, ExecRequest, InvokeRequest, InvokeStatus, Outcome, Request, Stream, TaskLimits,
+};
+use tracing::{info, info_span, Instrument};
+
+use crate::agent::{ExecDone, InvokeDone};
+use crate::container::{ContainerSandbox, ContainerTier, SandboxSpec};
+use crate::error::{Error, Result};
+use crate::paths::{guest_init_binary, Paths};
+use crate::progress::Progress;
+use crate::store::Store;
+use crate::template::rootfs;
+use crate::template::spec::TemplateSpec;
+
+/// Largest payload accepted for one invocation.
+pub const MAX_PAYLOAD: u64 = 16 << 20;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateState {
+    Ready,
+    /// Its snapshot failed verification; invocations are refused until it is deployed again.
+    NeedsRebuild,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    pub name: String,
+    pub spec: TemplateSpec,
+    pub source_dir: PathBuf,
+    /// Read-only rootfs layers, top first.
+    pub layers: Vec<PathBuf>,
+    pub layer_key: String,
+    pub state: TemplateState,
+    /// Name of the template's snapshot in the store, when it has one.
+    pub snapshot: Option<String>,
+    pub published_at: u64,
+    pub publish_ms: u64,
+    pub warm_ms: u64,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// Per-call options of invoke and exec.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    /// Sandbox creation to guest-init ready (cold boot or restore).
+    pub start_ms: f64,
+    /// Handler configuration and warm-up (cold starts only).
+    pub warm_ms: f64,
+    pub run_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Invocation {
+    pub template: String,
+    pub sandbox_id: String,
+    pub start: &'static str,
+    #[serde(flatten)]
+    pub done: InvokeDone,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecResult {
+    pub template: String,
+    pub sandbox_id: String,
+    pub outcome: Outcome,
+    pub exit_code: i32,
+    pub truncated: bool,
+    pub timings: Timings,
+}
+
+pub struct Engine {
+    pub paths: Paths,
+    pub tier: ContainerTier,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub fn new_sandbox_id() -> String {
+    format!("sb-{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
+}
+
+impl Engine {
+    /// Opens the engine: creates directories and cleans up after any crashed thaw process.
+    pub async fn open(paths: Paths) -> Result<Engine> {
+        paths.ensure()?;
+        let guest_init = guest_init_binary()?;
+        let stats = crate::cleanup::sweep(&paths).await?;
+        if stats.sandboxes + stats.containers + stats.temp_dirs > 0 {
+            info!(?stats, "cleaned up after a previous crash");
+        }
+        Ok(Engine {
+            tier: ContainerTier::new(paths.clone(), guest_init),
+            paths,
+        })
+    }
+
+    fn store(&self) -> Result<Store> {
+        Store::open(&self.paths.meta_db())
+    }
+
+    pub fn templates(&self) -> Result<Vec<TemplateRecord>> {
+        self.store()?.list(Store::templates_tree())
+    }
+
+    pub fn template(&self, name: &str) -> Result<TemplateRecord> {
+        let store = self.store()?;
+        match store.get::<TemplateRecord>(Store::templates_tree(), name)? {
+            Some(t) => Ok(t),
+            None => {
+                let known = store
+                    .list::<TemplateRecord>(Store::templates_tree())?
+                    .into_iter()
+                    .map(|t| t.name)
+                    .collect();
+                Err(Error::UnknownTemplate {
+                    name: name.to_string(),
+                    known,
+                })
+            }
+        }
+    }
+
+    pub fn remove_template(&self, name: &str) -> Result<TemplateRecord> {
+        let t = self.template(name)?;
+        self.store()?.remove(Store::templates_tree(), name)?;
+        Ok(t)
+    }
+
+    /// Builds the template's rootfs, boots it, warms it up and records it as ready. A failure
+    /// at any step leaves the previously published version (if any) untouched.
+    pub async fn deploy(&self, dir: &Path, progress: &dyn Progress) -> Result<TemplateRecord> {
+        let started = Instant::now();
+        progress.step("reading template.toml");
+        let spec = TemplateSpec::load(dir)?;
+        let span = info_span!("template.publish", template = %spec.name);
+        async {
+            let built = rootfs::build(&self.paths, &spec, dir, progress).await?;
+            progress.step("booting sandbox and warming up");
+            let (sb, warm) = self
+                .cold_start(&spec, &built.layers, &RunOptions::default())
+                .await?;
+            sb.destroy().await;
+            let record = TemplateRecord {
+                name: spec.name.clone(),
+                source_dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
+                layers: built.layers,
+                layer_key: built.key,
+                state: TemplateState::Ready,
+                snapshot: None,
+                published_at: now_secs(),
+                publish_ms: started.elapsed().as_millis() as u64,
+                warm_ms: warm.as_millis() as u64,
+                note: None,
+                spec,
+            };
+            self.store()?
+                .put(Store::templates_tree(), &record.name, &record)?;
+            progress.step("ready");
+            Ok(record)
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn sandbox_spec(&self, spec: &TemplateSpec, layers: &[PathBuf], id: &str) -> SandboxSpec {
+        SandboxSpec {
+            id: id.to_string(),
+            hostname: id.to_string(),
+            layers: layers.to_vec(),
+            limits: spec.limits.clone(),
+            boot_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Boots a fresh sandbox, applies clone hygiene, configures the handler and runs the
+    /// warm-up. Returns the sandbox and how long warming took.
+    async fn cold_start(
+        &self,
+        spec: &TemplateSpec,
+        layers: &[PathBuf],
+        opts: &RunOptions,
+    ) -> Result<(ContainerSandbox, Duration)> {
+        let id = new_sandbox_id();
+        let sb = self
+            .tier
+            .boot(&self.sandbox_spec(spec, layers, &id))
+            .await?;
+        let warm_started = Instant::now();
+        let r = async {
+            self.hygiene(&sb, spec, opts).await?;
+            sb.agent
+                .call(&Request::Configure(spec.handler_config()))
+                .await
+                .map_err(|e| Error::WarmupFailed(e.to_string()))?;
+            if let Some(w) = &spec.warmup {
+                let mut tail = Vec::new();
+                let done = sb
+                    .agent
+                    .exec(
+                        ExecRequest {
+                            argv: w.command.clone(),
+                            env: Env::new(),
+                            cwd: None,
+                            stdin: None,
+                            limits: TaskLimits {
+                                timeout_ms: Some(w.timeout_s * 1000),
+                                output_cap: 64 << 10,
+                            },
+                        },
+                        |_, data| tail.extend_from_slice(data),
+                    )
+                    .await
+                    .map_err(|e| Error::WarmupFailed(e.to_string()))?;
+                if !done.outcome.success() {
+                    return Err(Error::WarmupFailed(format!(
+                        "`{}` ended with {:?}; last output: {}",
+                        w.command.join(" "),
+                        done.outcome,
+                        crate::container::runc::tail(&tail, 400)
+                    )));
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match r {
+            Ok(()) => Ok((sb, warm_started.elapsed())),
+            Err(e) => {
+                sb.destroy().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Clone hygiene: identity, fresh entropy, wall clock, environment.
+    async fn hygiene(
+        &self,
+        sb: &ContainerSandbox,
+        spec: &TemplateSpec,
+        opts: &RunOptions,
+    ) -> Result<()> {
+        let mut seed = vec![0u8; 64];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+        sb.agent
+            .call(&Request::SetIdentity {
+                hostname: sb.id.clone(),
+                sandbox_id: sb.id.clone(),
+            })
+            .await?;
+        sb.agent
+            .call(&Request::AddEntropy { data: Bytes(seed) })
+            .await?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        sb.agent
+            .call(&Request::SetClock { unix_nanos: now })
+            .await?;
+        let mut env: Env = spec.env.clone();
+        env.extend(opts.env.clone());
+        sb.agent
+            .call(&Request::SetEnv { env, replace: true })
+            .await?;
+        Ok(())
+    }
+
+    fn limits(spec: &TemplateSpec, opts: &RunOptions) -> TaskLimits {
+        TaskLimits {
+            timeout_ms: Some(
+                opts.timeout
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(spec.limits.timeout_s * 1000),
+            ),
+            output_cap: spec.limits.output_kib * 1024,
+        }
+    }
+
+    fn ready_template(&self, name: &str) -> Result<TemplateRecord> {
+        let t = self.template(name)?;
+        if t.state != TemplateState::Ready {
+            return Err(Error::TemplateNotReady {
+                name: t.name.clone(),
+                state: format!("{:?}", t.state).to_lowercase(),
+                hint: format!(
+                    "{}; run `thaw deploy {}`",
+                    t.note.clone().unwrap_or_default(),
+                    t.source_dir.display()
+                ),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Runs the template's handler on one payload in a fresh sandbox, then discards it.
+    pub async fn invoke(
+        &self,
+        name: &str,
+        payload: serde_json::Value,
+        opts: RunOptions,
+        on_stderr: impl FnMut(&[u8]),
+    ) -> Result<Invocation> {
+        let t = self.ready_template(name)?;
+        let span = info_span!("invoke", template = %name);
+        async {
+            let started = Instant::now();
+            let (sb, warm) = self.cold_start(&t.spec, &t.layers, &opts).await?;
+            let start_ms = ms(started.elapsed() - warm);
+            let run_started = Instant::now();
+            let r = sb
+                .agent
+                .invoke(
+                    InvokeRequest {
+                        payload,
+                        env: opts.env.clone(),
+                        limits: Self::limits(&t.spec, &opts),
+                    },
+                    on_stderr,
+                )
+                .await;
+            let r = match r {
+                Ok(mut done) => {
+                    if self.oom_killed(&sb) {
+                        done.status = InvokeStatus::Oom;
+                        done.outcome = Some(Outcome::Oom);
+                    }
+                    Ok(done)
+                }
+                Err(e) => Err(e),
+            };
+            let run_ms = ms(run_started.elapsed());
+            let id = sb.id.clone();
+            sb.destroy().await;
+            let done = r?;
+            Ok(Invocation {
+                template: name.to_string(),
+                sandbox_id: id,
+                start: "cold",
+                done,
+                timings: Timings {
+                    start_ms,
+                    warm_ms: ms(warm),
+                    run_ms,
+                    total_ms: ms(started.elapsed()),
+                },
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Runs a command in a fresh sandbox of the template, streaming its output.
+    pub async fn exec(
+        &self,
+        name: &str,
+        argv: Vec<String>,
+        stdin: Option<Vec<u8>>,
+        opts: RunOptions,
+        on_output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExecResult> {
+        let t = self.ready_template(name)?;
+        let span = info_span!("exec", template = %name);
+        async {
+            let started = Instant::now();
+            let (sb, warm) = self.cold_start(&t.spec, &t.layers, &opts).await?;
+            let start_ms = ms(started.elapsed() - warm);
+            let run_started = Instant::now();
+            let r = sb
+                .agent
+                .exec(
+                    ExecRequest {
+                        argv,
+                        env: opts.env.clone(),
+                        cwd: None,
+                        stdin: stdin.map(Bytes),
+                        limits: Self::limits(&t.spec, &opts),
+                    },
+                    on_output,
+                )
+                .await;
+            let r: Result<ExecDone> = match r {
+                Ok(mut d) => {
+                    if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && self.oom_killed(&sb)
+                    {
+                        d.outcome = Outcome::Oom;
+                    }
+                    Ok(d)
+                }
+                Err(e) => Err(e),
+            };
+            let run_ms = ms(run_started.elapsed());
+            let id = sb.id.clone();
+            sb.destroy().await;
+            let d = r?;
+            Ok(ExecResult {
+                template: name.to_string(),
+                sandbox_id: id,
+                exit_code: d.outcome.exit_code(),
+                outcome: d.outcome,
+                truncated: d.truncated,
+                timings: Timings {
+                    start_ms,
+                    warm_ms: ms(warm),
+                    run_ms,
+                    total_ms: ms(started.elapsed()),
+                },
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Whether the kernel's OOM killer fired in the sandbox's memory cgroup (v1 or v2).
+    fn oom_killed(&self, sb: &ContainerSandbox) -> bool {
+        oom_kills(&sb.id) > 0
+    }
+}
+
+/// OOM kills recorded for a sandbox's memory cgroup.
+pub fn oom_kills(id: &str) -> u64 {
+    let candidates = [
+        format!("/sys/fs/cgroup/memory/thaw/{id}/memory.oom_control"),
+        format!("/sys/fs/cgroup/thaw/{id}/memory.events"),
+        format!("/sys/fs/cgroup/unified/thaw/{id}/memory.events"),
+    ];
+    for c in candidates {
+        if let Ok(text) = std::fs::read_to_string(&c) {
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("oom_kill ") {
+                    if let Ok(n) = v.trim().parse::<u64>() {
+                        if n > 0 {
+                            return n;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    0
+}
+
+/// Parses a user-supplied payload, enforcing the size cap.
+pub fn parse_payload(bytes: &[u8]) -> Result<serde_json::Value> {
+    if bytes.len() as u64 > MAX_PAYLOAD {
+        return Err(Error::TooLarge {
+            what: "payload".into(),
+            size: bytes.len() as u64,
+            limit: MAX_PAYLOAD,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| Error::BadPayload(e.to_string()))
+}

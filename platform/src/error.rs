@@ -1,0 +1,137 @@
+//! The platform's error type. Every message is one line that names the cause and the fix,
+//! because it ends up verbatim in front of a user (CLI stderr, HTTP error body).
+
+use std::path::PathBuf;
+
+use thaw_protocol::ErrorCode;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {message}", file.display())]
+    BadTemplate { file: PathBuf, message: String },
+
+    #[error("unknown template `{name}`; known templates: {}", list_or_none(known))]
+    UnknownTemplate { name: String, known: Vec<String> },
+
+    #[error("template `{name}` is {state}: {hint}")]
+    TemplateNotReady {
+        name: String,
+        state: String,
+        hint: String,
+    },
+
+    #[error("setup command `{command}` failed with {status}; last output: {tail}")]
+    SetupFailed {
+        command: String,
+        status: String,
+        tail: String,
+    },
+
+    #[error("warm-up failed: {0}")]
+    WarmupFailed(String),
+
+    #[error("missing system dependency: {what}. Fix: {fix}")]
+    MissingDependency { what: String, fix: String },
+
+    #[error(
+        "payload is not valid JSON: {0}. Fix: pass a JSON value, e.g. --payload '{{\"x\": 1}}'"
+    )]
+    BadPayload(String),
+
+    #[error("{what} too large: {size} bytes, the limit is {limit}")]
+    TooLarge { what: String, size: u64, limit: u64 },
+
+    #[error("container runtime: `{command}` failed: {message}")]
+    Runtime { command: String, message: String },
+
+    #[error("sandbox {sandbox}: guest-init did not become ready within {timeout_ms} ms{log}")]
+    NotReady {
+        sandbox: String,
+        timeout_ms: u64,
+        log: String,
+    },
+
+    #[error("sandbox {sandbox}: agent connection failed: {message}")]
+    Agent { sandbox: String, message: String },
+
+    #[error("sandbox {sandbox}: guest-init answered {code:?}: {message}")]
+    Guest {
+        sandbox: String,
+        code: ErrorCode,
+        message: String,
+    },
+
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+
+    #[error("snapshot of template `{template}` is unusable: {message}. Fix: `thaw deploy` the template again")]
+    SnapshotCorrupt { template: String, message: String },
+
+    #[error("checkpoint/restore: {0}")]
+    Criu(String),
+
+    #[error("metadata store at {}: {message}", path.display())]
+    Store { path: PathBuf, message: String },
+
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    #[error("conflict: {0}")]
+    Conflict(String),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("disk full while {context}: free space under {} and retry", path.display())]
+    DiskFull { context: String, path: PathBuf },
+
+    #[error("{0}")]
+    Other(String),
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none (publish one with `thaw deploy <dir>`)".to_string()
+    } else {
+        v.join(", ")
+    }
+}
+
+impl Error {
+    /// Wraps an I/O error with what we were doing, turning ENOSPC into [`Error::DiskFull`].
+    pub fn io(
+        context: impl Into<String>,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        let context = context.into();
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            return Error::DiskFull {
+                context,
+                path: path.into(),
+            };
+        }
+        let path = path.into();
+        Error::Io {
+            context: format!("{context} ({})", path.display()),
+            source,
+        }
+    }
+}
+
+/// Attaches a context to `std::io::Result`s.
+pub trait IoContext<T> {
+    fn ctx(self, context: impl Into<String>, path: impl AsRef<std::path::Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, context: impl Into<String>, path: impl AsRef<std::path::Path>) -> Result<T> {
+        self.map_err(|e| Error::io(context, path.as_ref(), e))
+    }
+}

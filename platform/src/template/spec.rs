@@ -1,0 +1,399 @@
+//! `template.toml`: what a user publishes. Every field is documented in `templates/README.md`.
+//!
+//! Parsing is strict (unknown fields are errors) because a typo such as `comand` silently
+//! ignored would publish a template that does something other than what its author wrote.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thaw_protocol::{HandlerConfig, HandlerMode};
+
+use crate::error::{Error, Result};
+
+pub const TEMPLATE_FILE: &str = "template.toml";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSpec {
+    /// Template name: `[a-z0-9][a-z0-9-]{0,62}`.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub base: BaseSpec,
+    /// Files copied from the template directory into the rootfs at build time.
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    /// Shell commands run (with `/bin/sh -c`) inside the rootfs at build time, in order.
+    #[serde(default)]
+    pub setup: Vec<String>,
+    /// Run after boot and before the snapshot, so its effects are in every clone.
+    #[serde(default)]
+    pub warmup: Option<WarmupSpec>,
+    pub handler: HandlerSpec,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Environment of every task and of the handler.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BaseSpec {
+    /// A few MB: busybox-static and its applets.
+    Busybox,
+    /// Debian built with debootstrap (variant minbase) plus `packages`.
+    Debian {
+        #[serde(default = "default_suite")]
+        suite: String,
+        #[serde(default)]
+        packages: Vec<String>,
+    },
+}
+
+fn default_suite() -> String {
+    "bookworm".to_string()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Path relative to the template directory (a file or a directory).
+    pub src: String,
+    /// Absolute path inside the sandbox.
+    pub dest: String,
+    /// Octal permission bits, e.g. "0755". Default: the source's.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupSpec {
+    pub command: Vec<String>,
+    #[serde(default = "default_warmup_timeout")]
+    pub timeout_s: u64,
+}
+
+fn default_warmup_timeout() -> u64 {
+    120
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerSpec {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub mode: HandlerModeSpec,
+    #[serde(default)]
+    pub cwd: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerModeSpec {
+    #[default]
+    Exec,
+    Persistent,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "d_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "d_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "d_pids")]
+    pub pids: u64,
+    #[serde(default = "d_disk")]
+    pub disk_mib: u64,
+    #[serde(default = "d_timeout")]
+    pub timeout_s: u64,
+    #[serde(default = "d_output")]
+    pub output_kib: u64,
+}
+
+fn d_vcpus() -> u32 {
+    1
+}
+fn d_memory() -> u64 {
+    512
+}
+fn d_pids() -> u64 {
+    256
+}
+fn d_disk() -> u64 {
+    256
+}
+fn d_timeout() -> u64 {
+    30
+}
+fn d_output() -> u64 {
+    1024
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            vcpus: d_vcpus(),
+            memory_mib: d_memory(),
+            pids: d_pids(),
+            disk_mib: d_disk(),
+            timeout_s: d_timeout(),
+            output_kib: d_output(),
+        }
+    }
+}
+
+impl TemplateSpec {
+    /// Reads and validates `<dir>/template.toml`.
+    pub fn load(dir: &Path) -> Result<TemplateSpec> {
+        let file = dir.join(TEMPLATE_FILE);
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::BadTemplate {
+            file: file.clone(),
+            message: format!(
+                "cannot read it: {e} (is {} a template directory?)",
+                dir.display()
+            ),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    pub fn parse(text: &str, file: &Path) -> Result<TemplateSpec> {
+        let spec: TemplateSpec = toml::from_str(text).map_err(|e| Error::BadTemplate {
+            file: file.to_path_buf(),
+            message: one_line(&e.to_string()),
+        })?;
+        spec.validate(file)?;
+        Ok(spec)
+    }
+
+    fn validate(&self, file: &Path) -> Result<()> {
+        let bad = |field: &str, why: String| Error::BadTemplate {
+            file: file.to_path_buf(),
+            message: format!("field `{field}`: {why}"),
+        };
+        validate_name(&self.name).map_err(|why| bad("name", why))?;
+        if self.handler.command.is_empty() {
+            return Err(bad("handler.command", "must name a program".into()));
+        }
+        if let Some(w) = &self.warmup {
+            if w.command.is_empty() {
+                return Err(bad("warmup.command", "must name a program".into()));
+            }
+        }
+        if let BaseSpec::Debian { suite, packages } = &self.base {
+            if suite.is_empty() || !suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(bad(
+                    "base.suite",
+                    format!("`{suite}` is not a Debian suite name"),
+                ));
+            }
+            for p in packages {
+                let ok = !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-.:=".contains(c));
+                if !ok {
+                    return Err(bad("base.packages", format!("`{p}` is not a package name")));
+                }
+            }
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            if !f.dest.starts_with('/') {
+                return Err(bad(
+                    &format!("files[{i}].dest"),
+                    format!("`{}` must be an absolute path", f.dest),
+                ));
+            }
+            if Path::new(&f.src).is_absolute() || f.src.split('/').any(|c| c == "..") {
+                return Err(bad(
+                    &format!("files[{i}].src"),
+                    format!("`{}` must be relative to the template directory", f.src),
+                ));
+            }
+            if let Some(m) = &f.mode {
+                u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
+                    bad(
+                        &format!("files[{i}].mode"),
+                        format!("`{m}` is not octal, e.g. \"0755\""),
+                    )
+                })?;
+            }
+        }
+        let l = &self.limits;
+        let range = |field: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                Err(bad(
+                    &format!("limits.{field}"),
+                    format!("{v} is outside {lo}..={hi}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        range("vcpus", l.vcpus as u64, 1, 64)?;
+        range("memory_mib", l.memory_mib, 16, 256 * 1024)?;
+        range("pids", l.pids, 8, 1 << 22)?;
+        range("disk_mib", l.disk_mib, 8, 1 << 20)?;
+        range("timeout_s", l.timeout_s, 1, 24 * 3600)?;
+        range("output_kib", l.output_kib, 1, 64 * 1024)?;
+        for k in self.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(bad("env", format!("`{k}` is not a valid variable name")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn handler_config(&self) -> HandlerConfig {
+        HandlerConfig {
+            command: self.handler.command.clone(),
+            mode: match self.handler.mode {
+                HandlerModeSpec::Exec => HandlerMode::Exec,
+                HandlerModeSpec::Persistent => HandlerMode::Persistent,
+            },
+            cwd: self.handler.cwd.clone(),
+            env: self.env.clone(),
+            start_timeout_ms: Some(self.warmup_timeout_s() * 1000),
+        }
+    }
+
+    pub fn warmup_timeout_s(&self) -> u64 {
+        self.warmup
+            .as_ref()
+            .map(|w| w.timeout_s)
+            .unwrap_or_else(default_warmup_timeout)
+    }
+
+    /// Resolves a `files[].src` against the template directory.
+    pub fn file_source(dir: &Path, f: &FileSpec) -> PathBuf {
+        dir.join(&f.src)
+    }
+}
+
+pub fn validate_name(name: &str) -> std::result::Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid name: use 1-63 of a-z, 0-9 and '-', starting with a letter or digit"
+        ))
+    }
+}
+
+/// toml's messages span several lines (with a source excerpt); users get one line.
+fn one_line(msg: &str) -> String {
+    let mut parts = msg.lines().filter(|l| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('|') && !t.chars().all(|c| c == '^' || c == ' ')
+    });
+    let head = parts.next().unwrap_or("").trim().to_string();
+    let rest: Vec<String> = parts.map(|l| l.trim().to_string()).collect();
+    if rest.is_empty() {
+        head
+    } else {
+        format!("{head}: {}", rest.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+name = "shell"
+base = { kind = "busybox" }
+[handler]
+command = ["/bin/sh", "/app/handler.sh"]
+"#;
+
+    fn parse(s: &str) -> Result<TemplateSpec> {
+        TemplateSpec::parse(s, Path::new("/t/template.toml"))
+    }
+
+    #[test]
+    fn minimal_template_gets_defaults() {
+        let t = parse(MIN).unwrap();
+        assert_eq!(t.limits, Limits::default());
+        assert_eq!(t.handler.mode, HandlerModeSpec::Exec);
+        assert!(t.files.is_empty());
+    }
+
+    #[test]
+    fn missing_field_names_field_and_file() {
+        let err = parse("name = \"x\"\nbase = { kind = \"busybox\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/t/template.toml"), "{err}");
+        assert!(err.contains("handler"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn mistyped_field_is_named() {
+        let err = parse(&MIN.replace("command", "comand"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("comand"), "{err}");
+        let err = parse(&format!("{MIN}\n[limits]\nmemory_mib = \"lots\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("memory_mib"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_limit_is_named() {
+        let err = parse(&format!("{MIN}\n[limits]\npids = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.pids"), "{err}");
+    }
+
+    #[test]
+    fn bad_names_and_paths() {
+        assert!(parse(&MIN.replace("\"shell\"", "\"Shell!\"")).is_err());
+        let with_file = format!("{MIN}\n[[files]]\nsrc = \"../etc/passwd\"\ndest = \"/x\"\n");
+        let err = parse(&with_file).unwrap_err().to_string();
+        assert!(err.contains("files[0].src"), "{err}");
+        let rel_dest = format!("{MIN}\n[[files]]\nsrc = \"a\"\ndest = \"x\"\n");
+        assert!(parse(&rel_dest)
+            .unwrap_err()
+            .to_string()
+            .contains("files[0].dest"));
+    }
+
+    #[test]
+    fn debian_base_with_packages() {
+        let t = parse(&MIN.replace(
+            "base = { kind = \"busybox\" }",
+            "base = { kind = \"debian\", packages = [\"python3\", \"python3-numpy\"] }",
+        ))
+        .unwrap();
+        assert_eq!(
+            t.base,
+            BaseSpec::Debian {
+                suite: "bookworm".into(),
+                packages: vec!["python3".into(), "python3-numpy".into()]
+            }
+        );
+        let bad = MIN.replace(
+            "base = { kind = \"busybox\" }",
+            "base = { kind = \"debian\", packages = [\"a b\"] }",
+        );
+        assert!(parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("base.packages"));
+    }
+}
