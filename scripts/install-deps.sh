@@ -24,6 +24,7 @@ need_root() {
 
 APT_PACKAGES=(
   runc            # OCI runtime of the container tier
+  iptables        # CRIU locks a sandbox's network namespace with iptables-restore while dumping
   busybox-static  # the `shell` template's base and the microvm initramfs
   debootstrap     # the `python` template's Debian base
   e2fsprogs       # mkfs.ext4 -d for microvm rootfs images

@@ -45,6 +45,8 @@ pub struct TemplateRecord {
     pub publish_ms: u64,
     pub warm_ms: u64,
     #[serde(default)]
+    pub snapshot_size: SnapshotSize,
+    #[serde(default)]
     pub note: Option<String>,
 }
 
@@ -69,7 +71,7 @@ pub struct Timings {
 pub struct Invocation {
     pub template: String,
     pub sandbox_id: String,
-    pub start: &'static str,
+    pub start: StartKind,
     #[serde(flatten)]
     pub done: InvokeDone,
     pub timings: Timings,
@@ -79,6 +81,7 @@ pub struct Invocation {
 pub struct ExecResult {
     pub template: String,
     pub sandbox_id: String,
+    pub start: StartKind,
     pub outcome: Outcome,
     pub exit_code: i32,
     pub truncated: bool,
@@ -88,6 +91,25 @@ pub struct ExecResult {
 pub struct Engine {
     pub paths: Paths,
     pub tier: ContainerTier,
+    pub snapshots: std::sync::Arc<thaw_snapshotter::Store>,
+}
+
+/// How a sandbox came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartKind {
+    /// Booted and warmed from scratch (the template has no snapshot).
+    Cold,
+    /// Restored from the template's snapshot.
+    Restore,
+}
+
+/// Size of a stored snapshot.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct SnapshotSize {
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub checkpoint_ms: u64,
 }
 
 fn now_secs() -> u64 {
@@ -114,8 +136,10 @@ impl Engine {
         if stats.sandboxes + stats.containers + stats.temp_dirs > 0 {
             info!(?stats, "cleaned up after a previous crash");
         }
+        let snapshots = std::sync::Arc::new(thaw_snapshotter::Store::open(paths.snapshots())?);
         Ok(Engine {
             tier: ContainerTier::new(paths.clone(), guest_init),
+            snapshots,
             paths,
         })
     }
@@ -149,6 +173,9 @@ impl Engine {
     pub fn remove_template(&self, name: &str) -> Result<TemplateRecord> {
         let t = self.template(name)?;
         self.store()?.remove(Store::templates_tree(), name)?;
+        if let Some(snap) = &t.snapshot {
+            self.drop_snapshot(snap);
+        }
         Ok(t)
     }
 
@@ -165,27 +192,151 @@ impl Engine {
             let (sb, warm) = self
                 .cold_start(&spec, &built.layers, &RunOptions::default())
                 .await?;
-            sb.destroy().await;
+            progress.step("checkpointing the warm sandbox");
+            let (snapshot, snapshot_size) = self.snapshot_template(&spec.name, sb).await?;
+            let previous = self
+                .store()?
+                .get::<TemplateRecord>(Store::templates_tree(), &spec.name)?;
             let record = TemplateRecord {
                 name: spec.name.clone(),
                 source_dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
                 layers: built.layers,
                 layer_key: built.key,
                 state: TemplateState::Ready,
-                snapshot: None,
+                snapshot: Some(snapshot),
                 published_at: now_secs(),
                 publish_ms: started.elapsed().as_millis() as u64,
                 warm_ms: warm.as_millis() as u64,
+                snapshot_size,
                 note: None,
                 spec,
             };
             self.store()?
                 .put(Store::templates_tree(), &record.name, &record)?;
+            // The new version is durable: only now may the old snapshot go.
+            if let Some(old) = previous.and_then(|p| p.snapshot) {
+                self.drop_snapshot(&old);
+            }
             progress.step("ready");
             Ok(record)
         }
         .instrument(span)
         .await
+    }
+
+
+    /// Checkpoints a warm template sandbox into the snapshot store. The checkpoint is
+    /// written to a scratch directory first; the store makes it visible atomically.
+    async fn snapshot_template(
+        &self,
+        template: &str,
+        sb: ContainerSandbox,
+    ) -> Result<(String, SnapshotSize)> {
+        let started = Instant::now();
+        let scratch = self.paths.checkpoints().join(format!(".tmp-{}", sb.id));
+        let _ = crate::container::mounts::teardown_dir(&scratch);
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| Error::io("creating checkpoint scratch", &scratch, e))?;
+        crate::cleanup::write_owner(&scratch.join(".owner"))?;
+        let images = scratch.join("snapshot");
+        let r = async {
+            self.tier.checkpoint(sb, &images).await?;
+            let checkpoint_ms = started.elapsed().as_millis() as u64;
+            let name = format!(
+                "tpl-{template}-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            );
+            let snaps = self.snapshots.clone();
+            let (n, imgs) = (name.clone(), images.clone());
+            let stats = tokio::task::spawn_blocking(move || {
+                snaps.put_dir(&n, &imgs, &thaw_snapshotter::PutOptions::default())
+            })
+            .await
+            .map_err(|e| Error::Other(format!("snapshot task: {e}")))??;
+            Ok((
+                name,
+                SnapshotSize {
+                    raw_bytes: stats.raw_bytes,
+                    stored_bytes: stats.new_stored_bytes,
+                    checkpoint_ms,
+                },
+            ))
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        r
+    }
+
+    /// Removes a snapshot and its unshared chunks; failures only leave garbage for a later gc.
+    fn drop_snapshot(&self, name: &str) {
+        if let Err(e) = self.snapshots.delete(name) {
+            tracing::warn!(snapshot = name, error = %e, "deleting old snapshot");
+        }
+        let _ = self
+            .snapshots
+            .evict_cache(thaw_snapshotter::Evict::Unreferenced);
+        if let Err(e) = self.snapshots.gc() {
+            tracing::warn!(error = %e, "snapshot gc");
+        }
+    }
+
+    /// Marks a template as needing a rebuild (its snapshot is damaged).
+    fn mark_needs_rebuild(&self, t: &TemplateRecord, why: &str) {
+        let mut t = t.clone();
+        t.state = TemplateState::NeedsRebuild;
+        t.note = Some(why.to_string());
+        if let Ok(store) = self.store() {
+            let _ = store.put(Store::templates_tree(), &t.name.clone(), &t);
+        }
+    }
+
+    /// Starts a sandbox for one call: restored from the snapshot when there is one, else
+    /// cold. Returns the sandbox, how it started, and the time to ready and to warm.
+    async fn start(
+        &self,
+        t: &TemplateRecord,
+        opts: &RunOptions,
+    ) -> Result<(ContainerSandbox, StartKind, Duration, Duration)> {
+        let started = Instant::now();
+        let Some(snap) = &t.snapshot else {
+            let (sb, warm) = self.cold_start(&t.spec, &t.layers, opts).await?;
+            return Ok((sb, StartKind::Cold, started.elapsed() - warm, warm));
+        };
+        let snaps = self.snapshots.clone();
+        let name = snap.clone();
+        let dir = tokio::task::spawn_blocking(move || snaps.materialize_cached(&name))
+            .await
+            .map_err(|e| Error::Other(format!("materialize task: {e}")))?;
+        let dir = match dir {
+            Ok(d) => d,
+            Err(e) => {
+                if matches!(
+                    e,
+                    thaw_snapshotter::Error::CorruptChunk { .. }
+                        | thaw_snapshotter::Error::MissingChunk { .. }
+                        | thaw_snapshotter::Error::CorruptManifest { .. }
+                        | thaw_snapshotter::Error::MissingManifest { .. }
+                        | thaw_snapshotter::Error::NotFound { .. }
+                ) {
+                    self.mark_needs_rebuild(t, &e.to_string());
+                    return Err(Error::SnapshotCorrupt {
+                        template: t.name.clone(),
+                        message: e.to_string(),
+                    });
+                }
+                return Err(e.into());
+            }
+        };
+        let id = new_sandbox_id();
+        let (sb, _timings) = self
+            .tier
+            .restore(&self.sandbox_spec(&t.spec, &t.layers, &id), &dir)
+            .await?;
+        if let Err(e) = self.hygiene(&sb, &t.spec, opts).await {
+            sb.destroy().await;
+            return Err(e);
+        }
+        Ok((sb, StartKind::Restore, started.elapsed(), Duration::ZERO))
     }
 
     fn sandbox_spec(&self, spec: &TemplateSpec, layers: &[PathBuf], id: &str) -> SandboxSpec {
@@ -330,8 +481,8 @@ impl Engine {
         let span = info_span!("invoke", template = %name);
         async {
             let started = Instant::now();
-            let (sb, warm) = self.cold_start(&t.spec, &t.layers, &opts).await?;
-            let start_ms = ms(started.elapsed() - warm);
+            let (sb, kind, ready, warm) = self.start(&t, &opts).await?;
+            let start_ms = ms(ready);
             let run_started = Instant::now();
             let r = sb
                 .agent
@@ -361,7 +512,7 @@ impl Engine {
             Ok(Invocation {
                 template: name.to_string(),
                 sandbox_id: id,
-                start: "cold",
+                start: kind,
                 done,
                 timings: Timings {
                     start_ms,
@@ -388,8 +539,8 @@ impl Engine {
         let span = info_span!("exec", template = %name);
         async {
             let started = Instant::now();
-            let (sb, warm) = self.cold_start(&t.spec, &t.layers, &opts).await?;
-            let start_ms = ms(started.elapsed() - warm);
+            let (sb, kind, ready, warm) = self.start(&t, &opts).await?;
+            let start_ms = ms(ready);
             let run_started = Instant::now();
             let r = sb
                 .agent
@@ -421,6 +572,7 @@ impl Engine {
             Ok(ExecResult {
                 template: name.to_string(),
                 sandbox_id: id,
+                start: kind,
                 exit_code: d.outcome.exit_code(),
                 outcome: d.outcome,
                 truncated: d.truncated,

@@ -63,8 +63,8 @@ pub enum Error {
         message: String,
     },
 
-    #[error("snapshot: {0}")]
-    Snapshot(String),
+    #[error("snapshot store: {0}")]
+    Snapshot(#[from] thaw_snapshotter::Error),
 
     #[error("snapshot of template `{template}` is unusable: {message}. Fix: `thaw deploy` the template again")]
     SnapshotCorrupt { template: String, message: String },

@@ -1,6 +1,7 @@
 //! The container tier: Linux namespaces, cgroups, seccomp and an overlayfs root per sandbox,
 //! through runc; memory snapshots by CRIU.
 
+pub mod checkpoint;
 pub mod mounts;
 pub mod oci;
 pub mod runc;

@@ -63,28 +63,37 @@ impl Runc {
     }
 
     /// `runc run --detach`: creates and starts the container; returns once its init runs.
-    /// The container's stdout/stderr go to `log`.
+    /// The container's stdout/stderr go to `log` (see [`StdioPipes`]).
     pub async fn run_detached(&self, id: &str, bundle: &Path, log: &Path) -> Result<()> {
-        let log_file =
-            std::fs::File::create(log).map_err(|e| Error::io("creating container log", log, e))?;
-        let log_err = log_file
-            .try_clone()
-            .map_err(|e| Error::io("cloning log handle", log, e))?;
-        let out = self
-            .cmd()
-            .args(["run", "--detach", "--bundle"])
-            .arg(bundle)
-            .arg(id)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
+        let mut cmd = self.cmd();
+        cmd.args(["run", "--detach", "--bundle"]).arg(bundle).arg(id);
+        self.spawn_with_pipes(cmd, log, "run").await
+    }
+
+    /// `runc restore --detach` with the given extra arguments; stdio as in [`Self::run_detached`].
+    pub async fn restore_detached(&self, args: &[std::ffi::OsString], log: &Path) -> Result<()> {
+        let mut cmd = self.cmd();
+        cmd.arg("restore").arg("--detach").args(args);
+        self.spawn_with_pipes(cmd, log, "restore").await
+    }
+
+    async fn spawn_with_pipes(&self, mut cmd: Command, log: &Path, what: &str) -> Result<()> {
+        let pipes = StdioPipes::new(log)?;
+        let (stdin, stdout, stderr) = pipes.child_ends()?;
+        let status = cmd
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
             .status()
             .await
-            .map_err(|e| spawn_error(e, "run"))?;
-        if !out.success() {
+            .map_err(|e| spawn_error(e, what))?;
+        pipes.drain_in_background();
+        if !status.success() {
+            // Give the drain thread a moment to copy runc's own error message.
+            std::thread::sleep(Duration::from_millis(20));
             let log_text = std::fs::read(log).unwrap_or_default();
             return Err(Error::Runtime {
-                command: format!("runc run {id}"),
+                command: format!("runc {what}"),
                 message: tail(&log_text, 600),
             });
         }
@@ -198,5 +207,66 @@ pub fn tail(bytes: &[u8], max: usize) -> String {
         "(no output)".to_string()
     } else {
         t
+    }
+}
+
+/// Stdio for a detached container: pipes, not files. CRIU can dump and restore a pipe whose
+/// other end is outside the container (runc declares it external and re-attaches new pipes
+/// on restore), but not a host file or the host's /dev/null, which live outside the
+/// container's mount namespace. A host thread copies the output into the log file until the
+/// last writer is gone.
+pub struct StdioPipes {
+    stdin_read: std::os::fd::OwnedFd,
+    out_read: std::os::fd::OwnedFd,
+    out_write: std::os::fd::OwnedFd,
+    log: std::fs::File,
+}
+
+impl StdioPipes {
+    pub fn new(log: &Path) -> Result<StdioPipes> {
+        let pipe = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Runtime {
+                command: "pipe".into(),
+                message: e.to_string(),
+            })
+        };
+        // The write end of stdin is dropped at once: the container reads EOF.
+        let (stdin_read, _stdin_write) = pipe()?;
+        let (out_read, out_write) = pipe()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| Error::io("creating container log", log, e))?;
+        Ok(StdioPipes {
+            stdin_read,
+            out_read,
+            out_write,
+            log,
+        })
+    }
+
+    fn child_ends(&self) -> Result<(Stdio, Stdio, Stdio)> {
+        let dup = |fd: &std::os::fd::OwnedFd| {
+            fd.try_clone().map_err(|e| Error::Runtime {
+                command: "dup".into(),
+                message: e.to_string(),
+            })
+        };
+        Ok((
+            Stdio::from(dup(&self.stdin_read)?),
+            Stdio::from(dup(&self.out_write)?),
+            Stdio::from(dup(&self.out_write)?),
+        ))
+    }
+
+    fn drain_in_background(self) {
+        let StdioPipes {
+            out_read, mut log, ..
+        } = self;
+        std::thread::spawn(move || {
+            let mut r = std::fs::File::from(out_read);
+            let _ = std::io::copy(&mut r, &mut log);
+        });
     }
 }

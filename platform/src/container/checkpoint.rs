@@ -1,0 +1,229 @@
+//! Whole-sandbox snapshots on the container tier: CRIU (driven by runc) dumps the process
+//! tree with its memory, file descriptors, pipes and guest-init's listening socket; we add
+//! the sandbox's private overlay upper directory (`upper.tar`), so a restore gets back
+//! exactly the files the processes had open.
+//!
+//! Snapshot directory layout (what goes into the snapshotter):
+//! - `criu/`      CRIU images (`pages-*.img` hold the memory)
+//! - `upper.tar`  the overlay upper directory at checkpoint time (GNU tar, xattrs kept so
+//!   overlayfs whiteouts and opaque directories survive)
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Instant;
+
+use tokio::process::Command;
+use tracing::{debug, info_span, Instrument};
+
+use super::{mounts, oci, write_json, ContainerSandbox, ContainerTier, SandboxDir, SandboxSpec};
+use crate::agent::{Agent, Endpoint};
+use crate::error::{Error, IoContext, Result};
+
+pub const CRIU_DIR: &str = "criu";
+pub const UPPER_TAR: &str = "upper.tar";
+
+/// Timings of one restore, for `thaw bench` and tracing.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RestoreTimings {
+    pub prepare_ms: f64,
+    pub criu_ms: f64,
+    pub ready_ms: f64,
+}
+
+async fn run_checked(mut cmd: Command, what: &str) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| Error::Criu(format!("{what}: cannot start: {e}")))?;
+    if !out.status.success() {
+        let mut text = out.stdout;
+        text.extend_from_slice(&out.stderr);
+        return Err(Error::Criu(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            super::runc::tail(&text, 800)
+        )));
+    }
+    Ok(())
+}
+
+/// CRIU's own log explains most failures; quote its last error lines.
+fn criu_log_errors(work: &Path, file: &str) -> String {
+    let text = std::fs::read_to_string(work.join(file)).unwrap_or_default();
+    let errs: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("error"))
+        .collect();
+    let start = errs.len().saturating_sub(4);
+    errs[start..].join(" | ")
+}
+
+impl ContainerTier {
+    /// Checkpoints a live sandbox into `dest` (which must not exist) and destroys it.
+    pub async fn checkpoint(&self, sb: ContainerSandbox, dest: &Path) -> Result<()> {
+        let span = info_span!("sandbox.checkpoint", sandbox = %sb.id);
+        let r = async {
+            let started = Instant::now();
+            let images = dest.join(CRIU_DIR);
+            std::fs::create_dir_all(&images).ctx("creating checkpoint directory", &images)?;
+            let work = sb.dir.join("criu-work");
+            std::fs::create_dir_all(&work).ctx("creating CRIU work directory", &work)?;
+            let mut cmd = Command::new("runc");
+            cmd.arg("--root")
+                .arg(&self.paths.runc_root())
+                .arg("checkpoint")
+                .arg("--image-path")
+                .arg(&images)
+                .arg("--work-path")
+                .arg(&work)
+                .arg(&sb.id);
+            if let Err(e) = run_checked(cmd, "runc checkpoint").await {
+                let detail = criu_log_errors(&work, "dump.log");
+                return Err(Error::Criu(format!("{e}; criu: {detail}")));
+            }
+            debug!(ms = started.elapsed().as_millis() as u64, "criu dump done");
+            let layout = sb.layout();
+            let mut tar = Command::new("tar");
+            tar.arg("--create")
+                .arg("--xattrs")
+                .arg("--xattrs-include=trusted.*")
+                .arg("--sparse")
+                .arg("--numeric-owner")
+                .arg("--file")
+                .arg(dest.join(UPPER_TAR))
+                .arg("-C")
+                .arg(layout.upper())
+                .arg(".");
+            run_checked(tar, "archiving the sandbox's upper directory").await?;
+            Ok(())
+        }
+        .instrument(span)
+        .await;
+        sb.destroy().await;
+        r
+    }
+
+    /// Restores a new sandbox from a materialised snapshot directory.
+    pub async fn restore(
+        &self,
+        spec: &SandboxSpec,
+        snapshot: &Path,
+    ) -> Result<(ContainerSandbox, RestoreTimings)> {
+        let span = info_span!("sandbox.restore", sandbox = %spec.id);
+        async {
+            let t0 = Instant::now();
+            let d = SandboxDir {
+                root: self.paths.sandbox(&spec.id),
+            };
+            let sb = ContainerSandbox {
+                id: spec.id.clone(),
+                dir: d.root.clone(),
+                agent: Agent::new(spec.id.clone(), Endpoint::Unix(d.socket())),
+                runc: self.runc.clone(),
+            };
+            let mut timings = RestoreTimings::default();
+            let r = async {
+                self.prepare_restore_dir(&d, spec, snapshot).await?;
+                let cfg = oci::render(&self.container_config(spec, &d));
+                write_json(&d.root.join("config.json"), &cfg)?;
+                timings.prepare_ms = ms(t0);
+                let t1 = Instant::now();
+                let work = d.root.join("criu-work");
+                std::fs::create_dir_all(&work).ctx("creating CRIU work directory", &work)?;
+                let pid_file = d.root.join("init.pid");
+                let args: Vec<std::ffi::OsString> = vec![
+                    "--image-path".into(),
+                    snapshot.join(CRIU_DIR).into(),
+                    "--work-path".into(),
+                    work.clone().into(),
+                    "--pid-file".into(),
+                    pid_file.clone().into(),
+                    "--bundle".into(),
+                    d.root.clone().into(),
+                    spec.id.clone().into(),
+                ];
+                if let Err(e) = self.runc.restore_detached(&args, &d.log()).await {
+                    return Err(Error::Criu(format!(
+                        "{e}; criu: {}",
+                        criu_log_errors(&work, "restore.log")
+                    )));
+                }
+                timings.criu_ms = ms(t1);
+                let t2 = Instant::now();
+                let pid: i32 = std::fs::read_to_string(&pid_file)
+                    .ctx("reading restored init pid", &pid_file)?
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::Criu("runc wrote an unreadable pid file".into()))?;
+                set_hostname(pid, &spec.hostname).await?;
+                sb.agent.wait_ready(spec.boot_timeout).await?;
+                timings.ready_ms = ms(t2);
+                Ok(())
+            }
+            .await;
+            match r {
+                Ok(()) => Ok((sb, timings)),
+                Err(e) => {
+                    sb.destroy().await;
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn prepare_restore_dir(
+        &self,
+        d: &SandboxDir,
+        spec: &SandboxSpec,
+        snapshot: &Path,
+    ) -> Result<()> {
+        std::fs::create_dir_all(&d.root).ctx("creating sandbox directory", &d.root)?;
+        crate::cleanup::write_owner(&d.owner())?;
+        mounts::mount_tmpfs(&d.disk(), spec.limits.disk_mib)?;
+        std::fs::create_dir_all(d.upper()).ctx("creating upper directory", d.upper())?;
+        let mut tar = Command::new("tar");
+        tar.arg("--extract")
+            .arg("--xattrs")
+            .arg("--xattrs-include=trusted.*")
+            .arg("--numeric-owner")
+            .arg("--same-permissions")
+            .arg("--file")
+            .arg(snapshot.join(UPPER_TAR))
+            .arg("-C")
+            .arg(d.upper());
+        run_checked(tar, "restoring the sandbox's upper directory").await?;
+        mounts::mount_overlay(&spec.layers, &d.upper(), &d.work(), &d.rootfs())?;
+        std::fs::create_dir_all(d.agent_dir()).ctx("creating agent directory", d.agent_dir())?;
+        Ok(())
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Gives a restored sandbox its own hostname. CRIU restores the UTS namespace with the
+/// snapshot's name and the sandbox has no CAP_SYS_ADMIN to change it, so the host joins the
+/// namespace from a short-lived thread (UTS namespaces are per-thread) and sets it.
+async fn set_hostname(pid: i32, name: &str) -> Result<()> {
+    let name = name.to_string();
+    let path = PathBuf::from(format!("/proc/{pid}/ns/uts"));
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let handle = std::thread::spawn(move || -> Result<()> {
+            let ns = std::fs::File::open(&path).ctx("opening UTS namespace", &path)?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS)
+                .map_err(|e| Error::Other(format!("setns into sandbox UTS namespace: {e}")))?;
+            nix::unistd::sethostname(&name)
+                .map_err(|e| Error::Other(format!("sethostname: {e}")))?;
+            Ok(())
+        });
+        handle
+            .join()
+            .map_err(|_| Error::Other("hostname thread panicked".into()))?
+    })
+    .await
+    .map_err(|e| Error::Other(format!("hostname task: {e}")))?
+}
