@@ -64,6 +64,24 @@ enum Cmd {
     },
     /// Check system dependencies and the isolation tier thaw would use.
     Doctor,
+    /// Measure cold start, restore, invoke latency, throughput, memory and snapshot size.
+    Bench {
+        /// A deployed template (deploy templates/python first).
+        #[arg(long, default_value = "python")]
+        template: String,
+        /// Repetitions of each latency figure.
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        /// Idle clones kept alive together for the memory figure.
+        #[arg(long, default_value_t = 20)]
+        clones: usize,
+        /// Also measure a restore after dropping the page cache (root; affects the host).
+        #[arg(long)]
+        cold_cache: bool,
+        /// Payload of the trivial invocation.
+        #[arg(long, default_value = "{\"op\": \"info\"}")]
+        payload: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -145,6 +163,31 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let engine = Engine::open(Paths::from_env()).await?;
     match cli.cmd {
         Cmd::Doctor => unreachable!("handled above"),
+        Cmd::Bench {
+            template,
+            iterations,
+            clones,
+            cold_cache,
+            payload,
+        } => {
+            let cfg = thaw_platform::bench::BenchConfig {
+                template,
+                iterations,
+                payload: parse_payload(payload.as_bytes())?,
+                idle_clones: clones,
+                drop_caches: cold_cache,
+            };
+            let log = |m: &str| eprintln!("bench: {m}");
+            let report = thaw_platform::bench::run(std::sync::Arc::new(engine), &cfg, &log).await?;
+            if cli.json {
+                print_json(&report)?;
+            } else {
+                print_json(&report)?;
+                println!();
+                print!("{}", thaw_platform::bench::table(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Deploy { dir } => {
             let spinner = progress::Spinner::new(!cli.json && std::io::stderr().is_terminal());
             let r = engine.deploy(&dir, &spinner).await;

@@ -292,7 +292,7 @@ impl Engine {
 
     /// Starts a sandbox for one call: restored from the snapshot when there is one, else
     /// cold. Returns the sandbox, how it started, and the time to ready and to warm.
-    async fn start(
+    pub async fn start(
         &self,
         t: &TemplateRecord,
         opts: &RunOptions,
@@ -453,7 +453,7 @@ impl Engine {
         }
     }
 
-    fn ready_template(&self, name: &str) -> Result<TemplateRecord> {
+    pub fn ready_template(&self, name: &str) -> Result<TemplateRecord> {
         let t = self.template(name)?;
         if t.state != TemplateState::Ready {
             return Err(Error::TemplateNotReady {
@@ -588,6 +588,34 @@ impl Engine {
         .await
     }
 
+    /// Starts a sandbox of a template and keeps it alive (benchmarks, many-clone tests,
+    /// sessions). The caller must [`Live::destroy`] it.
+    pub async fn spawn(&self, name: &str, opts: &RunOptions) -> Result<Live> {
+        let t = self.ready_template(name)?;
+        let (sb, kind, ready, warm) = self.start(&t, opts).await?;
+        Ok(Live {
+            sb,
+            template: t,
+            kind,
+            ready,
+            warm,
+        })
+    }
+
+    /// Boots a sandbox from scratch even when a snapshot exists (the cold-start baseline).
+    pub async fn spawn_cold(&self, name: &str, opts: &RunOptions) -> Result<Live> {
+        let t = self.ready_template(name)?;
+        let started = Instant::now();
+        let (sb, warm) = self.cold_start(&t.spec, &t.layers, opts).await?;
+        Ok(Live {
+            sb,
+            template: t,
+            kind: StartKind::Cold,
+            ready: started.elapsed() - warm,
+            warm,
+        })
+    }
+
     /// Whether the kernel's OOM killer fired in the sandbox's memory cgroup (v1 or v2).
     fn oom_killed(&self, sb: &ContainerSandbox) -> bool {
         oom_kills(&sb.id) > 0
@@ -627,4 +655,66 @@ pub fn parse_payload(bytes: &[u8]) -> Result<serde_json::Value> {
         });
     }
     serde_json::from_slice(bytes).map_err(|e| Error::BadPayload(e.to_string()))
+}
+
+/// A live sandbox owned by the caller.
+pub struct Live {
+    pub sb: ContainerSandbox,
+    pub template: TemplateRecord,
+    pub kind: StartKind,
+    /// Creation to guest-init ready (including clone hygiene on a restore).
+    pub ready: Duration,
+    /// Handler warm-up (cold starts only).
+    pub warm: Duration,
+}
+
+impl Live {
+    pub fn id(&self) -> &str {
+        &self.sb.id
+    }
+
+    pub async fn invoke(&self, payload: serde_json::Value, opts: &RunOptions) -> Result<InvokeDone> {
+        self.sb
+            .agent
+            .invoke(
+                InvokeRequest {
+                    payload,
+                    env: opts.env.clone(),
+                    limits: Engine::limits(&self.template.spec, opts),
+                },
+                |_| {},
+            )
+            .await
+    }
+
+    /// Runs a command and returns its outcome with the collected stdout and stderr.
+    pub async fn exec_collect(
+        &self,
+        argv: Vec<String>,
+        opts: &RunOptions,
+    ) -> Result<(ExecDone, Vec<u8>, Vec<u8>)> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let done = self
+            .sb
+            .agent
+            .exec(
+                ExecRequest {
+                    argv,
+                    env: opts.env.clone(),
+                    cwd: None,
+                    stdin: None,
+                    limits: Engine::limits(&self.template.spec, opts),
+                },
+                |s, d| match s {
+                    Stream::Stdout => out.extend_from_slice(d),
+                    Stream::Stderr => err.extend_from_slice(d),
+                },
+            )
+            .await?;
+        Ok((done, out, err))
+    }
+
+    pub async fn destroy(self) {
+        self.sb.destroy().await
+    }
 }

@@ -6,6 +6,7 @@
 //! [`doctor`] checks the host.
 
 pub mod agent;
+pub mod bench;
 pub mod cleanup;
 pub mod container;
 pub mod doctor;

@@ -201,7 +201,9 @@ impl Store {
             })?;
         let (id, bytes) = manifest.encode();
         let mpath = self.manifest_path(&id);
-        if !mpath.exists() {
+        // Usually new; if an identical manifest exists (same tree, name and second), keep it
+        // unless it has rotted.
+        if fs::read(&mpath).ok().as_deref() != Some(&bytes[..]) {
             atomic::write_atomic(&self.tmp_dir(), &mpath, &bytes)?;
         }
         self.fault_point(Fault::BeforeRef)?;

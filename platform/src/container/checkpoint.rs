@@ -163,7 +163,10 @@ impl ContainerTier {
             }
             .await;
             match r {
-                Ok(()) => Ok((sb, timings)),
+                Ok(()) => {
+                    debug!(?timings, "restored");
+                    Ok((sb, timings))
+                }
                 Err(e) => {
                     sb.destroy().await;
                     Err(e)
