@@ -335,7 +335,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         println!(
                             "{:<20} {:<14} {:>10} {:>10}  {}",
                             t.name,
-                            format!("{:?}", t.state).to_lowercase(),
+                            t.state.as_str(),
                             t.warm_ms,
                             t.spec.limits.memory_mib,
                             t.source_dir.display()

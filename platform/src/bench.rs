@@ -139,7 +139,9 @@ pub async fn run(engine: Arc<Engine>, cfg: &BenchConfig, log: &dyn Fn(&str)) -> 
     let mut throughput = Vec::new();
     for conc in [1usize, 4, 16] {
         let total = (conc * 3).max(12);
-        log(&format!("throughput at concurrency {conc} ({total} invocations)"));
+        log(&format!(
+            "throughput at concurrency {conc} ({total} invocations)"
+        ));
         throughput.push(measure_throughput(&engine, cfg, conc, total).await);
     }
 
@@ -311,12 +313,20 @@ fn machine() -> String {
 /// The readable table printed after the JSON.
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
-    let d = |name: &str, d: &Dist| format!("{name:<34} p50 {:>8.1} ms   p99 {:>8.1} ms   (n={})\n", d.p50_ms, d.p99_ms, d.n);
+    let d = |name: &str, d: &Dist| {
+        format!(
+            "{name:<34} p50 {:>8.1} ms   p99 {:>8.1} ms   (n={})\n",
+            d.p50_ms, d.p99_ms, d.n
+        )
+    };
     s += &format!("thaw bench: template `{}` on {}\n", r.template, r.machine);
     s += &d("cold start (boot + warm-up)", &r.cold_start);
     s += &d("restore to ready", &r.restore_to_ready);
     s += &d("invoke round trip (trivial)", &r.invoke_round_trip);
-    s += &format!("{:<34} {:.1}x\n", "restore vs cold start (p50)", r.restore_vs_cold_speedup);
+    s += &format!(
+        "{:<34} {:.1}x\n",
+        "restore vs cold start (p50)", r.restore_vs_cold_speedup
+    );
     for t in &r.throughput {
         s += &format!(
             "{:<34} {:>6.1} invocations/s ({} in {:.1} s, {} errors)\n",

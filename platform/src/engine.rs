@@ -30,6 +30,15 @@ pub enum TemplateState {
     NeedsRebuild,
 }
 
+impl TemplateState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TemplateState::Ready => "ready",
+            TemplateState::NeedsRebuild => "needs_rebuild",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TemplateRecord {
     pub name: String,
@@ -223,7 +232,6 @@ impl Engine {
         .instrument(span)
         .await
     }
-
 
     /// Checkpoints a warm template sandbox into the snapshot store. The checkpoint is
     /// written to a scratch directory first; the store makes it visible atomically.
@@ -458,7 +466,7 @@ impl Engine {
         if t.state != TemplateState::Ready {
             return Err(Error::TemplateNotReady {
                 name: t.name.clone(),
-                state: format!("{:?}", t.state).to_lowercase(),
+                state: t.state.as_str().to_string(),
                 hint: format!(
                     "{}; run `thaw deploy {}`",
                     t.note.clone().unwrap_or_default(),
@@ -673,7 +681,11 @@ impl Live {
         &self.sb.id
     }
 
-    pub async fn invoke(&self, payload: serde_json::Value, opts: &RunOptions) -> Result<InvokeDone> {
+    pub async fn invoke(
+        &self,
+        payload: serde_json::Value,
+        opts: &RunOptions,
+    ) -> Result<InvokeDone> {
         self.sb
             .agent
             .invoke(

@@ -66,7 +66,9 @@ impl Runc {
     /// The container's stdout/stderr go to `log` (see [`StdioPipes`]).
     pub async fn run_detached(&self, id: &str, bundle: &Path, log: &Path) -> Result<()> {
         let mut cmd = self.cmd();
-        cmd.args(["run", "--detach", "--bundle"]).arg(bundle).arg(id);
+        cmd.args(["run", "--detach", "--bundle"])
+            .arg(bundle)
+            .arg(id);
         self.spawn_with_pipes(cmd, log, "run").await
     }
 

@@ -1,0 +1,256 @@
+//! End-to-end tests of snapshots on the container tier: restore-based invocations, many
+//! isolated clones, a corrupted chunk, and crash recovery after `kill -9`.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use thaw_e2e::{repo_root, Home};
+
+fn write_template(dir: &Path, toml: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("template.toml"), toml).unwrap();
+}
+
+/// Chunk ids referenced by a snapshot, read from the store's documented on-disk format.
+fn chunks_of(home: &Path, snapshot: &str) -> Vec<String> {
+    let store = home.join("snapshots");
+    let id = std::fs::read_to_string(store.join("refs").join(snapshot)).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(store.join("manifests").join(format!("{}.json", id.trim()))).unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for e in manifest["entries"].as_array().unwrap() {
+        if let Some(chunks) = e["chunks"].as_array() {
+            out.extend(chunks.iter().map(|c| c["id"].as_str().unwrap().to_string()));
+        }
+    }
+    out
+}
+
+fn snapshot_name(h: &Home, template: &str) -> String {
+    let ls = h.run(&["--json", "templates", "ls"]).ok().json();
+    ls.as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == template)
+        .and_then(|t| t["snapshot"].as_str())
+        .unwrap_or_else(|| panic!("{template} has no snapshot: {ls}"))
+        .to_string()
+}
+
+#[test]
+fn invocations_restore_from_the_snapshot() {
+    let h = Home::new();
+    h.deploy("shell");
+    let v = h
+        .run(&["--json", "invoke", "shell", "--payload", "1"])
+        .ok()
+        .json();
+    assert_eq!(v["start"], "restore", "{v}");
+    assert_eq!(v["result"]["payload"], 1);
+    // The restored clone has its own identity, not the snapshot's.
+    let r = h
+        .run(&[
+            "exec",
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "hostname; echo $THAW_SANDBOX_ID",
+        ])
+        .ok();
+    let out = r.stdout();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[0], lines[1]);
+    h.assert_clean();
+}
+
+#[test]
+fn corrupted_chunk_marks_only_that_template_for_rebuild() {
+    let h = Home::new();
+    h.deploy("shell");
+    let tmp = tempfile::tempdir().unwrap();
+    let other = tmp.path().join("other");
+    // A persistent shell worker makes this snapshot's memory differ from `shell`'s.
+    write_template(
+        &other,
+        "name = \"other\"\nbase = { kind = \"busybox\" }\n[handler]\nmode = \"persistent\"\ncommand = [\"/bin/sh\", \"-c\", \"echo '{\\\"ready\\\":true}'; while read l; do echo '{\\\"ok\\\":1}'; done\"]\n",
+    );
+    h.run(&["deploy", other.to_str().unwrap()]).ok();
+    let snap = snapshot_name(&h, "shell");
+    let other_chunks: HashSet<String> = chunks_of(h.path(), &snapshot_name(&h, "other"))
+        .into_iter()
+        .collect();
+    let victim = chunks_of(h.path(), &snap)
+        .into_iter()
+        .find(|c| !other_chunks.contains(c))
+        .expect("shell has a chunk of its own");
+    let file = h
+        .path()
+        .join("snapshots/chunks")
+        .join(&victim[..2])
+        .join(format!("{victim}.zst"));
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&file, bytes).unwrap();
+    // A fresh node: nothing materialised yet.
+    let _ = std::fs::remove_dir_all(h.path().join("snapshots/cache"));
+    std::fs::create_dir_all(h.path().join("snapshots/cache")).unwrap();
+
+    let r = h.run(&["invoke", "shell"]);
+    assert_eq!(r.code(), 1, "{}", r.stdout());
+    let err = r.stderr();
+    assert!(err.contains(&victim) && err.contains(&snap), "{err}");
+    assert!(err.contains("thaw deploy"), "{err}");
+    let ls = h.run(&["--json", "templates", "ls"]).ok().json();
+    let state = |n: &str| {
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == n)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state("shell"), "needs_rebuild");
+    assert_eq!(state("other"), "ready");
+    let r = h.run(&["invoke", "shell"]);
+    assert!(r.stderr().contains("needs_rebuild"), "{}", r.stderr());
+    h.run(&["invoke", "other"]).ok();
+    // Redeploying repairs it.
+    h.deploy("shell");
+    h.run(&["invoke", "shell"]).ok();
+    h.assert_clean();
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn kill_9_mid_invocation_and_mid_publish_is_cleaned_up_on_next_start() {
+    let h = Home::new();
+    h.deploy("shell");
+    let mut child = h
+        .cmd()
+        .args(["exec", "shell", "--", "sleep", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sandboxes = h.path().join("sandboxes");
+    wait_for("a live sandbox", Duration::from_secs(20), || {
+        std::fs::read_dir(&sandboxes)
+            .map(|rd| rd.count() > 0)
+            .unwrap_or(false)
+            && std::fs::read_dir(&sandboxes)
+                .unwrap()
+                .flatten()
+                .any(|e| e.path().join("run/agent.sock").exists())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        std::fs::read_dir(&sandboxes).unwrap().count() > 0,
+        "the crash left something to clean"
+    );
+
+    // A publish killed while its setup command runs.
+    let tmp = tempfile::tempdir().unwrap();
+    let slow = tmp.path().join("slow");
+    write_template(
+        &slow,
+        &format!(
+            "name = \"slow\"\nbase = {{ kind = \"busybox\" }}\nsetup = [\"echo {} > /marker; sleep 30\"]\n[handler]\ncommand = [\"cat\"]\n",
+            std::process::id()
+        ),
+    );
+    let mut child = h
+        .cmd()
+        .args(["deploy", slow.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Any next command sweeps.
+    h.run(&["templates", "ls"]).ok();
+    h.assert_clean();
+    let cache = std::env::var("THAW_CACHE").unwrap_or_else(|_| "/var/cache/thaw".into());
+    let leftovers: Vec<_> = std::fs::read_dir(Path::new(&cache).join("rootfs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join(".owner"))
+                .map(|o| !o.is_empty())
+                .unwrap_or(false)
+                && !thaw_platform::cleanup::owner_alive(&e.path().join(".owner"))
+        })
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "build scratch left behind: {leftovers:?}"
+    );
+    let _ = repo_root();
+}
+
+#[test]
+fn fifty_clones_alive_together_are_isolated() {
+    let home = Home::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let paths = thaw_platform::Paths::new(home.path(), std::env::var("THAW_CACHE").unwrap_or_else(|_| "/var/cache/thaw".into()));
+        let engine = thaw_platform::Engine::open(paths).await.unwrap();
+        engine
+            .deploy(&repo_root().join("templates/shell"), &thaw_platform::progress::Quiet)
+            .await
+            .unwrap();
+        let opts = thaw_platform::engine::RunOptions::default();
+        let mut clones = Vec::new();
+        for _ in 0..50 {
+            clones.push(engine.spawn("shell", &opts).await.unwrap());
+        }
+        let mut seen = HashSet::new();
+        for c in &clones {
+            let script = format!(
+                "echo {} > /tmp/owner; ls /tmp; cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
+                c.id()
+            );
+            let (done, out, err) = c
+                .exec_collect(vec!["sh".into(), "-c".into(), script], &opts)
+                .await
+                .unwrap();
+            assert!(done.outcome.success(), "{}", String::from_utf8_lossy(&err));
+            let out = String::from_utf8(out).unwrap();
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines[0], "owner", "a clone sees another's files: {out}");
+            assert!(seen.insert(lines[1].to_string()), "duplicate uuid {}", lines[1]);
+            assert!(seen.insert(lines[2].to_string()), "duplicate random bytes {}", lines[2]);
+        }
+        // Every clone still sees only its own file once all have written.
+        for c in &clones {
+            let (_, out, _) = c
+                .exec_collect(vec!["cat".into(), "/tmp/owner".into()], &opts)
+                .await
+                .unwrap();
+            assert_eq!(String::from_utf8(out).unwrap().trim(), c.id());
+        }
+        for c in clones {
+            c.destroy().await;
+        }
+    });
+    home.assert_clean();
+}
