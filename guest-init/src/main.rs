@@ -30,8 +30,8 @@ use transport::{ListenSpec, Listener};
 
 const USAGE: &str = "usage: guest-init [--listen unix:PATH|vsock:PORT|serial:PATH]... \
                      [--state-dir DIR]\n\
-                     With no --listen: vsock if /dev/vsock exists, else the virtio-serial \
-                     port org.thaw.agent, else unix:/run/thaw/agent.sock.";
+                     With no --listen: the virtio-serial port named org.thaw.agent if present, \
+                     else vsock if a virtio-vsock device exists, else unix:/run/thaw/agent.sock.";
 
 #[derive(Debug, PartialEq, Eq)]
 struct Args {

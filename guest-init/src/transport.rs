@@ -69,15 +69,31 @@ impl std::fmt::Display for ListenSpec {
 /// The automatic choice: vsock if the device exists, else the named virtio-serial port,
 /// else the container socket.
 pub fn auto_listen() -> ListenSpec {
-    if Path::new("/dev/vsock").exists() {
-        return ListenSpec::Vsock(thaw_protocol::VSOCK_PORT);
-    }
+    // A port named for us is an explicit choice by the VMM (QEMU in CI); /dev/vsock alone is
+    // not, because loading the vsock module creates it even when no virtio-vsock device is
+    // present.
     if let Some(dev) = find_virtio_port(thaw_protocol::VIRTIO_SERIAL_NAME) {
         return ListenSpec::Serial(dev);
+    }
+    if Path::new("/dev/vsock").exists() && virtio_vsock_device_present() {
+        return ListenSpec::Vsock(thaw_protocol::VSOCK_PORT);
     }
     ListenSpec::Unix(
         Path::new(thaw_protocol::CONTAINER_SOCKET_DIR).join(thaw_protocol::CONTAINER_SOCKET_NAME),
     )
+}
+
+/// A virtio device of type 19 (vsock) is bound on the virtio bus.
+fn virtio_vsock_device_present() -> bool {
+    let Ok(dir) = fs::read_dir("/sys/bus/virtio/devices") else {
+        // No sysfs view: trust /dev/vsock rather than refusing to serve.
+        return true;
+    };
+    dir.flatten().any(|e| {
+        fs::read_to_string(e.path().join("device"))
+            .map(|d| d.trim() == "0x0013")
+            .unwrap_or(false)
+    })
 }
 
 /// /sys/class/virtio-ports/<vportNpM>/name holds the port name; the device is /dev/<vportNpM>.

@@ -67,29 +67,15 @@ pub fn criu_major() -> Option<u32> {
     v.split('.').next()?.parse().ok()
 }
 
-/// Whether hardware-backed KVM and Cloud Hypervisor are usable, with the reason if not.
+/// Whether hardware-backed KVM and Cloud Hypervisor are usable, with the reasons if not
+/// (the microvm crate owns the check: binary on PATH, /dev/kvm usable, vmx/svm present).
 pub fn microvm_availability() -> Result<String, String> {
-    let ch = version_of("cloud-hypervisor", &["--version"]).map_err(|_| {
-        "cloud-hypervisor is not on PATH (install the static binary of Cloud Hypervisor v53 from its GitHub releases into /usr/local/bin)".to_string()
-    })?;
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return Err("/dev/kvm is missing or not accessible (load kvm_intel/kvm_amd, run as root or join group kvm)".into());
+    match thaw_microvm::cloud_hypervisor_available() {
+        thaw_microvm::Availability::Available { version, .. } => Ok(format!(
+            "cloud-hypervisor {version} with hardware KVM; note: this release runs templates on the container tier only (the microvm driver and guest image pipeline are in crate thaw-microvm)"
+        )),
+        other => Err(other.reason()),
     }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flags = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .unwrap_or("");
-    let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
-    if !hw {
-        return Err("/dev/kvm is not backed by hardware virtualization (no vmx/svm CPU flag; PVM or nested emulation): guests crawl and snapshots fail".into());
-    }
-    Ok(ch)
 }
 
 pub fn run() -> Report {

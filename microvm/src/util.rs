@@ -1,0 +1,85 @@
+//! Small helpers shared by the modules: log tails and running host tools with typed errors.
+
+use std::path::Path;
+use std::process::Output;
+
+/// Last `lines` lines of a (possibly large, possibly missing) text file, for error messages.
+pub fn file_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    const MAX: u64 = 64 << 10;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return format!("({} not readable)", path.display());
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > MAX && f.seek(SeekFrom::Start(len - MAX)).is_err() {
+        return format!("({} not readable)", path.display());
+    }
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_err() {
+        return format!("({} not readable)", path.display());
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    let tail = all[start..].join("\n");
+    if tail.trim().is_empty() {
+        "(empty)".to_owned()
+    } else {
+        tail
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("`{tool}` is not installed (needed to {purpose}); run scripts/install-deps.sh")]
+    Missing { tool: String, purpose: String },
+    #[error("cannot run `{tool}`: {source}")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+/// Runs a host tool to completion; a non-zero exit is an error carrying its stderr.
+pub fn run(cmd: &mut std::process::Command, purpose: &str) -> Result<Output, ToolError> {
+    let tool = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd.output().map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ToolError::Missing {
+                tool: tool.clone(),
+                purpose: purpose.to_owned(),
+            }
+        } else {
+            ToolError::Spawn {
+                tool: tool.clone(),
+                source,
+            }
+        }
+    })?;
+    if !out.status.success() {
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = stderr.trim();
+        let mut start = stderr.len().saturating_sub(2000);
+        while !stderr.is_char_boundary(start) {
+            start += 1;
+        }
+        let stderr = &stderr[start..];
+        return Err(ToolError::Failed {
+            command: format!("{tool} {}", args.join(" ")),
+            status: out.status,
+            stderr: stderr.to_owned(),
+        });
+    }
+    Ok(out)
+}

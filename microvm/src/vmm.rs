@@ -1,0 +1,311 @@
+//! The Cloud Hypervisor process: spawn an empty VMM on a fresh API socket, wait until it
+//! answers, and make sure it never outlives its owner.
+//!
+//! Each VMM gets its own directory. A VMM killed with SIGKILL leaves `api.sock` and
+//! `api.sock.lock` behind and a new VMM refuses that path, so stale files are removed before a
+//! spawn and the directory is removed when the VMM is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::api::{ApiClient, ClientError, VmmPingResponse};
+
+/// How long a fresh VMM may take to create its API socket and answer `vmm.ping`.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a VMM may take to exit after `vmm.shutdown` before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(3);
+
+pub const API_SOCKET: &str = "api.sock";
+pub const VMM_LOG: &str = "vmm.log";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("Cloud Hypervisor binary {bin} not found: install the Cloud Hypervisor static binary from the GitHub releases of cloud-hypervisor/cloud-hypervisor into /usr/local/bin (or set THAW_CLOUD_HYPERVISOR)")]
+    BinaryNotFound { bin: PathBuf },
+    #[error("cannot start {bin}: {source}")]
+    Spawn {
+        bin: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VMM directory {dir}: {source}")]
+    Dir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VMM exited during start-up ({status}); log tail:\n{log_tail}")]
+    ExitedEarly {
+        status: ExitStatus,
+        log_tail: String,
+    },
+    #[error("the VMM did not answer vmm.ping within {timeout:?} (killed); last error: {last}; log tail:\n{log_tail}")]
+    StartTimeout {
+        timeout: Duration,
+        last: String,
+        log_tail: String,
+    },
+}
+
+/// A running Cloud Hypervisor process. Killed, reaped (best effort) and its directory removed
+/// on drop.
+#[derive(Debug)]
+pub struct Vmm {
+    child: Option<Child>,
+    dir: PathBuf,
+    api: ApiClient,
+    version: String,
+}
+
+impl Vmm {
+    /// Starts `bin --api-socket path=<dir>/api.sock` and waits until `vmm.ping` answers.
+    pub async fn spawn(bin: &Path, dir: &Path, start_timeout: Duration) -> Result<Vmm, VmmError> {
+        let span = info_span!("vmm_spawn", dir = %dir.display());
+        async {
+            std::fs::create_dir_all(dir).map_err(|source| VmmError::Dir {
+                dir: dir.to_owned(),
+                source,
+            })?;
+            let socket = dir.join(API_SOCKET);
+            remove_stale(&socket);
+            remove_stale(&lock_path(&socket));
+            let log_path = dir.join(VMM_LOG);
+            let log = std::fs::File::create(&log_path).map_err(|source| VmmError::Dir {
+                dir: dir.to_owned(),
+                source,
+            })?;
+            let log_err = log.try_clone().map_err(|source| VmmError::Dir {
+                dir: dir.to_owned(),
+                source,
+            })?;
+            let child = Command::new(bin)
+                .arg("--api-socket")
+                .arg(format!("path={}", socket.display()))
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log_err)
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|source| {
+                    if source.kind() == std::io::ErrorKind::NotFound {
+                        VmmError::BinaryNotFound {
+                            bin: bin.to_owned(),
+                        }
+                    } else {
+                        VmmError::Spawn {
+                            bin: bin.to_owned(),
+                            source,
+                        }
+                    }
+                })?;
+            debug!(pid = child.id(), "vmm started");
+            let mut vmm = Vmm {
+                child: Some(child),
+                dir: dir.to_owned(),
+                api: ApiClient::new(socket),
+                version: String::new(),
+            };
+            let ping = vmm.wait_ready(start_timeout).await?;
+            vmm.version = ping.version;
+            Ok(vmm)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<VmmPingResponse, VmmError> {
+        let deadline = Instant::now() + timeout;
+        let probe = self.api.clone().with_timeout(Duration::from_secs(1));
+        let mut last = String::from("API socket not created yet");
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Err(VmmError::ExitedEarly {
+                    status,
+                    log_tail: self.log_tail(20),
+                });
+            }
+            if self.api.socket().exists() {
+                match probe.ping().await {
+                    Ok(p) => return Ok(p),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(VmmError::StartTimeout {
+                    timeout,
+                    last,
+                    log_tail: self.log_tail(20),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Cloud Hypervisor's version as reported by `vmm.ping`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// The process has exited (and is reaped): its status.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Last `lines` lines of the VMM's own stdout/stderr.
+    pub fn log_tail(&self, lines: usize) -> String {
+        crate::util::file_tail(&self.dir.join(VMM_LOG), lines)
+    }
+
+    /// SIGKILL now. Used when the VMM stops answering: nothing it holds is worth waiting for.
+    pub fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if let Err(e) = child.start_kill() {
+                // Already exited: nothing to do.
+                debug!(error = %e, "vmm kill");
+            }
+            // Reap without blocking the runtime for long: a SIGKILLed process exits promptly.
+            for _ in 0..100 {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        }
+    }
+
+    /// Asks the VMM to exit (`vmm.shutdown`), kills it if it does not within a grace period,
+    /// and removes its directory.
+    pub async fn shutdown(mut self) {
+        let span = info_span!("vmm_shutdown", dir = %self.dir.display());
+        async {
+            if self.try_wait().is_none() {
+                if let Err(e) = self.api.vmm_shutdown().await {
+                    // The VMM may close the connection before answering: that is success.
+                    if !matches!(e, ClientError::Http { .. } | ClientError::Connect { .. }) {
+                        warn!(error = %e, "vmm.shutdown failed; killing");
+                    }
+                }
+                if let Some(child) = self.child.as_mut() {
+                    if tokio::time::timeout(EXIT_GRACE, child.wait())
+                        .await
+                        .is_err()
+                    {
+                        warn!("vmm did not exit after vmm.shutdown; killing");
+                    }
+                }
+            }
+            self.cleanup();
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn cleanup(&mut self) {
+        self.kill();
+        self.child = None;
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %self.dir.display(), error = %e, "cannot remove VMM directory");
+            }
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.cleanup();
+        }
+    }
+}
+
+fn lock_path(socket: &Path) -> PathBuf {
+    let mut s = socket.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+fn remove_stale(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => warn!(path = %path.display(), "removed stale file left by a previous VMM"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(path = %path.display(), error = %e, "cannot remove stale file"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn missing_binary_is_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Vmm::spawn(
+            Path::new("/nonexistent/cloud-hypervisor"),
+            &dir.path().join("vm"),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, VmmError::BinaryNotFound { .. }), "{e}");
+        assert!(e.to_string().contains("GitHub releases"));
+    }
+
+    #[tokio::test]
+    async fn vmm_that_exits_is_reported_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-ch");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'Error: KVM not available' >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let e = Vmm::spawn(&fake, &dir.path().join("vm"), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, VmmError::ExitedEarly { .. }), "{e}");
+        assert!(e.to_string().contains("KVM not available"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn silent_vmm_is_killed_after_start_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-ch");
+        // Never creates the socket; `exec` so the kill hits the sleeping process itself.
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let vm_dir = dir.path().join("vm");
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        // Stale files from a previous VMM must not block the start.
+        std::fs::write(vm_dir.join("api.sock.lock"), "").unwrap();
+        let t = Instant::now();
+        let e = Vmm::spawn(&fake, &vm_dir, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, VmmError::StartTimeout { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(!vm_dir.join("api.sock.lock").exists());
+    }
+}
