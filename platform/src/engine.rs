@@ -477,6 +477,30 @@ impl Engine {
         Ok(t)
     }
 
+    /// Starts a fresh sandbox of `t`, runs `work` in it, and discards it on every path.
+    /// Returns what `work` produced with the sandbox id, how it started, and the timings.
+    async fn run_once<T>(
+        &self,
+        t: &TemplateRecord,
+        opts: &RunOptions,
+        work: impl AsyncFnOnce(&ContainerSandbox) -> Result<T>,
+    ) -> Result<(T, String, StartKind, Timings)> {
+        let started = Instant::now();
+        let (sb, kind, ready, warm) = self.start(t, opts).await?;
+        let run_started = Instant::now();
+        let r = work(&sb).await;
+        let run_ms = ms(run_started.elapsed());
+        let id = sb.id.clone();
+        sb.destroy().await;
+        let timings = Timings {
+            start_ms: ms(ready),
+            warm_ms: ms(warm),
+            run_ms,
+            total_ms: ms(started.elapsed()),
+        };
+        Ok((r?, id, kind, timings))
+    }
+
     /// Runs the template's handler on one payload in a fresh sandbox, then discards it.
     pub async fn invoke(
         &self,
@@ -486,52 +510,36 @@ impl Engine {
         on_stderr: impl FnMut(&[u8]),
     ) -> Result<Invocation> {
         let t = self.ready_template(name)?;
-        let span = info_span!("invoke", template = %name);
-        async {
-            let started = Instant::now();
-            let (sb, kind, ready, warm) = self.start(&t, &opts).await?;
-            let start_ms = ms(ready);
-            let run_started = Instant::now();
-            let r = sb
-                .agent
-                .invoke(
-                    InvokeRequest {
-                        payload,
-                        env: opts.env.clone(),
-                        limits: Self::limits(&t.spec, &opts),
-                    },
-                    on_stderr,
-                )
-                .await;
-            let r = match r {
-                Ok(mut done) => {
-                    if self.oom_killed(&sb) {
-                        done.status = InvokeStatus::Oom;
-                        done.outcome = Some(Outcome::Oom);
-                    }
-                    Ok(done)
+        let limits = Self::limits(&t.spec, &opts);
+        let env = opts.env.clone();
+        let (done, sandbox_id, start, timings) = self
+            .run_once(&t, &opts, async |sb: &ContainerSandbox| {
+                let mut done = sb
+                    .agent
+                    .invoke(
+                        InvokeRequest {
+                            payload,
+                            env,
+                            limits,
+                        },
+                        on_stderr,
+                    )
+                    .await?;
+                if self.oom_killed(sb) {
+                    done.status = InvokeStatus::Oom;
+                    done.outcome = Some(Outcome::Oom);
                 }
-                Err(e) => Err(e),
-            };
-            let run_ms = ms(run_started.elapsed());
-            let id = sb.id.clone();
-            sb.destroy().await;
-            let done = r?;
-            Ok(Invocation {
-                template: name.to_string(),
-                sandbox_id: id,
-                start: kind,
-                done,
-                timings: Timings {
-                    start_ms,
-                    warm_ms: ms(warm),
-                    run_ms,
-                    total_ms: ms(started.elapsed()),
-                },
+                Ok(done)
             })
-        }
-        .instrument(span)
-        .await
+            .instrument(info_span!("invoke", template = %name))
+            .await?;
+        Ok(Invocation {
+            template: name.to_string(),
+            sandbox_id,
+            start,
+            done,
+            timings,
+        })
     }
 
     /// Runs a command in a fresh sandbox of the template, streaming its output.
@@ -544,56 +552,32 @@ impl Engine {
         on_output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExecResult> {
         let t = self.ready_template(name)?;
-        let span = info_span!("exec", template = %name);
-        async {
-            let started = Instant::now();
-            let (sb, kind, ready, warm) = self.start(&t, &opts).await?;
-            let start_ms = ms(ready);
-            let run_started = Instant::now();
-            let r = sb
-                .agent
-                .exec(
-                    ExecRequest {
-                        argv,
-                        env: opts.env.clone(),
-                        cwd: None,
-                        stdin: stdin.map(Bytes),
-                        limits: Self::limits(&t.spec, &opts),
-                    },
-                    on_output,
-                )
-                .await;
-            let r: Result<ExecDone> = match r {
-                Ok(mut d) => {
-                    if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && self.oom_killed(&sb)
-                    {
-                        d.outcome = Outcome::Oom;
-                    }
-                    Ok(d)
+        let req = ExecRequest {
+            argv,
+            env: opts.env.clone(),
+            cwd: None,
+            stdin: stdin.map(Bytes),
+            limits: Self::limits(&t.spec, &opts),
+        };
+        let (d, sandbox_id, start, timings) = self
+            .run_once(&t, &opts, async |sb: &ContainerSandbox| {
+                let mut d: ExecDone = sb.agent.exec(req, on_output).await?;
+                if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && self.oom_killed(sb) {
+                    d.outcome = Outcome::Oom;
                 }
-                Err(e) => Err(e),
-            };
-            let run_ms = ms(run_started.elapsed());
-            let id = sb.id.clone();
-            sb.destroy().await;
-            let d = r?;
-            Ok(ExecResult {
-                template: name.to_string(),
-                sandbox_id: id,
-                start: kind,
-                exit_code: d.outcome.exit_code(),
-                outcome: d.outcome,
-                truncated: d.truncated,
-                timings: Timings {
-                    start_ms,
-                    warm_ms: ms(warm),
-                    run_ms,
-                    total_ms: ms(started.elapsed()),
-                },
+                Ok(d)
             })
-        }
-        .instrument(span)
-        .await
+            .instrument(info_span!("exec", template = %name))
+            .await?;
+        Ok(ExecResult {
+            template: name.to_string(),
+            sandbox_id,
+            start,
+            exit_code: d.outcome.exit_code(),
+            outcome: d.outcome,
+            truncated: d.truncated,
+            timings,
+        })
     }
 
     /// Starts a sandbox of a template and keeps it alive (benchmarks, many-clone tests,

@@ -71,7 +71,7 @@ impl ContainerTier {
             std::fs::create_dir_all(&work).ctx("creating CRIU work directory", &work)?;
             let mut cmd = Command::new("runc");
             cmd.arg("--root")
-                .arg(&self.paths.runc_root())
+                .arg(self.paths.runc_root())
                 .arg("checkpoint")
                 .arg("--image-path")
                 .arg(&images)
