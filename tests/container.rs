@@ -312,6 +312,29 @@ fn missing_dependency_is_named_with_its_fix() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("runc") && err.contains("make deps"), "{err}");
+    // runc present but no CRIU: the publish fails naming CRIU and its fix, leaving nothing.
+    let bin = tempfile::tempdir().unwrap();
+    for tool in ["runc", "tar", "sh"] {
+        let real = ["/usr/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| std::path::Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} not installed"));
+        std::os::unix::fs::symlink(real, bin.path().join(tool)).unwrap();
+    }
+    let out = h
+        .cmd()
+        .env("PATH", bin.path())
+        .args([
+            "deploy",
+            repo_root().join("templates/shell").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("criu") && err.contains("make deps"), "{err}");
+    h.assert_clean();
     let doctor = h.run(&["--json", "doctor"]).json();
     assert!(doctor["checks"]
         .as_array()

@@ -241,6 +241,10 @@ impl Engine {
         sb: ContainerSandbox,
     ) -> Result<(String, SnapshotSize)> {
         let started = Instant::now();
+        if let Err(e) = require_criu() {
+            sb.destroy().await;
+            return Err(e);
+        }
         let scratch = self.paths.checkpoints().join(format!(".tmp-{}", sb.id));
         let _ = crate::container::mounts::teardown_dir(&scratch);
         std::fs::create_dir_all(&scratch)
@@ -611,6 +615,21 @@ impl Engine {
     /// Whether the kernel's OOM killer fired in the sandbox's memory cgroup (v1 or v2).
     fn oom_killed(&self, sb: &ContainerSandbox) -> bool {
         oom_kills(&sb.id) > 0
+    }
+}
+
+/// CRIU 4.x must be on PATH: 3.x fails its vDSO check on current kernels.
+fn require_criu() -> Result<()> {
+    match crate::doctor::criu_major() {
+        Some(v) if v >= 4 => Ok(()),
+        Some(v) => Err(Error::MissingDependency {
+            what: format!("CRIU >= 4.0 (found {v}.x, whose vDSO check fails on current kernels)"),
+            fix: "run `make deps` (builds CRIU 4.1.1 into /usr/local/sbin)".into(),
+        }),
+        None => Err(Error::MissingDependency {
+            what: "criu (checkpoint/restore of sandboxes)".into(),
+            fix: "run `make deps` (builds CRIU 4.1.1 into /usr/local/sbin)".into(),
+        }),
     }
 }
 
