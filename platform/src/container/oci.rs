@@ -208,7 +208,27 @@ mod tests {
             v["linux"]["resources"]["memory"]["limit"],
             json!(64u64 << 20)
         );
-        assert!(v["linux"]["seccomp"]["syscalls"].as_array().unwrap().len() > 3);
+        let rules = v["linux"]["seccomp"]["syscalls"].as_array().unwrap();
+        let denied: Vec<&str> = rules[0]["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        for s in [
+            "mount",
+            "unshare",
+            "setns",
+            "ptrace",
+            "bpf",
+            "init_module",
+            "keyctl",
+        ] {
+            assert!(denied.contains(&s), "{s} not denied");
+        }
+        assert!(rules
+            .iter()
+            .any(|r| r["names"] == json!(["clone"]) && r["args"][0]["op"] == "SCMP_CMP_MASKED_EQ"));
     }
 
     #[test]
