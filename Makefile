@@ -39,7 +39,7 @@ demo: build
 	@echo "== thaw doctor"; $(THAW) doctor || true
 	@echo "== deploy templates/shell"; $(THAW) deploy templates/shell
 	@echo "== invoke shell"; $(THAW) invoke shell --payload '{"task": "say hi"}'
-	@echo "== deploy templates/python (first time: debootstrap, about a minute)"; $(THAW) deploy templates/python
+	@echo "== deploy templates/python (first time: debootstrap, 2-3 minutes, then cached)"; $(THAW) deploy templates/python
 	@echo "== invoke python"; $(THAW) invoke python --payload '{"op": "fit", "x": [0, 1, 2, 3], "y": [1, 3, 5, 7]}'
 	@echo "== exec in python"; $(THAW) exec python -- python3 -c 'import sys; print("python", sys.version.split()[0], "in a sandbox")'
 

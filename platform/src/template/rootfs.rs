@@ -244,7 +244,7 @@ async fn debian_base(
     }
     cmd.arg(suite).arg(root).arg(&mirror);
     progress.step(&format!(
-        "debootstrap {suite} with {} package(s) (about a minute, once)",
+        "debootstrap {suite} with {} package(s) (a few minutes, once; cached afterwards)",
         packages.len()
     ));
     let lines = run_streaming(cmd, "debootstrap", progress, Duration::from_secs(1800)).await?;
