@@ -176,11 +176,6 @@ impl Agent {
         }
     }
 
-    /// Expects `Ok` (or any non-error terminal answer) from a simple request.
-    pub async fn simple(&self, req: &Request) -> Result<Response> {
-        self.call(req).await
-    }
-
     pub async fn exec(
         &self,
         req: ExecRequest,

@@ -257,12 +257,8 @@ async fn idle_memory(engine: &Arc<Engine>, cfg: &BenchConfig) -> Result<Memory> 
 
 /// Host pids of every process in a sandbox (its memory cgroup's members).
 pub fn sandbox_pids(id: &str) -> Vec<u32> {
-    for base in [
-        "/sys/fs/cgroup/memory/thaw",
-        "/sys/fs/cgroup/thaw",
-        "/sys/fs/cgroup/unified/thaw",
-    ] {
-        if let Ok(text) = std::fs::read_to_string(format!("{base}/{id}/cgroup.procs")) {
+    for dir in crate::container::memory_cgroup_dirs(id) {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             let pids: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
             if !pids.is_empty() {
                 return pids;

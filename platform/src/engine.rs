@@ -635,11 +635,10 @@ fn require_criu() -> Result<()> {
 
 /// OOM kills recorded for a sandbox's memory cgroup.
 pub fn oom_kills(id: &str) -> u64 {
-    let candidates = [
-        format!("/sys/fs/cgroup/memory/thaw/{id}/memory.oom_control"),
-        format!("/sys/fs/cgroup/thaw/{id}/memory.events"),
-        format!("/sys/fs/cgroup/unified/thaw/{id}/memory.events"),
-    ];
+    // v1 counts in memory.oom_control, v2 in memory.events; both say `oom_kill N`.
+    let candidates = crate::container::memory_cgroup_dirs(id)
+        .into_iter()
+        .flat_map(|d| [d.join("memory.oom_control"), d.join("memory.events")]);
     for c in candidates {
         if let Ok(text) = std::fs::read_to_string(&c) {
             for line in text.lines() {

@@ -29,18 +29,6 @@ pub fn thaw_bin() -> PathBuf {
     bin
 }
 
-pub fn is_root() -> bool {
-    // SAFETY-free check: /proc/self/status Uid line.
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-                .unwrap_or(false)
-        })
-        .unwrap_or(false)
-}
-
 pub struct Home {
     pub dir: tempfile::TempDir,
 }

@@ -198,6 +198,16 @@ impl ContainerSandbox {
     }
 }
 
+/// Where a sandbox's memory cgroup may live: cgroup v1's memory hierarchy, a pure v2 mount,
+/// or the v2 hierarchy of a hybrid host. Only the one that exists holds anything.
+pub fn memory_cgroup_dirs(id: &str) -> [PathBuf; 3] {
+    [
+        PathBuf::from(format!("/sys/fs/cgroup/memory/thaw/{id}")),
+        PathBuf::from(format!("/sys/fs/cgroup/thaw/{id}")),
+        PathBuf::from(format!("/sys/fs/cgroup/unified/thaw/{id}")),
+    ]
+}
+
 pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(v).map_err(|e| Error::Other(e.to_string()))?;
     std::fs::write(path, bytes).ctx("writing", path)

@@ -139,10 +139,9 @@ pub async fn build(
     })
 }
 
-/// A scratch directory that is removed (mounts included) unless kept.
+/// A scratch directory that is removed (mounts included) when dropped.
 struct Scratch {
     path: PathBuf,
-    keep: bool,
 }
 
 impl Scratch {
@@ -151,15 +150,13 @@ impl Scratch {
         let _ = mounts::teardown_dir(&path);
         std::fs::create_dir_all(&path).ctx("creating build directory", &path)?;
         crate::cleanup::write_owner(&path.join(".owner"))?;
-        Ok(Scratch { path, keep: false })
+        Ok(Scratch { path })
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if !self.keep {
-            let _ = mounts::teardown_dir(&self.path);
-        }
+        let _ = mounts::teardown_dir(&self.path);
     }
 }
 
@@ -367,7 +364,7 @@ async fn build_layer(
 ) -> Result<()> {
     let span = info_span!("rootfs.layer", key);
     async {
-        let mut scratch = Scratch::new(cache, key)?;
+        let scratch = Scratch::new(cache, key)?;
         let upper = scratch.path.join("upper");
         let work = scratch.path.join("work");
         let merged = scratch.path.join("merged");
@@ -391,7 +388,6 @@ async fn build_layer(
         let final_dir = cache.join(key);
         std::fs::create_dir_all(&final_dir).ctx("creating layer", &final_dir)?;
         std::fs::rename(&upper, final_dir.join("upper")).ctx("publishing layer", &final_dir)?;
-        scratch.keep = false;
         Ok(())
     }
     .instrument(span)
