@@ -7,6 +7,9 @@
 # CRIU: Debian bookworm ships 3.17, whose vDSO check fails on current kernels, and trixie's 4.x
 # binary needs glibc 2.38. So we build CRIU 4.1.1 from the upstream tarball Debian's archive
 # serves (about 20 s on 2 cores) and install it as /usr/local/sbin/criu.
+# It is built with RUNDIR=/dev/shm: CRIU caches its kernel-feature probes (about 20 ms per
+# restore) only on a tmpfs, and /run is not one on every host; /dev/shm always is, and is
+# emptied by a reboot just like /run.
 set -euo pipefail
 
 CRIU_VERSION=4.1.1
@@ -24,7 +27,7 @@ need_root() {
 
 APT_PACKAGES=(
   runc            # OCI runtime of the container tier
-  iptables        # CRIU locks a sandbox's network namespace with iptables-restore while dumping
+  iptables        # CRIU's network lock (thaw skips it for sandboxes; kept for other CRIU use)
   busybox-static  # the `shell` template's base and the microvm initramfs
   debootstrap     # the `python` template's Debian base
   e2fsprogs       # mkfs.ext4 -d for microvm rootfs images
@@ -38,7 +41,7 @@ APT_PACKAGES=(
 )
 
 CRIU_BUILD_DEPS=(
-  gcc make pkg-config protobuf-c-compiler libprotobuf-c-dev libprotobuf-dev protobuf-compiler
+  gcc make patch pkg-config protobuf-c-compiler libprotobuf-c-dev libprotobuf-dev protobuf-compiler
   python3-protobuf libnl-3-dev libnet1-dev libcap-dev libgnutls28-dev libbsd-dev libaio-dev
   python3-yaml uuid-dev libdrm-dev
 )
@@ -72,8 +75,23 @@ criu_ok() {
   [ -n "$v" ] && [ "$v" -ge 4 ]
 }
 
+# How our CRIU is built: version, options and patches. A change to any of them rebuilds it.
+CRIU_PATCHES="$(cd "$(dirname "$0")" && pwd)/criu-patches"
+CRIU_STAMP="$PREFIX/share/thaw/criu-build"
+criu_recipe() {
+  { echo "$CRIU_VERSION RUNDIR=/dev/shm"; cat "$CRIU_PATCHES"/*.patch 2>/dev/null; } | sha256sum | cut -d' ' -f1
+}
+
+# Our build of CRIU is current when its stamp matches the recipe. A CRIU 4 installed by
+# someone else (not at $PREFIX/sbin) is left alone: it works, without our fixes.
+criu_ours_current() {
+  [ -x "$PREFIX/sbin/criu" ] && [ "$(cat "$CRIU_STAMP" 2>/dev/null)" = "$(criu_recipe)" ]
+}
+
 install_criu() {
-  criu_ok && return 0
+  if criu_ok && { criu_ours_current || [ "$(command -v criu)" != "$PREFIX/sbin/criu" ]; }; then
+    return 0
+  fi
   apt_install "${CRIU_BUILD_DEPS[@]}" dpkg-dev
   mkdir -p "$CACHE"
   local tarball="$CACHE/criu_${CRIU_VERSION}.orig.tar.xz"
@@ -107,12 +125,19 @@ SRC
   tar -C "$build" -xf "$tarball"
   local dir
   dir=$(find "$build" -maxdepth 1 -mindepth 1 -type d | head -n1)
-  make -C "$dir" -j"$(nproc)" criu >"$build/build.log" 2>&1 || {
+  local p
+  for p in "$CRIU_PATCHES"/*.patch; do
+    [ -e "$p" ] || continue
+    patch -d "$dir" -p1 --quiet <"$p" || { log "patch $(basename "$p") does not apply"; exit 1; }
+  done
+  make -C "$dir" -j"$(nproc)" RUNDIR=/dev/shm criu >"$build/build.log" 2>&1 || {
     tail -n 30 "$build/build.log" >&2
     log "CRIU build failed (log above)"
     exit 1
   }
   install -m 0755 "$dir/criu/criu" "$PREFIX/sbin/criu"
+  mkdir -p "$(dirname "$CRIU_STAMP")"
+  criu_recipe >"$CRIU_STAMP"
   rm -rf "$build"
   criu_ok || { log "installed criu does not report version >= 4"; exit 1; }
   log "criu $(criu --version | head -n1) installed at $PREFIX/sbin/criu"

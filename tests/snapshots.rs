@@ -254,3 +254,56 @@ fn fifty_clones_alive_together_are_isolated() {
     });
     home.assert_clean();
 }
+
+/// Publishing onto a full disk fails with an error that says so, and the template's
+/// previous snapshot keeps serving invocations. THAW_HOME is a small tmpfs here, so the
+/// disk really fills.
+#[test]
+fn disk_full_during_publish_keeps_the_previous_snapshot() {
+    let home = Home::new();
+    let disk = home.path();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "thaw-e2e-full"])
+        .arg(disk)
+        .status()
+        .expect("mount");
+    assert!(mounted.success(), "mounting a tmpfs needs root");
+    // Succeeds only if nothing (no sandbox mount, no process) still uses the home.
+    let unmount = || {
+        std::process::Command::new("umount")
+            .arg(disk)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    let r = std::panic::catch_unwind(|| {
+        home.deploy("shell");
+        let before = snapshot_name(&home, "shell");
+        home.run(&["invoke", "shell", "--payload", "{}"]).ok();
+        // Leave the home about 256 KiB: less than a checkpoint needs.
+        let avail = nix::sys::statvfs::statvfs(disk).expect("statvfs");
+        let free = avail.blocks_available() * avail.fragment_size();
+        let filler = vec![0u8; (free.saturating_sub(256 << 10)) as usize];
+        std::fs::write(disk.join("filler"), &filler).expect("fill the disk");
+        let shell = repo_root().join("templates/shell");
+        let r = home.run(&["deploy", shell.to_str().unwrap()]);
+        assert_ne!(r.code(), 0, "a publish onto a full disk cannot succeed");
+        let err = r.stderr();
+        assert!(
+            err.contains("No space left") || err.contains("disk full"),
+            "the error must name the cause: {err}"
+        );
+        // The previous snapshot is still the template's, and it still serves.
+        assert_eq!(snapshot_name(&home, "shell"), before);
+        home.run(&["invoke", "shell", "--payload", "{}"]).ok();
+        std::fs::remove_file(disk.join("filler")).unwrap();
+        home.deploy("shell");
+        home.run(&["invoke", "shell", "--payload", "{}"]).ok();
+    });
+    let unmounted = unmount();
+    if let Err(p) = r {
+        std::panic::resume_unwind(p);
+    }
+    assert!(unmounted, "the home is still in use: something was left behind");
+    home.assert_clean();
+}

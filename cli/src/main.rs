@@ -5,6 +5,8 @@
 //! exit code (124 timeout, 137 OOM, 128+N killed by signal N); for `invoke`, 124 on timeout and
 //! 137 on OOM.
 
+mod backend;
+mod output;
 mod progress;
 
 use std::collections::BTreeMap;
@@ -14,10 +16,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use backend::Backend;
 use clap::{Parser, Subcommand};
+use output::print_json;
 use thaw_platform::engine::{parse_payload, RunOptions, MAX_PAYLOAD};
+use thaw_platform::session::{SessionOptions, TimeoutAction};
 use thaw_platform::{Engine, Paths};
-use thaw_protocol::{InvokeStatus, Stream};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +33,12 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Run against a `thaw serve` at this URL instead of the embedded engine.
+    #[arg(long, global = true, env = "THAW_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// API key for --server (create one with `thaw keys create` on the server's machine).
+    #[arg(long, global = true, env = "THAW_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -61,6 +71,28 @@ enum Cmd {
     Templates {
         #[command(subcommand)]
         cmd: TemplatesCmd,
+    },
+    /// Long-lived sandboxes: exec and invoke many times, pause, resume.
+    Session {
+        #[command(subcommand)]
+        cmd: SessionCmd,
+    },
+    /// Serve the HTTP API (bearer API keys; loopback only by default).
+    Serve {
+        /// Address to listen on. Anything but loopback exposes thaw to the network.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// Largest JSON request body, in bytes.
+        #[arg(long, default_value_t = thaw_server::ServerConfig::default().max_body_bytes)]
+        max_body_bytes: usize,
+        /// Largest template upload (a tar), in bytes.
+        #[arg(long, default_value_t = thaw_server::ServerConfig::default().max_upload_bytes)]
+        max_upload_bytes: u64,
+    },
+    /// Manage the API keys `thaw serve` accepts (on the server's machine).
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
     },
     /// Check system dependencies and the isolation tier thaw would use.
     Doctor,
@@ -98,6 +130,106 @@ struct RunArgs {
 enum TemplatesCmd {
     Ls,
     Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum SessionCmd {
+    /// Start a session from a template; prints its id.
+    New {
+        template: String,
+        /// Seconds without a call after which the session is paused (or stopped).
+        #[arg(long, default_value_t = 600)]
+        idle_timeout: u64,
+        /// Seconds after which the session is paused (or stopped) whatever its activity.
+        #[arg(long, default_value_t = 86400)]
+        max_lifetime: u64,
+        /// What a timeout does: `pause` keeps everything, `stop` discards it.
+        #[arg(long, value_enum, default_value_t = OnTimeout::Pause)]
+        on_timeout: OnTimeout,
+        /// Environment for every call in the session (repeatable).
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+    },
+    /// Run a command in a session, streaming its output.
+    Exec {
+        id: String,
+        #[arg(long, short = 'i')]
+        stdin: bool,
+        #[command(flatten)]
+        run: RunArgs,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Run the template's handler in a session (a persistent handler keeps its memory).
+    Invoke {
+        id: String,
+        #[arg(long, short)]
+        payload: Option<String>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Copy a local file (or `-` for stdin) into a session.
+    Put {
+        id: String,
+        local: String,
+        /// Absolute path inside the session.
+        remote: String,
+        /// Octal file mode, e.g. 755.
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<u32>,
+    },
+    /// Copy a file out of a session (to stdout, or to a local path).
+    Get {
+        id: String,
+        remote: String,
+        local: Option<PathBuf>,
+    },
+    /// Checkpoint a session and free its memory and processes.
+    Pause { id: String },
+    /// Bring a paused session back, with everything it had.
+    Resume { id: String },
+    /// Change the idle timeout or push back the end of life.
+    Extend {
+        id: String,
+        #[arg(long)]
+        idle_timeout: Option<u64>,
+        /// New remaining lifetime, in seconds from now.
+        #[arg(long)]
+        max_lifetime: Option<u64>,
+    },
+    /// List your sessions.
+    Ls,
+    /// Show one session.
+    Show { id: String },
+    /// End a session, in any state: sandbox, snapshot and record go.
+    Rm { id: String },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnTimeout {
+    Pause,
+    Stop,
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Create a key; its secret is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Sandboxes the key may hold at once (invocations in flight plus live sessions).
+        #[arg(long, default_value_t = 16)]
+        max_sandboxes: u32,
+    },
+    Ls,
+    Revoke { id: String },
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("`{s}` is not an octal file mode such as 644"))
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -157,10 +289,23 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    let json = cli.json;
     if let Cmd::Doctor = cli.cmd {
-        return Ok(doctor(cli.json));
+        return Ok(doctor(json));
     }
-    let engine = Engine::open(Paths::from_env()).await?;
+    let local_only = match &cli.cmd {
+        Cmd::Bench { .. } => Some("bench"),
+        Cmd::Serve { .. } => Some("serve"),
+        Cmd::Keys { .. } => Some("keys"),
+        _ => None,
+    };
+    let backend = match (&cli.server, local_only) {
+        (Some(url), Some(cmd)) => anyhow::bail!(
+            "`thaw {cmd}` works on the local machine only; unset --server/THAW_SERVER (was {url})"
+        ),
+        (Some(url), None) => Backend::Remote(thaw_api::Client::new(url, cli.api_key.clone())?),
+        (None, _) => Backend::Local(Engine::open(Paths::from_env()).await?),
+    };
     match cli.cmd {
         Cmd::Doctor => unreachable!("handled above"),
         Cmd::Bench {
@@ -170,6 +315,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             cold_cache,
             payload,
         } => {
+            let Backend::Local(engine) = backend else {
+                unreachable!("local only")
+            };
             let cfg = thaw_platform::bench::BenchConfig {
                 template,
                 iterations,
@@ -179,21 +327,48 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let log = |m: &str| eprintln!("bench: {m}");
             let report = thaw_platform::bench::run(std::sync::Arc::new(engine), &cfg, &log).await?;
-            if cli.json {
-                print_json(&report)?;
-            } else {
-                print_json(&report)?;
+            print_json(&report)?;
+            if !json {
                 println!();
                 print!("{}", thaw_platform::bench::table(&report));
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Serve {
+            listen,
+            max_body_bytes,
+            max_upload_bytes,
+        } => {
+            let Backend::Local(engine) = backend else {
+                unreachable!("local only")
+            };
+            let cfg = thaw_server::ServerConfig {
+                listen,
+                max_body_bytes,
+                max_upload_bytes,
+                ..thaw_server::ServerConfig::default()
+            };
+            if !listen.ip().is_loopback() {
+                eprintln!("thaw: warning: listening on {listen}, reachable from the network; every route but /healthz needs an API key");
+            }
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            thaw_server::serve(engine, cfg, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Keys { cmd } => {
+            let Backend::Local(engine) = backend else {
+                unreachable!("local only")
+            };
+            keys(&engine, cmd, json)
+        }
         Cmd::Deploy { dir } => {
-            let spinner = progress::Spinner::new(!cli.json && std::io::stderr().is_terminal());
-            let r = engine.deploy(&dir, &spinner).await;
+            let spinner = progress::Spinner::new(!json && std::io::stderr().is_terminal());
+            let r = backend.deploy(&dir, &spinner).await;
             spinner.finish();
             let t = r?;
-            if cli.json {
+            if json {
                 print_json(&t)?;
             } else {
                 println!(
@@ -211,45 +386,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             run,
         } => {
             let payload = read_payload(payload.as_deref())?;
-            let json = cli.json;
-            let inv = engine
-                .invoke(&template, payload, run.options()?, |chunk| {
-                    if !json {
-                        let _ = std::io::stderr().write_all(chunk);
-                    }
-                })
+            let inv = backend
+                .invoke(&template, payload, run.options()?, stderr_unless(json))
                 .await?;
-            if json {
-                print_json(&inv)?;
-            } else {
-                match inv.done.status {
-                    InvokeStatus::Ok => {
-                        let r = inv.done.result.clone().unwrap_or(serde_json::Value::Null);
-                        println!("{}", serde_json::to_string_pretty(&r)?);
-                    }
-                    status => {
-                        eprintln!(
-                            "invocation {}: {}{}",
-                            status.as_str(),
-                            describe_failure(&inv.done),
-                            if inv.done.truncated {
-                                " (output truncated)"
-                            } else {
-                                ""
-                            }
-                        );
-                    }
-                }
-                if inv.done.truncated && inv.done.status == InvokeStatus::Ok {
-                    eprintln!("warning: output truncated at the template's output limit");
-                }
-            }
-            Ok(match inv.done.status {
-                InvokeStatus::Ok => ExitCode::SUCCESS,
-                InvokeStatus::Error => ExitCode::from(1),
-                InvokeStatus::Timeout => ExitCode::from(124),
-                InvokeStatus::Oom => ExitCode::from(137),
-            })
+            output::invocation(&inv, json)
         }
         Cmd::Exec {
             template,
@@ -257,72 +397,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             run,
             argv,
         } => {
-            let input = if stdin {
-                let mut buf = Vec::new();
-                std::io::stdin()
-                    .take(MAX_PAYLOAD + 1)
-                    .read_to_end(&mut buf)
-                    .context("reading stdin")?;
-                anyhow::ensure!(
-                    buf.len() as u64 <= MAX_PAYLOAD,
-                    "stdin is larger than the {MAX_PAYLOAD}-byte limit"
-                );
-                Some(buf)
-            } else {
-                None
-            };
-            let json = cli.json;
-            let mut captured: Vec<(Stream, Vec<u8>)> = Vec::new();
-            let r = engine
-                .exec(&template, argv, input, run.options()?, |stream, data| {
-                    if json {
-                        captured.push((stream, data.to_vec()));
-                        return;
-                    }
-                    let _ = match stream {
-                        Stream::Stdout => {
-                            let mut o = std::io::stdout();
-                            o.write_all(data).and_then(|_| o.flush())
-                        }
-                        Stream::Stderr => std::io::stderr().write_all(data),
-                    };
-                })
+            let input = read_stdin_if(stdin)?;
+            let mut out = output::ExecOutput::new(json);
+            let r = backend
+                .exec(&template, argv, input, run.options()?, |s, d| out.chunk(s, d))
                 .await?;
-            if json {
-                let join = |s: Stream| {
-                    String::from_utf8_lossy(
-                        &captured
-                            .iter()
-                            .filter(|(st, _)| *st == s)
-                            .flat_map(|(_, d)| d.iter().copied())
-                            .collect::<Vec<u8>>(),
-                    )
-                    .to_string()
-                };
-                let mut v = serde_json::to_value(&r)?;
-                v["stdout"] = join(Stream::Stdout).into();
-                v["stderr"] = join(Stream::Stderr).into();
-                print_json(&v)?;
-            } else {
-                if r.truncated {
-                    eprintln!("thaw: output truncated at the template's output limit");
-                }
-                match r.outcome {
-                    thaw_protocol::Outcome::Timeout => {
-                        eprintln!("thaw: timed out; the task's process tree was killed")
-                    }
-                    thaw_protocol::Outcome::Oom => eprintln!(
-                        "thaw: killed: out of memory (limit: the template's limits.memory_mib)"
-                    ),
-                    _ => {}
-                }
-            }
-            Ok(ExitCode::from(r.exit_code.clamp(0, 255) as u8))
+            out.finish(&r)
         }
         Cmd::Templates { cmd } => match cmd {
             TemplatesCmd::Ls => {
-                let ts = engine.templates()?;
-                if cli.json {
+                let ts = backend.templates().await?;
+                if json {
                     print_json(&ts)?;
                 } else if ts.is_empty() {
                     println!("no templates (publish one with `thaw deploy <dir>`)");
@@ -345,8 +430,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             TemplatesCmd::Rm { name } => {
-                let t = engine.remove_template(&name)?;
-                if cli.json {
+                let t = backend.remove_template(&name).await?;
+                if json {
                     print_json(&serde_json::json!({"removed": t.name}))?;
                 } else {
                     println!("removed template `{}`", t.name);
@@ -354,33 +439,194 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Cmd::Session { cmd } => {
+            backend.enforce_timeouts().await?;
+            session(&backend, cmd, json).await
+        }
     }
 }
 
-fn describe_failure(d: &thaw_platform::agent::InvokeDone) -> String {
-    let mut parts = Vec::new();
-    if let Some(o) = &d.outcome {
-        parts.push(match o {
-            thaw_protocol::Outcome::Exited { code } => format!("handler exited with code {code}"),
-            thaw_protocol::Outcome::Signaled { signal } => {
-                format!("handler killed by signal {signal}")
+async fn session(backend: &Backend, cmd: SessionCmd, json: bool) -> Result<ExitCode> {
+    match cmd {
+        SessionCmd::New {
+            template,
+            idle_timeout,
+            max_lifetime,
+            on_timeout,
+            env,
+        } => {
+            anyhow::ensure!(
+                idle_timeout > 0 && max_lifetime > 0,
+                "--idle-timeout and --max-lifetime must be at least 1 second"
+            );
+            let opts = SessionOptions {
+                idle_timeout: Duration::from_secs(idle_timeout),
+                max_lifetime: Duration::from_secs(max_lifetime),
+                on_timeout: match on_timeout {
+                    OnTimeout::Pause => TimeoutAction::Pause,
+                    OnTimeout::Stop => TimeoutAction::Stop,
+                },
+                env: env.into_iter().collect(),
+            };
+            let s = backend.session_create(&template, opts).await?;
+            output::session(&s, json, "created")?;
+        }
+        SessionCmd::Exec {
+            id,
+            stdin,
+            run,
+            argv,
+        } => {
+            let input = read_stdin_if(stdin)?;
+            let mut out = output::ExecOutput::new(json);
+            let r = backend
+                .session_exec(&id, argv, input, run.options()?, |s, d| out.chunk(s, d))
+                .await?;
+            return out.finish(&r);
+        }
+        SessionCmd::Invoke { id, payload, run } => {
+            let payload = read_payload(payload.as_deref())?;
+            let inv = backend
+                .session_invoke(&id, payload, run.options()?, stderr_unless(json))
+                .await?;
+            return output::invocation(&inv, json);
+        }
+        SessionCmd::Put {
+            id,
+            local,
+            remote,
+            mode,
+        } => {
+            let data = if local == "-" {
+                read_stdin_if(true)?.unwrap_or_default()
+            } else {
+                std::fs::read(&local).with_context(|| format!("reading {local}"))?
+            };
+            let n = data.len();
+            backend.put_file(&id, &remote, data, mode).await?;
+            if json {
+                print_json(&serde_json::json!({"session": id, "path": remote, "bytes": n}))?;
+            } else {
+                println!("wrote {n} bytes to {id}:{remote}");
             }
-            thaw_protocol::Outcome::Timeout => {
-                "over its time limit; its process tree was killed".into()
+        }
+        SessionCmd::Get { id, remote, local } => {
+            let data = backend.get_file(&id, &remote).await?;
+            match local {
+                Some(p) => {
+                    std::fs::write(&p, &data).with_context(|| format!("writing {}", p.display()))?
+                }
+                None => {
+                    let mut o = std::io::stdout();
+                    o.write_all(&data)?;
+                    o.flush()?;
+                }
             }
-            thaw_protocol::Outcome::Oom => {
-                "out of memory (limit: the template's limits.memory_mib)".into()
+        }
+        SessionCmd::Pause { id } => output::session(&backend.pause(&id).await?, json, "paused")?,
+        SessionCmd::Resume { id } => {
+            output::session(&backend.resume(&id).await?, json, "resumed")?
+        }
+        SessionCmd::Extend {
+            id,
+            idle_timeout,
+            max_lifetime,
+        } => {
+            anyhow::ensure!(
+                idle_timeout.is_some() || max_lifetime.is_some(),
+                "give --idle-timeout and/or --max-lifetime"
+            );
+            let s = backend
+                .extend(
+                    &id,
+                    idle_timeout.map(Duration::from_secs),
+                    max_lifetime.map(Duration::from_secs),
+                )
+                .await?;
+            output::session(&s, json, "extended")?;
+        }
+        SessionCmd::Ls => output::sessions(&backend.sessions().await?, json)?,
+        SessionCmd::Show { id } => print_json(&backend.session(&id).await?)?,
+        SessionCmd::Rm { id } => {
+            output::session(&backend.delete_session(&id).await?, json, "removed")?
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keys(engine: &Engine, cmd: KeysCmd, json: bool) -> Result<ExitCode> {
+    match cmd {
+        KeysCmd::Create {
+            name,
+            max_sandboxes,
+        } => {
+            let (k, secret) = engine.create_key(&name, max_sandboxes)?;
+            if json {
+                print_json(&serde_json::json!({"key": k, "secret": secret}))?;
+            } else {
+                println!("{secret}");
+                eprintln!(
+                    "created key {} ({}); the secret above is shown only once. Use it as THAW_API_KEY.",
+                    k.id, k.name
+                );
             }
-        });
+        }
+        KeysCmd::Ls => {
+            let ks = engine.keys()?;
+            if json {
+                print_json(&ks)?;
+            } else {
+                println!("{:<14} {:<20} {:>8}  STATE", "ID", "NAME", "MAX_SB");
+                for k in ks {
+                    println!(
+                        "{:<14} {:<20} {:>8}  {}",
+                        k.id,
+                        k.name,
+                        k.max_sandboxes,
+                        if k.revoked_at.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        }
+                    );
+                }
+            }
+        }
+        KeysCmd::Revoke { id } => {
+            let k = engine.revoke_key(&id)?;
+            if json {
+                print_json(&k)?;
+            } else {
+                println!("revoked key {}", k.id);
+            }
+        }
     }
-    if let Some(raw) = &d.raw_output {
-        let raw: String = raw.chars().take(200).collect();
-        parts.push(format!("output is not JSON: {raw:?}"));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Handler stderr goes to our stderr as it comes, except under --json.
+fn stderr_unless(json: bool) -> impl FnMut(&[u8]) + Send {
+    move |chunk: &[u8]| {
+        if !json {
+            let _ = std::io::stderr().write_all(chunk);
+        }
     }
-    if !d.stderr_tail.trim().is_empty() {
-        parts.push(format!("stderr: {}", d.stderr_tail.trim()));
+}
+
+fn read_stdin_if(wanted: bool) -> Result<Option<Vec<u8>>> {
+    if !wanted {
+        return Ok(None);
     }
-    parts.join("; ")
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .take(MAX_PAYLOAD + 1)
+        .read_to_end(&mut buf)
+        .context("reading stdin")?;
+    anyhow::ensure!(
+        buf.len() as u64 <= MAX_PAYLOAD,
+        "stdin is larger than the {MAX_PAYLOAD}-byte limit"
+    );
+    Ok(Some(buf))
 }
 
 fn read_payload(arg: Option<&str>) -> Result<serde_json::Value> {
@@ -397,13 +643,6 @@ fn read_payload(arg: Option<&str>) -> Result<serde_json::Value> {
         Some(s) => s.as_bytes().to_vec(),
     };
     Ok(parse_payload(&bytes)?)
-}
-
-fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    let mut out = std::io::stdout();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
-    Ok(())
 }
 
 fn doctor(json: bool) -> ExitCode {

@@ -42,7 +42,8 @@ pub struct ExecDone {
 }
 
 /// The result of one invocation as the guest reported it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InvokeDone {
     pub status: InvokeStatus,
     pub result: Option<serde_json::Value>,

@@ -92,6 +92,18 @@ pub struct Report {
     pub snapshot_ratio: f64,
     pub restore_cold_page_cache: Option<Dist>,
     pub restore_warm_page_cache: Dist,
+    pub sessions: SessionFigures,
+}
+
+/// Pause and resume of a live session (one exec of state between each).
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionFigures {
+    pub pause: Dist,
+    pub resume: Dist,
+    /// Raw checkpoint bytes of one pause, and what it added to the store: the rest is
+    /// shared with the template's snapshot.
+    pub pause_raw_bytes: u64,
+    pub pause_new_stored_bytes: u64,
 }
 
 pub async fn run(engine: Arc<Engine>, cfg: &BenchConfig, log: &dyn Fn(&str)) -> Result<Report> {
@@ -162,6 +174,9 @@ pub async fn run(engine: Arc<Engine>, cfg: &BenchConfig, log: &dyn Fn(&str)) -> 
         None
     };
 
+    log(&format!("session pause and resume x{}", n.min(10)));
+    let sessions = session_figures(&engine, cfg, n.min(10)).await?;
+
     let cold_d = Dist::of(cold);
     let restore_d = Dist::of(restore.clone());
     let size = t.snapshot_size;
@@ -179,7 +194,44 @@ pub async fn run(engine: Arc<Engine>, cfg: &BenchConfig, log: &dyn Fn(&str)) -> 
         snapshot_ratio: round(size.stored_bytes as f64 / size.raw_bytes.max(1) as f64),
         restore_cold_page_cache,
         restore_warm_page_cache: restore_d,
+        sessions,
     })
+}
+
+async fn session_figures(
+    engine: &Arc<Engine>,
+    cfg: &BenchConfig,
+    n: usize,
+) -> Result<SessionFigures> {
+    let s = engine
+        .session_create(&cfg.template, crate::session::SessionOptions::default())
+        .await?;
+    let r = async {
+        let (mut pause, mut resume) = (Vec::new(), Vec::new());
+        let mut last = None;
+        for i in 0..n {
+            // Change some state each round, as a real session would between pauses.
+            engine
+                .session_write_file(&s.id, "/tmp/bench-round", i.to_string().into_bytes(), None)
+                .await?;
+            let t = Instant::now();
+            let p = engine.session_pause(&s.id).await?;
+            pause.push(ms(t.elapsed()));
+            last = p.snapshot_size;
+            let t = Instant::now();
+            engine.session_resume(&s.id).await?;
+            resume.push(ms(t.elapsed()));
+        }
+        Ok(SessionFigures {
+            pause: Dist::of(pause),
+            resume: Dist::of(resume),
+            pause_raw_bytes: last.map(|z| z.raw_bytes).unwrap_or(0),
+            pause_new_stored_bytes: last.map(|z| z.stored_bytes).unwrap_or(0),
+        })
+    }
+    .await;
+    let _ = engine.session_delete(&s.id).await;
+    r
 }
 
 async fn measure_throughput(
@@ -352,5 +404,13 @@ pub fn table(r: &Report) -> String {
         s += &d("restore, cold page cache", c);
     }
     s += &d("restore, warm page cache", &r.restore_warm_page_cache);
+    s += &d("session pause", &r.sessions.pause);
+    s += &d("session resume", &r.sessions.resume);
+    s += &format!(
+        "{:<34} raw {:.1} MiB, new in store {:.2} MiB\n",
+        "session pause snapshot",
+        r.sessions.pause_raw_bytes as f64 / 1048576.0,
+        r.sessions.pause_new_stored_bytes as f64 / 1048576.0
+    );
     s
 }

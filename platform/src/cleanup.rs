@@ -2,6 +2,10 @@
 //! kernel start time, so a recycled pid is not mistaken for its owner). On start, thaw
 //! destroys every sandbox whose owner is gone: processes, cgroups, mounts and files left by
 //! a `kill -9` mid-publish or mid-invocation.
+//!
+//! A session's sandbox outlives the process that made it, so its owner record names the
+//! session instead ([`write_session_owner`]); the sweep leaves those to session recovery
+//! (`session.rs`), which decides from the session's durable state.
 
 use std::path::Path;
 
@@ -12,12 +16,29 @@ use crate::error::{IoContext, Result};
 use crate::paths::Paths;
 
 /// `<pid> <starttime>` of a process, from /proc/<pid>/stat field 22.
-fn identity(pid: u32) -> Option<String> {
+pub(crate) fn identity(pid: u32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     let start = rest.split_whitespace().nth(19)?;
     Some(format!("{pid} {start}"))
+}
+
+/// Owner records of session sandboxes start with this.
+pub const SESSION_OWNER: &str = "session ";
+
+/// Hands a sandbox over to a session: the sweep no longer treats it as an orphan.
+pub fn write_session_owner(path: &Path, session: &str) -> Result<()> {
+    // Write-then-rename: a crash must not leave an empty record, which reads as "orphan".
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{SESSION_OWNER}{session}")).ctx("writing owner record", &tmp)?;
+    std::fs::rename(&tmp, path).ctx("writing owner record", path)
+}
+
+/// The session that owns a sandbox, if a session does.
+pub fn session_owner(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.strip_prefix(SESSION_OWNER).map(|s| s.trim().to_string())
 }
 
 pub fn write_owner(path: &Path) -> Result<()> {
@@ -53,7 +74,7 @@ pub async fn sweep(paths: &Paths) -> Result<SweepStats> {
         for entry in rd.flatten() {
             let dir = entry.path();
             let id = entry.file_name().to_string_lossy().to_string();
-            if owner_alive(&dir.join("owner")) {
+            if owner_alive(&dir.join("owner")) || session_owner(&dir.join("owner")).is_some() {
                 live.insert(id);
                 continue;
             }

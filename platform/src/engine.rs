@@ -15,7 +15,7 @@ use crate::container::{ContainerSandbox, ContainerTier, SandboxSpec};
 use crate::error::{Error, Result};
 use crate::paths::{guest_init_binary, Paths};
 use crate::progress::Progress;
-use crate::store::Store;
+use crate::store::{Meta, Store};
 use crate::template::rootfs;
 use crate::template::spec::TemplateSpec;
 
@@ -24,6 +24,7 @@ pub const MAX_PAYLOAD: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum TemplateState {
     Ready,
     /// Its snapshot failed verification; invocations are refused until it is deployed again.
@@ -40,11 +41,14 @@ impl TemplateState {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TemplateRecord {
     pub name: String,
     pub spec: TemplateSpec,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub source_dir: PathBuf,
     /// Read-only rootfs layers, top first.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub layers: Vec<PathBuf>,
     pub layer_key: String,
     pub state: TemplateState,
@@ -66,7 +70,8 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Timings {
     /// Sandbox creation to guest-init ready (cold boot or restore).
     pub start_ms: f64,
@@ -76,7 +81,8 @@ pub struct Timings {
     pub total_ms: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Invocation {
     pub template: String,
     pub sandbox_id: String,
@@ -86,7 +92,8 @@ pub struct Invocation {
     pub timings: Timings,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecResult {
     pub template: String,
     pub sandbox_id: String,
@@ -97,38 +104,53 @@ pub struct ExecResult {
     pub timings: Timings,
 }
 
+/// The engine, as seen by one owner: an API key's id behind `thaw serve`, or
+/// [`LOCAL_OWNER`] for the embedded CLI. Templates and sessions are scoped to the owner;
+/// [`Engine::as_owner`] gives another owner's view of the same machine (cheap: it shares
+/// everything but the name).
+#[derive(Clone)]
 pub struct Engine {
     pub paths: Paths,
     pub tier: ContainerTier,
     pub snapshots: std::sync::Arc<thaw_snapshotter::Store>,
+    pub(crate) meta: Meta,
+    pub(crate) session_locks: std::sync::Arc<crate::session::SessionLocks>,
+    owner: String,
 }
 
+/// Owner of everything the embedded CLI publishes and creates.
+pub const LOCAL_OWNER: &str = "local";
+
 /// How a sandbox came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum StartKind {
     /// Booted and warmed from scratch (the template has no snapshot).
     Cold,
     /// Restored from the template's snapshot.
     Restore,
+    /// Ran in a live session's sandbox.
+    Session,
 }
 
 /// Size of a stored snapshot.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SnapshotSize {
     pub raw_bytes: u64,
     pub stored_bytes: u64,
     pub checkpoint_ms: u64,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -146,42 +168,60 @@ impl Engine {
             info!(?stats, "cleaned up after a previous crash");
         }
         let snapshots = std::sync::Arc::new(thaw_snapshotter::Store::open(paths.snapshots())?);
-        Ok(Engine {
+        let meta = Meta::new(paths.meta_db());
+        let engine = Engine {
             tier: ContainerTier::new(paths.clone(), guest_init),
             snapshots,
             paths,
-        })
+            meta,
+            session_locks: Default::default(),
+            owner: LOCAL_OWNER.to_string(),
+        };
+        engine.recover_sessions().await?;
+        Ok(engine)
     }
 
-    fn store(&self) -> Result<Store> {
-        Store::open(&self.paths.meta_db())
+    /// The same engine acting for another owner.
+    pub fn as_owner(&self, owner: &str) -> Engine {
+        let mut e = self.clone();
+        e.owner = owner.to_string();
+        e
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Key of one of this owner's templates in the templates tree.
+    fn template_key(&self, name: &str) -> String {
+        format!("{}/{name}", self.owner)
     }
 
     pub fn templates(&self) -> Result<Vec<TemplateRecord>> {
-        self.store()?.list(Store::templates_tree())
+        let prefix = format!("{}/", self.owner);
+        self.meta
+            .with(|s| s.list_prefix(Store::templates_tree(), &prefix))
     }
 
     pub fn template(&self, name: &str) -> Result<TemplateRecord> {
-        let store = self.store()?;
-        match store.get::<TemplateRecord>(Store::templates_tree(), name)? {
+        let key = self.template_key(name);
+        match self
+            .meta
+            .with(|s| s.get::<TemplateRecord>(Store::templates_tree(), &key))?
+        {
             Some(t) => Ok(t),
-            None => {
-                let known = store
-                    .list::<TemplateRecord>(Store::templates_tree())?
-                    .into_iter()
-                    .map(|t| t.name)
-                    .collect();
-                Err(Error::UnknownTemplate {
-                    name: name.to_string(),
-                    known,
-                })
-            }
+            None => Err(Error::UnknownTemplate {
+                name: name.to_string(),
+                known: self.templates()?.into_iter().map(|t| t.name).collect(),
+            }),
         }
     }
 
     pub fn remove_template(&self, name: &str) -> Result<TemplateRecord> {
         let t = self.template(name)?;
-        self.store()?.remove(Store::templates_tree(), name)?;
+        let key = self.template_key(name);
+        self.meta
+            .with(|s| s.remove(Store::templates_tree(), &key))?;
         if let Some(snap) = &t.snapshot {
             self.drop_snapshot(snap);
         }
@@ -203,9 +243,10 @@ impl Engine {
                 .await?;
             progress.step("checkpointing the warm sandbox");
             let (snapshot, snapshot_size) = self.snapshot_template(&spec.name, sb).await?;
+            let key = self.template_key(&spec.name);
             let previous = self
-                .store()?
-                .get::<TemplateRecord>(Store::templates_tree(), &spec.name)?;
+                .meta
+                .with(|s| s.get::<TemplateRecord>(Store::templates_tree(), &key))?;
             let record = TemplateRecord {
                 name: spec.name.clone(),
                 source_dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
@@ -220,8 +261,8 @@ impl Engine {
                 note: None,
                 spec,
             };
-            self.store()?
-                .put(Store::templates_tree(), &record.name, &record)?;
+            self.meta
+                .with(|s| s.put(Store::templates_tree(), &key, &record))?;
             // The new version is durable: only now may the old snapshot go.
             if let Some(old) = previous.and_then(|p| p.snapshot) {
                 self.drop_snapshot(&old);
@@ -240,11 +281,27 @@ impl Engine {
         template: &str,
         sb: ContainerSandbox,
     ) -> Result<(String, SnapshotSize)> {
+        let name = format!(
+            "tpl-{template}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let r = self.snapshot_sandbox(&sb, &name, false).await;
+        sb.destroy().await;
+        Ok((name, r?))
+    }
+
+    /// Checkpoints a live sandbox into the snapshot store under `name`. The checkpoint is
+    /// written to a scratch directory first; the store makes it visible atomically, so a
+    /// crash at any point leaves either no snapshot or a whole one. The caller still owns
+    /// (and must destroy) the sandbox.
+    pub(crate) async fn snapshot_sandbox(
+        &self,
+        sb: &ContainerSandbox,
+        name: &str,
+        leave_running: bool,
+    ) -> Result<SnapshotSize> {
         let started = Instant::now();
-        if let Err(e) = require_criu() {
-            sb.destroy().await;
-            return Err(e);
-        }
+        require_criu()?;
         let scratch = self.paths.checkpoints().join(format!(".tmp-{}", sb.id));
         let _ = crate::container::mounts::teardown_dir(&scratch);
         std::fs::create_dir_all(&scratch)
@@ -252,27 +309,20 @@ impl Engine {
         crate::cleanup::write_owner(&scratch.join(".owner"))?;
         let images = scratch.join("snapshot");
         let r = async {
-            self.tier.checkpoint(sb, &images).await?;
+            self.tier.checkpoint(sb, &images, leave_running).await?;
             let checkpoint_ms = started.elapsed().as_millis() as u64;
-            let name = format!(
-                "tpl-{template}-{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..12]
-            );
             let snaps = self.snapshots.clone();
-            let (n, imgs) = (name.clone(), images.clone());
+            let (n, imgs) = (name.to_string(), images.clone());
             let stats = tokio::task::spawn_blocking(move || {
                 snaps.put_dir(&n, &imgs, &thaw_snapshotter::PutOptions::default())
             })
             .await
             .map_err(|e| Error::Other(format!("snapshot task: {e}")))??;
-            Ok((
-                name,
-                SnapshotSize {
-                    raw_bytes: stats.raw_bytes,
-                    stored_bytes: stats.new_stored_bytes,
-                    checkpoint_ms,
-                },
-            ))
+            Ok(SnapshotSize {
+                raw_bytes: stats.raw_bytes,
+                stored_bytes: stats.new_stored_bytes,
+                checkpoint_ms,
+            })
         }
         .await;
         let _ = std::fs::remove_dir_all(&scratch);
@@ -280,7 +330,7 @@ impl Engine {
     }
 
     /// Removes a snapshot and its unshared chunks; failures only leave garbage for a later gc.
-    fn drop_snapshot(&self, name: &str) {
+    pub(crate) fn drop_snapshot(&self, name: &str) {
         if let Err(e) = self.snapshots.delete(name) {
             tracing::warn!(snapshot = name, error = %e, "deleting old snapshot");
         }
@@ -297,9 +347,10 @@ impl Engine {
         let mut t = t.clone();
         t.state = TemplateState::NeedsRebuild;
         t.note = Some(why.to_string());
-        if let Ok(store) = self.store() {
-            let _ = store.put(Store::templates_tree(), &t.name.clone(), &t);
-        }
+        let key = self.template_key(&t.name);
+        let _ = self
+            .meta
+            .with(|s| s.put(Store::templates_tree(), &key, &t));
     }
 
     /// Starts a sandbox for one call: restored from the snapshot when there is one, else
@@ -309,9 +360,19 @@ impl Engine {
         t: &TemplateRecord,
         opts: &RunOptions,
     ) -> Result<(ContainerSandbox, StartKind, Duration, Duration)> {
+        self.start_as(t, opts, &new_sandbox_id()).await
+    }
+
+    /// [`Engine::start`] with a chosen sandbox id (a session's sandbox is named after it).
+    pub(crate) async fn start_as(
+        &self,
+        t: &TemplateRecord,
+        opts: &RunOptions,
+        id: &str,
+    ) -> Result<(ContainerSandbox, StartKind, Duration, Duration)> {
         let started = Instant::now();
         let Some(snap) = &t.snapshot else {
-            let (sb, warm) = self.cold_start(&t.spec, &t.layers, opts).await?;
+            let (sb, warm) = self.cold_start_as(&t.spec, &t.layers, opts, id).await?;
             return Ok((sb, StartKind::Cold, started.elapsed() - warm, warm));
         };
         let snaps = self.snapshots.clone();
@@ -322,14 +383,7 @@ impl Engine {
         let dir = match dir {
             Ok(d) => d,
             Err(e) => {
-                if matches!(
-                    e,
-                    thaw_snapshotter::Error::CorruptChunk { .. }
-                        | thaw_snapshotter::Error::MissingChunk { .. }
-                        | thaw_snapshotter::Error::CorruptManifest { .. }
-                        | thaw_snapshotter::Error::MissingManifest { .. }
-                        | thaw_snapshotter::Error::NotFound { .. }
-                ) {
+                if e.is_corruption() {
                     self.mark_needs_rebuild(t, &e.to_string());
                     return Err(Error::SnapshotCorrupt {
                         template: t.name.clone(),
@@ -339,10 +393,9 @@ impl Engine {
                 return Err(e.into());
             }
         };
-        let id = new_sandbox_id();
         let (sb, _timings) = self
             .tier
-            .restore(&self.sandbox_spec(&t.spec, &t.layers, &id), &dir)
+            .restore(&self.sandbox_spec(&t.spec, &t.layers, id), &dir)
             .await?;
         if let Err(e) = self.hygiene(&sb, &t.spec, opts).await {
             sb.destroy().await;
@@ -351,7 +404,7 @@ impl Engine {
         Ok((sb, StartKind::Restore, started.elapsed(), Duration::ZERO))
     }
 
-    fn sandbox_spec(&self, spec: &TemplateSpec, layers: &[PathBuf], id: &str) -> SandboxSpec {
+    pub(crate) fn sandbox_spec(&self, spec: &TemplateSpec, layers: &[PathBuf], id: &str) -> SandboxSpec {
         SandboxSpec {
             id: id.to_string(),
             hostname: id.to_string(),
@@ -369,10 +422,20 @@ impl Engine {
         layers: &[PathBuf],
         opts: &RunOptions,
     ) -> Result<(ContainerSandbox, Duration)> {
-        let id = new_sandbox_id();
+        self.cold_start_as(spec, layers, opts, &new_sandbox_id())
+            .await
+    }
+
+    async fn cold_start_as(
+        &self,
+        spec: &TemplateSpec,
+        layers: &[PathBuf],
+        opts: &RunOptions,
+        id: &str,
+    ) -> Result<(ContainerSandbox, Duration)> {
         let sb = self
             .tier
-            .boot(&self.sandbox_spec(spec, layers, &id))
+            .boot(&self.sandbox_spec(spec, layers, id))
             .await?;
         let warm_started = Instant::now();
         let r = async {
@@ -422,7 +485,7 @@ impl Engine {
     }
 
     /// Clone hygiene: identity, fresh entropy, wall clock, environment.
-    async fn hygiene(
+    pub(crate) async fn hygiene(
         &self,
         sb: &ContainerSandbox,
         spec: &TemplateSpec,
@@ -454,7 +517,7 @@ impl Engine {
         Ok(())
     }
 
-    fn limits(spec: &TemplateSpec, opts: &RunOptions) -> TaskLimits {
+    pub(crate) fn limits(spec: &TemplateSpec, opts: &RunOptions) -> TaskLimits {
         TaskLimits {
             timeout_ms: Some(
                 opts.timeout
@@ -613,13 +676,13 @@ impl Engine {
     }
 
     /// Whether the kernel's OOM killer fired in the sandbox's memory cgroup (v1 or v2).
-    fn oom_killed(&self, sb: &ContainerSandbox) -> bool {
+    pub(crate) fn oom_killed(&self, sb: &ContainerSandbox) -> bool {
         oom_kills(&sb.id) > 0
     }
 }
 
 /// CRIU 4.x must be on PATH: 3.x fails its vDSO check on current kernels.
-fn require_criu() -> Result<()> {
+pub(crate) fn require_criu() -> Result<()> {
     match crate::doctor::criu_major() {
         Some(v) if v >= 4 => Ok(()),
         Some(v) => Err(Error::MissingDependency {

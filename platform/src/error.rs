@@ -69,6 +69,20 @@ pub enum Error {
     #[error("snapshot of template `{template}` is unusable: {message}. Fix: `thaw deploy` the template again")]
     SnapshotCorrupt { template: String, message: String },
 
+    #[error("unknown session `{id}`; `thaw session ls` lists yours")]
+    UnknownSession { id: String },
+
+    #[error("session `{id}` is {state}, so it cannot {action}{hint}")]
+    SessionConflict {
+        id: String,
+        state: String,
+        action: String,
+        hint: String,
+    },
+
+    #[error("session `{id}` is busy: {what}; retry when it finishes")]
+    SessionBusy { id: String, what: String },
+
     #[error("checkpoint/restore: {0}")]
     Criu(String),
 

@@ -2,7 +2,7 @@
 //!
 //! Module map: [`template`] parses and builds templates; [`container`] is the container tier
 //! (runc + CRIU); [`agent`] speaks the guest-init protocol; [`engine`] ties them into
-//! publish/invoke/exec; [`store`] is durable metadata; [`cleanup`] recovers from crashes;
+//! publish/invoke/exec; [`session`] keeps clones alive, pauses and resumes them; [`store`] is durable metadata; [`cleanup`] recovers from crashes;
 //! [`doctor`] checks the host.
 
 pub mod agent;
@@ -12,8 +12,10 @@ pub mod container;
 pub mod doctor;
 pub mod engine;
 pub mod error;
+pub mod keys;
 pub mod paths;
 pub mod progress;
+pub mod session;
 pub mod store;
 pub mod template;
 

@@ -45,6 +45,13 @@ impl Paths {
         ] {
             std::fs::create_dir_all(&d).ctx("creating directory", &d)?;
         }
+        let conf = self.criu_config();
+        if std::fs::read_to_string(&conf).ok().as_deref() != Some(crate::container::checkpoint::CRIU_CONFIG) {
+            let tmp = conf.with_extension("tmp");
+            std::fs::write(&tmp, crate::container::checkpoint::CRIU_CONFIG)
+                .ctx("writing CRIU configuration", &tmp)?;
+            std::fs::rename(&tmp, &conf).ctx("writing CRIU configuration", &conf)?;
+        }
         Ok(())
     }
 
@@ -67,6 +74,11 @@ impl Paths {
         self.home.join("snapshots")
     }
     /// Scratch space for checkpoints on their way into the store.
+    /// CRIU options for our checkpoints (written by [`Paths::ensure`]).
+    pub fn criu_config(&self) -> PathBuf {
+        self.home.join("criu.conf")
+    }
+
     pub fn checkpoints(&self) -> PathBuf {
         self.home.join("checkpoints")
     }

@@ -1,9 +1,11 @@
-//! Durable metadata in sled: templates (and, later, sessions and API keys).
+//! Durable metadata in sled: templates, sessions and API keys.
 //!
-//! sled allows one process per database. The CLI's embedded engine opens it only for the few
-//! milliseconds a metadata read or write takes, retrying while another thaw process holds
-//! it, so that many `thaw invoke`s can run side by side. Every write is flushed before it is
-//! acknowledged.
+//! sled allows one process per database. Every thaw process (the CLI's embedded engine,
+//! `thaw serve`) opens it only for the millisecond or two that a metadata read or write
+//! takes, retrying while another process holds it, so that many `thaw` commands and a server
+//! can share one home. [`Meta::with`] also serialises the threads of one process, so a
+//! read-modify-write inside it is atomic across every thaw process on the machine. Every
+//! write is flushed before it is acknowledged.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,6 +20,31 @@ pub struct Store {
 }
 
 const TEMPLATES: &str = "templates";
+const SESSIONS: &str = "sessions";
+const KEYS: &str = "keys";
+
+/// Handle on the metadata database: opens it for each unit of work.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    path: PathBuf,
+}
+
+/// sled's lock is per open file, so two threads of one process would lock each other out:
+/// one opener at a time per process.
+static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Meta {
+    pub fn new(path: impl Into<PathBuf>) -> Meta {
+        Meta { path: path.into() }
+    }
+
+    /// Runs `f` with exclusive access to the database (across threads and processes).
+    pub fn with<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+        let _guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+        let store = Store::open(&self.path)?;
+        f(&store)
+    }
+}
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
@@ -107,8 +134,51 @@ impl Store {
         Ok(out)
     }
 
+    /// Reads, changes and writes back one record while holding the database, so no other
+    /// thaw process can interleave (see [`Meta::with`]). `f` returning `Ok(None)` deletes it.
+    pub fn update<T: Serialize + DeserializeOwned>(
+        &self,
+        tree: &str,
+        key: &str,
+        f: impl FnOnce(Option<T>) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let current = self.get::<T>(tree, key)?;
+        let next = f(current)?;
+        match &next {
+            Some(v) => self.put(tree, key, v)?,
+            None => {
+                self.remove(tree, key)?;
+            }
+        }
+        Ok(next)
+    }
+
+    /// Records whose key starts with `prefix`.
+    pub fn list_prefix<T: DeserializeOwned>(&self, tree: &str, prefix: &str) -> Result<Vec<T>> {
+        let t = self.db.open_tree(tree).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for kv in t.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_slice(&v).map_err(|e| {
+                self.err(format!(
+                    "record {tree}/{} is unreadable: {e}",
+                    String::from_utf8_lossy(&k)
+                ))
+            })?);
+        }
+        Ok(out)
+    }
+
     pub fn templates_tree() -> &'static str {
         TEMPLATES
+    }
+
+    pub fn sessions_tree() -> &'static str {
+        SESSIONS
+    }
+
+    pub fn keys_tree() -> &'static str {
+        KEYS
     }
 }
 

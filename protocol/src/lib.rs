@@ -230,6 +230,7 @@ pub struct InvokeRequest {
 /// Which output stream a chunk came from.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Stream {
     Stdout,
     Stderr,
@@ -238,6 +239,7 @@ pub enum Stream {
 /// How a task ended.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Outcome {
     /// The process exited with this code.
     Exited { code: i32 },
@@ -268,6 +270,7 @@ impl Outcome {
 /// Status of an invocation, as users see it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum InvokeStatus {
     Ok,
     /// The handler crashed, exited non-zero, or wrote something that is not JSON.

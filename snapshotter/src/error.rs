@@ -119,6 +119,19 @@ pub(crate) fn is_disk_full(e: &io::Error) -> bool {
 }
 
 impl Error {
+    /// Whether the snapshot itself is damaged or gone (as opposed to a transient I/O
+    /// failure): the caller should stop trying it and rebuild.
+    pub fn is_corruption(&self) -> bool {
+        matches!(
+            self,
+            Error::CorruptChunk { .. }
+                | Error::MissingChunk { .. }
+                | Error::CorruptManifest { .. }
+                | Error::MissingManifest { .. }
+                | Error::NotFound { .. }
+        )
+    }
+
     /// Build an [`Error::Io`] closure for `map_err`.
     pub(crate) fn io(op: &'static str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> Error {
         let path = path.as_ref().to_path_buf();

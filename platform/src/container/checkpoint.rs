@@ -20,6 +20,15 @@ use crate::agent::{Agent, Endpoint};
 use crate::error::{Error, IoContext, Result};
 
 pub const CRIU_DIR: &str = "criu";
+
+/// CRIU options runc passes on (annotation `org.criu.config`; a config file given over
+/// CRIU's RPC overrides runc's own settings).
+///
+/// `network-lock skip`: CRIU otherwise fences the sandbox's network namespace with
+/// iptables rules while it dumps and restores, spawning iptables each time. A sandbox's
+/// namespace holds only loopback, which nothing outside can reach, so there is nothing to
+/// fence. The method is recorded at dump time and reused by the restore.
+pub const CRIU_CONFIG: &str = "network-lock skip\n";
 pub const UPPER_TAR: &str = "upper.tar";
 
 /// Timings of one restore, for `thaw bench` and tracing.
@@ -60,10 +69,18 @@ fn criu_log_errors(work: &Path, file: &str) -> String {
 }
 
 impl ContainerTier {
-    /// Checkpoints a live sandbox into `dest` (which must not exist) and destroys it.
-    pub async fn checkpoint(&self, sb: ContainerSandbox, dest: &Path) -> Result<()> {
-        let span = info_span!("sandbox.checkpoint", sandbox = %sb.id);
-        let r = async {
+    /// Checkpoints a live sandbox into `dest` (which must not exist). With `leave_running`
+    /// the sandbox goes on running afterwards (a session's pause keeps it until the snapshot
+    /// is durable, so an interrupted pause can roll back); otherwise CRIU kills it. Either
+    /// way the caller still owns the sandbox and must destroy it.
+    pub async fn checkpoint(
+        &self,
+        sb: &ContainerSandbox,
+        dest: &Path,
+        leave_running: bool,
+    ) -> Result<()> {
+        let span = info_span!("sandbox.checkpoint", sandbox = %sb.id, leave_running);
+        async {
             let started = Instant::now();
             let images = dest.join(CRIU_DIR);
             std::fs::create_dir_all(&images).ctx("creating checkpoint directory", &images)?;
@@ -76,8 +93,11 @@ impl ContainerTier {
                 .arg("--image-path")
                 .arg(&images)
                 .arg("--work-path")
-                .arg(&work)
-                .arg(&sb.id);
+                .arg(&work);
+            if leave_running {
+                cmd.arg("--leave-running");
+            }
+            cmd.arg(&sb.id);
             if let Err(e) = run_checked(cmd, "runc checkpoint").await {
                 let detail = criu_log_errors(&work, "dump.log");
                 return Err(Error::Criu(format!("{e}; criu: {detail}")));
@@ -99,9 +119,7 @@ impl ContainerTier {
             Ok(())
         }
         .instrument(span)
-        .await;
-        sb.destroy().await;
-        r
+        .await
     }
 
     /// Restores a new sandbox from a materialised snapshot directory.

@@ -120,6 +120,7 @@ impl ContainerTier {
             agent_dir: Some(d.agent_dir()),
             guest_init: Some(self.guest_init.clone()),
             cgroup_path: format!("/thaw/{}", spec.id),
+            criu_config: Some(self.paths.criu_config()),
         }
     }
 
@@ -171,6 +172,20 @@ impl ContainerTier {
 }
 
 impl ContainerSandbox {
+    /// A handle on a sandbox that is already running (a session's, made by an earlier
+    /// process).
+    pub fn attach(tier: &ContainerTier, id: &str) -> ContainerSandbox {
+        let d = SandboxDir {
+            root: tier.paths.sandbox(id),
+        };
+        ContainerSandbox {
+            id: id.to_string(),
+            agent: Agent::new(id.to_string(), Endpoint::Unix(d.socket())),
+            dir: d.root,
+            runc: tier.runc.clone(),
+        }
+    }
+
     pub fn layout(&self) -> SandboxDir {
         SandboxDir {
             root: self.dir.clone(),

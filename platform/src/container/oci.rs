@@ -38,6 +38,9 @@ pub struct ContainerConfig {
     pub guest_init: Option<PathBuf>,
     /// cgroup path below each hierarchy root.
     pub cgroup_path: String,
+    /// CRIU configuration file for runc's checkpoint and restore (annotation
+    /// `org.criu.config`); see [`super::checkpoint::CRIU_CONFIG`].
+    pub criu_config: Option<PathBuf>,
 }
 
 /// Where guest-init appears inside a container sandbox.
@@ -145,8 +148,13 @@ pub fn render(c: &ContainerConfig) -> Value {
     });
     linux["seccomp"] = seccomp::profile(c.privileged_build);
 
+    let annotations = match &c.criu_config {
+        Some(p) => json!({"org.criu.config": p}),
+        None => json!({}),
+    };
     json!({
         "ociVersion": "1.0.2",
+        "annotations": annotations,
         "process": {
             "terminal": false,
             "user": {"uid": 0, "gid": 0},
@@ -186,6 +194,7 @@ mod tests {
             agent_dir: Some("/a".into()),
             guest_init: Some("/gi".into()),
             cgroup_path: "/thaw/x".into(),
+            criu_config: Some("/c.conf".into()),
         }
     }
 
@@ -208,6 +217,8 @@ mod tests {
             v["linux"]["resources"]["memory"]["limit"],
             json!(64u64 << 20)
         );
+        // runc hands this file to CRIU: it is how the network lock is skipped.
+        assert_eq!(v["annotations"]["org.criu.config"], json!("/c.conf"));
         let rules = v["linux"]["seccomp"]["syscalls"].as_array().unwrap();
         let denied: Vec<&str> = rules[0]["names"]
             .as_array()

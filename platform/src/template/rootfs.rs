@@ -425,6 +425,7 @@ async fn run_setup(
         agent_dir: None,
         guest_init: None,
         cgroup_path: format!("/thaw/{id}"),
+        criu_config: None,
     };
     write_json(&bundle.join("config.json"), &oci::render(&cfg))?;
     let runc = Runc::new(paths.runc_root());

@@ -15,6 +15,7 @@ pub const TEMPLATE_FILE: &str = "template.toml";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TemplateSpec {
     /// Template name: `[a-z0-9][a-z0-9-]{0,62}`.
     pub name: String,
@@ -40,6 +41,7 @@ pub struct TemplateSpec {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum BaseSpec {
     /// A few MB: busybox-static and its applets.
     Busybox,
@@ -58,6 +60,7 @@ fn default_suite() -> String {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FileSpec {
     /// Path relative to the template directory (a file or a directory).
     pub src: String,
@@ -70,6 +73,7 @@ pub struct FileSpec {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WarmupSpec {
     pub command: Vec<String>,
     #[serde(default = "default_warmup_timeout")]
@@ -82,6 +86,7 @@ fn default_warmup_timeout() -> u64 {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HandlerSpec {
     pub command: Vec<String>,
     #[serde(default)]
@@ -92,6 +97,7 @@ pub struct HandlerSpec {
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum HandlerModeSpec {
     #[default]
     Exec,
@@ -100,6 +106,7 @@ pub enum HandlerModeSpec {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Limits {
     #[serde(default = "d_vcpus")]
     pub vcpus: u32,

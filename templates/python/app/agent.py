@@ -1,6 +1,10 @@
 """A small data agent: the kind of tool an LLM agent calls to crunch numbers.
 
-payload: {"op": "describe" | "fit" | "optimize" | "random" | "info", ...}
+payload: {"op": "describe" | "fit" | "optimize" | "random" | "python" | "info", ...}
+
+"python" runs `code` in one namespace that lives as long as the handler process: in a
+session (`thaw session invoke`), a variable set by one call is there in the next, and
+survives a pause and resume, because the process's memory does.
 """
 import os
 import uuid
@@ -9,6 +13,32 @@ import numpy as np
 import pandas as pd
 import scipy.optimize
 import sklearn.linear_model
+
+
+# The "python" op's globals: kept for the life of the process.
+_NAMESPACE = {"np": np, "pd": pd}
+
+
+def _jsonable(v):
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, np.generic):
+        return v.item()
+    return repr(v)
+
+
+def run_python(code):
+    """Evaluates an expression (returning its value) or executes statements."""
+    try:
+        compiled = compile(code, "<session>", "eval")
+    except SyntaxError:
+        exec(compile(code, "<session>", "exec"), _NAMESPACE)
+        return {"value": None}
+    return {"value": _jsonable(eval(compiled, _NAMESPACE))}
 
 
 def handle(payload, import_seconds=0.0):
@@ -31,6 +61,8 @@ def handle(payload, import_seconds=0.0):
     if op == "random":
         return {"uuid": str(uuid.uuid4()), "urandom": os.urandom(16).hex(),
                 "numpy": float(np.random.random())}
+    if op == "python":
+        return run_python(str(payload.get("code", "None")))
     if op == "crash":
         raise SystemExit(3)
     if op == "sleep":

@@ -1,0 +1,36 @@
+//! thaw's HTTP API: the contract between `thaw serve` and its clients, as Rust types, and a
+//! typed async [`Client`] (what the CLI uses with `--server`).
+//!
+//! Routes (every one but `/healthz` needs `Authorization: Bearer <key>`):
+//!
+//! | route | body | answer |
+//! | --- | --- | --- |
+//! | `GET /healthz` | | [`Health`] |
+//! | `GET /metrics` | | Prometheus text |
+//! | `GET /openapi.json` | | the OpenAPI document |
+//! | `POST /v1/templates` | tar of the template directory | 201 [`TemplateRecord`] |
+//! | `GET /v1/templates` | | [`TemplateList`] |
+//! | `GET`, `DELETE /v1/templates/{name}` | | [`TemplateRecord`] |
+//! | `POST /v1/templates/{name}/invoke` | [`InvokeBody`] | [`Invocation`], or a stream |
+//! | `POST /v1/templates/{name}/exec` | [`ExecBody`] | [`ExecResponse`], or a stream |
+//! | `POST /v1/sessions` | [`SessionCreateBody`] | 201 [`Session`] |
+//! | `GET /v1/sessions` | | [`SessionList`] |
+//! | `GET`, `DELETE /v1/sessions/{id}` | | [`Session`] |
+//! | `POST /v1/sessions/{id}/exec` | [`ExecBody`] | [`ExecResponse`], or a stream |
+//! | `PUT /v1/sessions/{id}/files?path=/abs&mode=0644` | raw bytes | 204 |
+//! | `GET /v1/sessions/{id}/files?path=/abs` | | raw bytes |
+//! | `POST /v1/sessions/{id}/pause`, `/resume` | | [`Session`] |
+//! | `POST /v1/sessions/{id}/extend` | [`ExtendBody`] | [`Session`] |
+//!
+//! Streams: with `Accept: application/x-ndjson` (or `?stream=true`), invoke and exec answer
+//! with one [`StreamEvent`] per line. Errors are an [`ErrorBody`] with a matching status.
+
+mod client;
+mod types;
+
+pub use client::{pack_dir, Client, ClientError, ExecOutput, Result};
+pub use thaw_platform::engine::{ExecResult, Invocation, TemplateRecord};
+pub use thaw_platform::keys::KeyRecord;
+pub use thaw_platform::session::{Session, SessionState, TimeoutAction};
+pub use thaw_protocol::Stream;
+pub use types::*;

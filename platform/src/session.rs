@@ -1,0 +1,1026 @@
+//! Sessions: a restored clone that stays alive across many calls, can be paused into a
+//! snapshot (freeing its memory and processes) and resumed later, even after thaw or the
+//! machine restarted. The state machine and its crash guarantees are in `SESSIONS.md`.
+//!
+//! Every state change is a read-modify-write of the session's sled record under
+//! [`Meta::with`](crate::store::Meta::with), which excludes every other thaw thread and
+//! process, so exactly one of two racing transitions wins and the other gets a conflict.
+//! A transition that needs slow work (pausing, resuming, creating) is split in two: a
+//! durable "-ing" state naming the process doing it, the work, then the final state. A
+//! process that dies in between leaves the "-ing" state and its name behind; the next
+//! thaw process to open the engine finishes or rolls back the transition
+//! ([`Engine::recover_sessions`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thaw_protocol::{
+    Bytes, ExecRequest, InvokeRequest, InvokeStatus, Outcome, Request, Response, Stream,
+};
+use tokio::sync::RwLock;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::cleanup;
+use crate::container::{mounts, ContainerSandbox};
+use crate::engine::{
+    ms, now_secs, Engine, ExecResult, Invocation, RunOptions, SnapshotSize, StartKind, Timings,
+};
+use crate::error::{Error, Result};
+use crate::store::Store;
+use crate::template::spec::TemplateSpec;
+
+/// Largest file `session_read_file` returns (a frame carries it base64-encoded).
+pub const MAX_FILE: u64 = 32 << 20;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum SessionState {
+    /// Its sandbox is being restored from the template.
+    Creating,
+    /// Alive: exec, files, pause.
+    Running,
+    /// Being checkpointed; the sandbox still runs until the snapshot is durable.
+    Pausing,
+    /// Only a snapshot: no process, no memory.
+    Paused,
+    /// Being restored from its snapshot.
+    Resuming,
+    /// Ended by its timeout with `on_timeout = stop`; kept for inspection until removed.
+    Stopped,
+    /// Its sandbox was lost (killed, machine restarted while running) or its snapshot is
+    /// unusable; `error` says which.
+    Failed,
+}
+
+impl SessionState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SessionState::Creating => "creating",
+            SessionState::Running => "running",
+            SessionState::Pausing => "pausing",
+            SessionState::Paused => "paused",
+            SessionState::Resuming => "resuming",
+            SessionState::Stopped => "stopped",
+            SessionState::Failed => "failed",
+        }
+    }
+}
+
+/// What happens when a session passes its idle timeout or maximum lifetime.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum TimeoutAction {
+    /// Pause it: nothing is lost, it can be resumed.
+    #[default]
+    Pause,
+    /// Stop it: processes and state are discarded.
+    Stop,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    pub on_timeout: TimeoutAction,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            idle_timeout: Duration::from_secs(10 * 60),
+            max_lifetime: Duration::from_secs(24 * 3600),
+            on_timeout: TimeoutAction::Pause,
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+/// A session as users see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Session {
+    pub id: String,
+    pub owner: String,
+    pub template: String,
+    pub state: SessionState,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub last_active_at: u64,
+    /// When the maximum lifetime ends (unix seconds).
+    pub expires_at: u64,
+    pub idle_timeout_s: u64,
+    pub on_timeout: TimeoutAction,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Why the session failed, or why the last transition was rolled back.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Snapshot holding a paused session.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Raw size of the last pause's checkpoint and the bytes it added to the store (chunks
+    /// shared with the template or an earlier pause are not stored again).
+    #[serde(default)]
+    pub snapshot_size: Option<SnapshotSize>,
+    #[serde(default)]
+    pub pauses: u32,
+    #[serde(default)]
+    pub last_pause_ms: Option<u64>,
+    #[serde(default)]
+    pub last_resume_ms: Option<u64>,
+}
+
+/// What is stored: the session plus what thaw needs to restore it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SessionRecord {
+    session: Session,
+    /// The template as it was when the session was created: a later redeploy does not
+    /// change the rootfs under a paused session.
+    spec: TemplateSpec,
+    layers: Vec<PathBuf>,
+    /// `<pid> <starttime>` of the sandbox's init while running: a cheap liveness check.
+    #[serde(default)]
+    init: Option<String>,
+    /// The process doing a transition (an "-ing" state), and the snapshot a pause writes.
+    #[serde(default)]
+    op: Option<PendingOp>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PendingOp {
+    by: String,
+    #[serde(default)]
+    snapshot: Option<String>,
+}
+
+/// In-process exclusion between a session's calls: execs and file operations share it,
+/// pause, resume and delete take it alone. Across processes, the sled state machine
+/// decides (a pause from another process during an exec fails cleanly and rolls back).
+#[derive(Default)]
+pub struct SessionLocks {
+    map: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+}
+
+impl SessionLocks {
+    fn get(&self, id: &str) -> Arc<RwLock<()>> {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(id.to_string()).or_default().clone()
+    }
+
+    fn forget(&self, id: &str) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(id);
+    }
+}
+
+fn me() -> String {
+    cleanup::identity(std::process::id()).unwrap_or_else(|| format!("{} 0", std::process::id()))
+}
+
+/// Whether the process named by an identity record runs (a zombie does not: a killed
+/// sandbox init lingers as one until its parent reaps it).
+fn alive(identity: &str) -> bool {
+    let Some(pid) = identity
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    if cleanup::identity(pid).as_deref() != Some(identity) {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
+fn new_session_id() -> String {
+    format!("ses-{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
+}
+
+fn conflict(s: &Session, action: &str) -> Error {
+    let hint = match s.state {
+        SessionState::Paused => format!("; resume it first: `thaw session resume {}`", s.id),
+        SessionState::Running if action == "resume" => "; it is already running".to_string(),
+        SessionState::Pausing | SessionState::Resuming | SessionState::Creating => {
+            "; another call is changing it, retry in a moment".to_string()
+        }
+        SessionState::Stopped | SessionState::Failed => format!(
+            "{}; remove it with `thaw session rm {}`",
+            s.error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default(),
+            s.id
+        ),
+        _ => String::new(),
+    };
+    Error::SessionConflict {
+        id: s.id.clone(),
+        state: s.state.as_str().to_string(),
+        action: action.to_string(),
+        hint,
+    }
+}
+
+impl Engine {
+    fn session_record(&self, id: &str) -> Result<SessionRecord> {
+        let rec = self
+            .meta
+            .with(|s| s.get::<SessionRecord>(Store::sessions_tree(), id))?;
+        match rec {
+            // Another owner's session does not exist, as far as this owner can tell.
+            Some(r) if r.session.owner == self.owner() => Ok(r),
+            _ => Err(Error::UnknownSession { id: id.to_string() }),
+        }
+    }
+
+    /// Applies `f` to the stored record atomically (see the module docs). `f` sees the
+    /// current record and may refuse with an error; the returned record is what was stored.
+    fn transition(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut SessionRecord) -> Result<()>,
+    ) -> Result<SessionRecord> {
+        let owner = self.owner().to_string();
+        let stored = self.meta.with(|s| {
+            s.update::<SessionRecord>(Store::sessions_tree(), id, |cur| match cur {
+                Some(mut r) if r.session.owner == owner => {
+                    f(&mut r)?;
+                    Ok(Some(r))
+                }
+                _ => Err(Error::UnknownSession { id: id.to_string() }),
+            })
+        })?;
+        stored.ok_or_else(|| Error::UnknownSession { id: id.to_string() })
+    }
+
+    pub fn session(&self, id: &str) -> Result<Session> {
+        Ok(self.session_record(id)?.session)
+    }
+
+    /// This owner's sessions.
+    pub fn sessions(&self) -> Result<Vec<Session>> {
+        let all: Vec<SessionRecord> = self.meta.with(|s| s.list(Store::sessions_tree()))?;
+        Ok(all
+            .into_iter()
+            .map(|r| r.session)
+            .filter(|s| s.owner == self.owner())
+            .collect())
+    }
+
+    /// Sessions of this owner that hold a live sandbox (per-key limits count them).
+    pub fn count_running_sessions(&self) -> Result<usize> {
+        Ok(self
+            .sessions()?
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.state,
+                    SessionState::Running
+                        | SessionState::Creating
+                        | SessionState::Pausing
+                        | SessionState::Resuming
+                )
+            })
+            .count())
+    }
+
+    /// Starts a session: a clone of the template's snapshot that stays alive.
+    pub async fn session_create(&self, template: &str, opts: SessionOptions) -> Result<Session> {
+        let t = self.ready_template(template)?;
+        let id = new_session_id();
+        let now = now_secs();
+        let session = Session {
+            id: id.clone(),
+            owner: self.owner().to_string(),
+            template: t.name.clone(),
+            state: SessionState::Creating,
+            created_at: now,
+            last_active_at: now,
+            expires_at: now.saturating_add(opts.max_lifetime.as_secs()),
+            idle_timeout_s: opts.idle_timeout.as_secs(),
+            on_timeout: opts.on_timeout,
+            env: opts.env.clone(),
+            error: None,
+            snapshot: None,
+            snapshot_size: None,
+            pauses: 0,
+            last_pause_ms: None,
+            last_resume_ms: None,
+        };
+        let rec = SessionRecord {
+            session,
+            spec: t.spec.clone(),
+            layers: t.layers.clone(),
+            init: None,
+            op: Some(PendingOp {
+                by: me(),
+                snapshot: None,
+            }),
+        };
+        self.meta
+            .with(|s| s.put(Store::sessions_tree(), &id, &rec))?;
+        let span = info_span!("session.create", session = %id, template = %template);
+        async {
+            let run = RunOptions {
+                env: opts.env.clone(),
+                timeout: None,
+            };
+            let started = self.start_as(&t, &run, &id).await;
+            let sb = match started {
+                Ok((sb, _, _, _)) => sb,
+                Err(e) => {
+                    let _ = self.meta.with(|s| s.remove(Store::sessions_tree(), &id));
+                    return Err(e);
+                }
+            };
+            let r = async {
+                cleanup::write_session_owner(&sb.layout().owner(), &id)?;
+                let init = init_identity(&sb).await;
+                self.transition(&id, |r| {
+                    r.session.state = SessionState::Running;
+                    r.init = init;
+                    r.op = None;
+                    Ok(())
+                })
+            }
+            .await;
+            match r {
+                Ok(r) => {
+                    info!("session running");
+                    Ok(r.session)
+                }
+                Err(e) => {
+                    sb.destroy().await;
+                    let _ = self.meta.with(|s| s.remove(Store::sessions_tree(), &id));
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Checks that the session can take a call and marks it active.
+    fn touch_running(&self, id: &str, action: &str) -> Result<SessionRecord> {
+        self.transition(id, |r| {
+            if r.session.state != SessionState::Running {
+                return Err(conflict(&r.session, action));
+            }
+            r.session.last_active_at = now_secs();
+            Ok(())
+        })
+    }
+
+    fn touch(&self, id: &str) {
+        let _ = self.transition(id, |r| {
+            r.session.last_active_at = now_secs();
+            Ok(())
+        });
+    }
+
+    /// Runs a command in a running session, streaming its output. State carries over
+    /// between calls: files, and anything a long-lived process in the session keeps.
+    pub async fn session_exec(
+        &self,
+        id: &str,
+        argv: Vec<String>,
+        stdin: Option<Vec<u8>>,
+        opts: RunOptions,
+        on_output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExecResult> {
+        let lock = self.session_locks.get(id);
+        let _shared = lock.read().await;
+        let rec = self.touch_running(id, "exec")?;
+        let started = Instant::now();
+        let sb = ContainerSandbox::attach(&self.tier, id);
+        let req = ExecRequest {
+            argv,
+            env: opts.env.clone(),
+            cwd: None,
+            stdin: stdin.map(Bytes),
+            limits: Engine::limits(&rec.spec, &opts),
+        };
+        let r = sb
+            .agent
+            .exec(req, on_output)
+            .instrument(info_span!("session.exec", session = %id))
+            .await;
+        self.touch(id);
+        let mut d = r.map_err(|e| self.lost_if_dead(id, e))?;
+        if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && self.oom_killed(&sb) {
+            d.outcome = Outcome::Oom;
+        }
+        let total = ms(started.elapsed());
+        Ok(ExecResult {
+            template: rec.session.template,
+            sandbox_id: id.to_string(),
+            start: StartKind::Session,
+            exit_code: d.outcome.exit_code(),
+            outcome: d.outcome,
+            truncated: d.truncated,
+            timings: Timings {
+                start_ms: 0.0,
+                warm_ms: 0.0,
+                run_ms: total,
+                total_ms: total,
+            },
+        })
+    }
+
+    /// Runs the template's handler on a payload inside a running session. A persistent
+    /// handler keeps its memory between calls (and across pause and resume).
+    pub async fn session_invoke(
+        &self,
+        id: &str,
+        payload: serde_json::Value,
+        opts: RunOptions,
+        on_stderr: impl FnMut(&[u8]),
+    ) -> Result<Invocation> {
+        let lock = self.session_locks.get(id);
+        let _shared = lock.read().await;
+        let rec = self.touch_running(id, "invoke")?;
+        let started = Instant::now();
+        let sb = ContainerSandbox::attach(&self.tier, id);
+        let req = InvokeRequest {
+            payload,
+            env: opts.env.clone(),
+            limits: Engine::limits(&rec.spec, &opts),
+        };
+        let r = sb
+            .agent
+            .invoke(req, on_stderr)
+            .instrument(info_span!("session.invoke", session = %id))
+            .await;
+        self.touch(id);
+        let mut done = r.map_err(|e| self.lost_if_dead(id, e))?;
+        if self.oom_killed(&sb) && done.status != InvokeStatus::Ok {
+            done.status = InvokeStatus::Oom;
+            done.outcome = Some(Outcome::Oom);
+        }
+        let total = ms(started.elapsed());
+        Ok(Invocation {
+            template: rec.session.template,
+            sandbox_id: id.to_string(),
+            start: StartKind::Session,
+            done,
+            timings: Timings {
+                start_ms: 0.0,
+                warm_ms: 0.0,
+                run_ms: total,
+                total_ms: total,
+            },
+        })
+    }
+
+    /// When a call to a running session fails because its sandbox is gone, the session
+    /// is failed (its state since the last pause is lost) and the error says so.
+    fn lost_if_dead(&self, id: &str, e: Error) -> Error {
+        let Ok(rec) = self.session_record(id) else {
+            return e;
+        };
+        if rec.session.state == SessionState::Running
+            && !rec.init.as_deref().map(alive).unwrap_or(false)
+        {
+            let why = "its sandbox died (killed from outside or out of memory); the state since the last pause is lost".to_string();
+            let _ = self.transition(id, |r| {
+                r.session.state = SessionState::Failed;
+                r.session.error = Some(why.clone());
+                Ok(())
+            });
+            return Error::SessionConflict {
+                id: id.to_string(),
+                state: "failed".into(),
+                action: "continue".into(),
+                hint: format!(": {why}; remove it with `thaw session rm {id}`"),
+            };
+        }
+        e
+    }
+
+    pub async fn session_write_file(
+        &self,
+        id: &str,
+        path: &str,
+        data: Vec<u8>,
+        mode: Option<u32>,
+    ) -> Result<()> {
+        let lock = self.session_locks.get(id);
+        let _shared = lock.read().await;
+        self.touch_running(id, "write files")?;
+        let sb = ContainerSandbox::attach(&self.tier, id);
+        let r = sb
+            .agent
+            .call(&Request::WriteFile {
+                path: path.to_string(),
+                data: Bytes(data),
+                mode,
+                append: false,
+            })
+            .await;
+        self.touch(id);
+        r.map_err(|e| self.lost_if_dead(id, e))?;
+        Ok(())
+    }
+
+    pub async fn session_read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
+        let lock = self.session_locks.get(id);
+        let _shared = lock.read().await;
+        self.touch_running(id, "read files")?;
+        let sb = ContainerSandbox::attach(&self.tier, id);
+        let r = sb
+            .agent
+            .call(&Request::ReadFile {
+                path: path.to_string(),
+                max_bytes: Some(MAX_FILE + 1),
+            })
+            .await;
+        self.touch(id);
+        match r.map_err(|e| self.lost_if_dead(id, e))? {
+            Response::FileData { data, .. } if data.0.len() as u64 > MAX_FILE => {
+                Err(Error::TooLarge {
+                    what: format!("file {path}"),
+                    size: data.0.len() as u64,
+                    limit: MAX_FILE,
+                })
+            }
+            Response::FileData { data, .. } => Ok(data.0),
+            other => Err(Error::Agent {
+                sandbox: id.to_string(),
+                message: format!("unexpected answer to read_file: {other:?}"),
+            }),
+        }
+    }
+
+    /// Pauses a running session: checkpoints it into a snapshot (chunks shared with its
+    /// template are stored once), then frees its processes and memory.
+    pub async fn session_pause(&self, id: &str) -> Result<Session> {
+        let lock = self.session_locks.get(id);
+        let Ok(_excl) = lock.try_write() else {
+            return Err(Error::SessionBusy {
+                id: id.to_string(),
+                what: "a command or file transfer is running in it".into(),
+            });
+        };
+        let started = Instant::now();
+        let snap = format!(
+            "ses-{}-{}",
+            id.trim_start_matches("ses-"),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        self.transition(id, |r| {
+            if r.session.state != SessionState::Running {
+                return Err(conflict(&r.session, "pause"));
+            }
+            r.session.state = SessionState::Pausing;
+            r.op = Some(PendingOp {
+                by: me(),
+                snapshot: Some(snap.clone()),
+            });
+            Ok(())
+        })?;
+        let span = info_span!("session.pause", session = %id);
+        async {
+            let sb = ContainerSandbox::attach(&self.tier, id);
+            match self.snapshot_sandbox(&sb, &snap, true).await {
+                Ok(size) => {
+                    let elapsed = started.elapsed().as_millis() as u64;
+                    let r = self.transition(id, |r| {
+                        r.session.state = SessionState::Paused;
+                        r.session.snapshot = Some(snap.clone());
+                        r.session.snapshot_size = Some(size);
+                        r.session.pauses += 1;
+                        r.session.last_pause_ms = Some(elapsed);
+                        r.session.error = None;
+                        r.init = None;
+                        r.op = None;
+                        Ok(())
+                    });
+                    match r {
+                        Ok(r) => {
+                            // The snapshot is durable: only now may the processes go.
+                            sb.destroy().await;
+                            info!(ms = elapsed, "session paused");
+                            Ok(r.session)
+                        }
+                        Err(e) => {
+                            self.drop_snapshot(&snap);
+                            Err(e)
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Roll back: the sandbox was left running, the partial snapshot goes.
+                    self.drop_snapshot(&snap);
+                    let msg = e.to_string();
+                    let _ = self.transition(id, |r| {
+                        r.session.state = SessionState::Running;
+                        r.session.error = Some(format!("pause failed and was rolled back: {msg}"));
+                        r.op = None;
+                        Ok(())
+                    });
+                    Err(self.lost_if_dead(id, e))
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Resumes a paused session from its snapshot, with everything it had.
+    pub async fn session_resume(&self, id: &str) -> Result<Session> {
+        let lock = self.session_locks.get(id);
+        let Ok(_excl) = lock.try_write() else {
+            return Err(Error::SessionBusy {
+                id: id.to_string(),
+                what: "another call is using it".into(),
+            });
+        };
+        let started = Instant::now();
+        let rec = self.transition(id, |r| {
+            if r.session.state != SessionState::Paused {
+                return Err(conflict(&r.session, "resume"));
+            }
+            r.session.state = SessionState::Resuming;
+            r.op = Some(PendingOp {
+                by: me(),
+                snapshot: None,
+            });
+            Ok(())
+        })?;
+        let span = info_span!("session.resume", session = %id);
+        async {
+            let Some(snap) = rec.session.snapshot.clone() else {
+                return Err(self.fail(id, "paused without a snapshot".into()));
+            };
+            let restored = self.restore_session(&rec, &snap).await;
+            let sb = match restored {
+                Ok(sb) => sb,
+                Err(e) => {
+                    let corrupt = matches!(e, Error::Snapshot(ref s) if s.is_corruption());
+                    let msg = e.to_string();
+                    if corrupt {
+                        return Err(self.fail(id, format!("its snapshot is unusable: {msg}")));
+                    }
+                    let _ = self.transition(id, |r| {
+                        r.session.state = SessionState::Paused;
+                        r.session.error = Some(format!("resume failed: {msg}"));
+                        r.op = None;
+                        Ok(())
+                    });
+                    return Err(e);
+                }
+            };
+            let elapsed = started.elapsed().as_millis() as u64;
+            let init = init_identity(&sb).await;
+            let r = self.transition(id, |r| {
+                r.session.state = SessionState::Running;
+                r.session.snapshot = None;
+                r.session.last_resume_ms = Some(elapsed);
+                r.session.last_active_at = now_secs();
+                r.session.error = None;
+                r.init = init;
+                r.op = None;
+                Ok(())
+            });
+            match r {
+                Ok(r) => {
+                    // Running again: the snapshot is stale (a later pause writes a new one).
+                    self.drop_snapshot(&snap);
+                    info!(ms = elapsed, "session resumed");
+                    Ok(r.session)
+                }
+                Err(e) => {
+                    sb.destroy().await;
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn restore_session(&self, rec: &SessionRecord, snap: &str) -> Result<ContainerSandbox> {
+        let id = &rec.session.id;
+        let scratch = self.paths.checkpoints().join(format!(".tmp-resume-{id}"));
+        let _ = mounts::teardown_dir(&scratch);
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| Error::io("creating resume scratch", &scratch, e))?;
+        cleanup::write_owner(&scratch.join(".owner"))?;
+        let dir = scratch.join("snapshot");
+        let r = async {
+            let snaps = self.snapshots.clone();
+            let (n, d) = (snap.to_string(), dir.clone());
+            tokio::task::spawn_blocking(move || snaps.materialize(&n, &d))
+                .await
+                .map_err(|e| Error::Other(format!("materialize task: {e}")))??;
+            let spec = self.sandbox_spec(&rec.spec, &rec.layers, id);
+            let (sb, _) = self.tier.restore(&spec, &dir).await?;
+            let opts = RunOptions {
+                env: rec.session.env.clone(),
+                timeout: None,
+            };
+            let ready = async {
+                self.hygiene(&sb, &rec.spec, &opts).await?;
+                cleanup::write_session_owner(&sb.layout().owner(), id)
+            }
+            .await;
+            match ready {
+                Ok(()) => Ok(sb),
+                Err(e) => {
+                    sb.destroy().await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        r
+    }
+
+    fn fail(&self, id: &str, why: String) -> Error {
+        let _ = self.transition(id, |r| {
+            r.session.state = SessionState::Failed;
+            r.session.error = Some(why.clone());
+            r.op = None;
+            Ok(())
+        });
+        Error::SessionConflict {
+            id: id.to_string(),
+            state: "failed".into(),
+            action: "resume".into(),
+            hint: format!(": {why}; remove it with `thaw session rm {id}`"),
+        }
+    }
+
+    /// Changes a session's idle timeout and/or pushes its end of life to now + `max_lifetime`.
+    pub fn session_extend(
+        &self,
+        id: &str,
+        idle_timeout: Option<Duration>,
+        max_lifetime: Option<Duration>,
+    ) -> Result<Session> {
+        let r = self.transition(id, |r| {
+            if !matches!(r.session.state, SessionState::Running | SessionState::Paused) {
+                return Err(conflict(&r.session, "be extended"));
+            }
+            if let Some(t) = idle_timeout {
+                r.session.idle_timeout_s = t.as_secs();
+            }
+            if let Some(l) = max_lifetime {
+                r.session.expires_at = now_secs().saturating_add(l.as_secs());
+            }
+            r.session.last_active_at = now_secs();
+            Ok(())
+        })?;
+        Ok(r.session)
+    }
+
+    /// Ends a session in any state: kills its sandbox, deletes its snapshot and its record.
+    pub async fn session_delete(&self, id: &str) -> Result<Session> {
+        let rec = self.session_record(id)?;
+        let span = info_span!("session.delete", session = %id);
+        async {
+            if rec.session.state != SessionState::Paused {
+                ContainerSandbox::attach(&self.tier, id).destroy().await;
+            }
+            if let Some(snap) = rec
+                .session
+                .snapshot
+                .as_deref()
+                .or(rec.op.as_ref().and_then(|o| o.snapshot.as_deref()))
+            {
+                self.drop_snapshot(snap);
+            }
+            let owner = self.owner().to_string();
+            self.meta.with(|s| {
+                s.update::<SessionRecord>(Store::sessions_tree(), id, |cur| match cur {
+                    Some(r) if r.session.owner == owner => Ok(None),
+                    _ => Err(Error::UnknownSession { id: id.to_string() }),
+                })
+            })?;
+            self.session_locks.forget(id);
+            let mut s = rec.session;
+            s.state = SessionState::Stopped;
+            Ok(s)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Stops a session for its timeout: sandbox and snapshot go, the record stays.
+    async fn session_stop(&self, id: &str, why: &str) -> Result<Session> {
+        let lock = self.session_locks.get(id);
+        let Ok(_excl) = lock.try_write() else {
+            return Err(Error::SessionBusy {
+                id: id.to_string(),
+                what: "a call is running in it".into(),
+            });
+        };
+        let before = self.transition(id, |r| {
+            if !matches!(r.session.state, SessionState::Running | SessionState::Paused) {
+                return Err(conflict(&r.session, "stop"));
+            }
+            Ok(())
+        })?;
+        if before.session.state == SessionState::Running {
+            ContainerSandbox::attach(&self.tier, id).destroy().await;
+        }
+        if let Some(snap) = &before.session.snapshot {
+            self.drop_snapshot(snap);
+        }
+        let r = self.transition(id, |r| {
+            r.session.state = SessionState::Stopped;
+            r.session.snapshot = None;
+            r.session.error = Some(why.to_string());
+            r.init = None;
+            Ok(())
+        })?;
+        Ok(r.session)
+    }
+
+    /// Pauses or stops every session (of every owner) past its idle timeout or maximum
+    /// lifetime, as each session's creator chose. Returns the sessions it changed.
+    /// `thaw serve` calls this periodically; the embedded CLI before session commands.
+    pub async fn enforce_session_timeouts(&self) -> Result<Vec<Session>> {
+        let all: Vec<SessionRecord> = self.meta.with(|s| s.list(Store::sessions_tree()))?;
+        let now = now_secs();
+        let mut changed = Vec::new();
+        for rec in all {
+            let s = &rec.session;
+            let expired = now >= s.expires_at;
+            let idle = now.saturating_sub(s.last_active_at) >= s.idle_timeout_s;
+            let due = match s.state {
+                SessionState::Running => expired || idle,
+                SessionState::Paused => expired && s.on_timeout == TimeoutAction::Stop,
+                _ => false,
+            };
+            if !due {
+                continue;
+            }
+            let engine = self.as_owner(&s.owner);
+            let why = if expired {
+                "maximum lifetime reached"
+            } else {
+                "idle timeout reached"
+            };
+            let r = match s.on_timeout {
+                TimeoutAction::Pause => engine.session_pause(&s.id).await,
+                TimeoutAction::Stop => engine.session_stop(&s.id, why).await,
+            };
+            match r {
+                Ok(s) => {
+                    info!(session = %s.id, state = s.state.as_str(), why, "session timeout");
+                    changed.push(s);
+                }
+                Err(Error::SessionBusy { .. }) => {}
+                Err(e) => warn!(session = %s.id, error = %e, "enforcing session timeout"),
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Finishes or rolls back every session transition whose process died, and fails
+    /// running sessions whose sandbox is gone. Runs when the engine opens.
+    pub(crate) async fn recover_sessions(&self) -> Result<()> {
+        let all: Vec<SessionRecord> = self.meta.with(|s| s.list(Store::sessions_tree()))?;
+        let mut with_sandbox = std::collections::HashSet::new();
+        for rec in all {
+            let id = rec.session.id.clone();
+            let engine = self.as_owner(&rec.session.owner);
+            if let Some(op) = &rec.op {
+                if alive(&op.by) {
+                    with_sandbox.insert(id);
+                    continue;
+                }
+            }
+            match rec.session.state {
+                SessionState::Creating => {
+                    info!(session = %id, "rolling back an interrupted session creation");
+                    ContainerSandbox::attach(&self.tier, &id).destroy().await;
+                    let _ = self.meta.with(|s| s.remove(Store::sessions_tree(), &id));
+                }
+                SessionState::Pausing => {
+                    let snap = rec.op.as_ref().and_then(|o| o.snapshot.clone());
+                    let complete = snap
+                        .as_deref()
+                        .map(|n| self.snapshots.get(n).is_ok())
+                        .unwrap_or(false);
+                    if complete {
+                        info!(session = %id, "completing an interrupted pause");
+                        engine.transition(&id, |r| {
+                            r.session.state = SessionState::Paused;
+                            r.session.snapshot = snap.clone();
+                            r.session.pauses += 1;
+                            r.init = None;
+                            r.op = None;
+                            Ok(())
+                        })?;
+                        ContainerSandbox::attach(&self.tier, &id).destroy().await;
+                    } else {
+                        info!(session = %id, "rolling back an interrupted pause");
+                        if let Some(n) = &snap {
+                            self.drop_snapshot(n);
+                        }
+                        let running = rec.init.as_deref().map(alive).unwrap_or(false);
+                        engine.transition(&id, |r| {
+                            r.op = None;
+                            if running {
+                                r.session.state = SessionState::Running;
+                                r.session.error =
+                                    Some("a pause was interrupted and rolled back".into());
+                            } else {
+                                r.session.state = SessionState::Failed;
+                                r.session.error = Some(
+                                    "a pause was interrupted and its sandbox is gone".into(),
+                                );
+                            }
+                            Ok(())
+                        })?;
+                        if running {
+                            with_sandbox.insert(id);
+                        }
+                    }
+                }
+                SessionState::Resuming => {
+                    info!(session = %id, "rolling back an interrupted resume");
+                    ContainerSandbox::attach(&self.tier, &id).destroy().await;
+                    engine.transition(&id, |r| {
+                        r.session.state = SessionState::Paused;
+                        r.session.error = Some("a resume was interrupted; resume again".into());
+                        r.op = None;
+                        Ok(())
+                    })?;
+                }
+                SessionState::Running => {
+                    if rec.init.as_deref().map(alive).unwrap_or(false) {
+                        with_sandbox.insert(id);
+                    } else {
+                        info!(session = %id, "session's sandbox is gone");
+                        ContainerSandbox::attach(&self.tier, &id).destroy().await;
+                        engine.transition(&id, |r| {
+                            r.session.state = SessionState::Failed;
+                            r.session.error = Some(
+                                "its sandbox is gone (the machine restarted or it was killed) and it was not paused; its state is lost".into(),
+                            );
+                            r.init = None;
+                            Ok(())
+                        })?;
+                    }
+                }
+                SessionState::Paused | SessionState::Stopped | SessionState::Failed => {}
+            }
+        }
+        // Sandboxes handed to a session that no longer needs one (a crash between a
+        // record change and the sandbox's teardown).
+        if let Ok(rd) = std::fs::read_dir(self.paths.sandboxes()) {
+            for entry in rd.flatten() {
+                let Some(owner) = cleanup::session_owner(&entry.path().join("owner")) else {
+                    continue;
+                };
+                if !with_sandbox.contains(&owner) && !self.session_needs_sandbox(&owner) {
+                    let id = entry.file_name().to_string_lossy().to_string();
+                    info!(sandbox = %id, session = %owner, "removing a session sandbox no session uses");
+                    ContainerSandbox::attach(&self.tier, &id).destroy().await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Re-reads a session's record: whether it holds (or is about to hold) a sandbox. Asked
+    /// again just before removing a sandbox, since another process may have created or
+    /// resumed the session since the records were listed.
+    fn session_needs_sandbox(&self, id: &str) -> bool {
+        let rec = self
+            .meta
+            .with(|s| s.get::<SessionRecord>(Store::sessions_tree(), id));
+        match rec {
+            Ok(Some(r)) => {
+                r.op.as_ref().map(|o| alive(&o.by)).unwrap_or(false)
+                    || r.session.state == SessionState::Running
+            }
+            Ok(None) => false,
+            // Unreadable metadata: keep the sandbox rather than destroy a live session.
+            Err(_) => true,
+        }
+    }
+}
+
+/// `<pid> <starttime>` of a sandbox's init, for later liveness checks.
+async fn init_identity(sb: &ContainerSandbox) -> Option<String> {
+    let pid = sb.init_pid().await.ok()?;
+    cleanup::identity(pid)
+}

@@ -1,0 +1,342 @@
+//! `thaw serve`: the engine behind an HTTP API with bearer API keys.
+//!
+//! The contract (routes, bodies, streams, errors) is in the `thaw-api` crate, and
+//! `/openapi.json` is generated from the handlers themselves.
+//!
+//! Sandboxes must never leak, so no engine call runs inside a request's own future: hyper
+//! drops that future when the client disconnects, and a dropped invoke would skip the
+//! sandbox's teardown. Every engine call runs in a task of [`AppState::tasks`], which the
+//! request awaits and which [`serve`] lets finish before it returns.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use thaw_platform::Engine;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tower_http::trace::TraceLayer;
+use tracing::{info, warn};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+mod error;
+mod extract;
+mod metrics;
+mod routes;
+mod sessions;
+mod slots;
+pub mod upload;
+
+pub use error::{classify, ApiError};
+pub use metrics::Metrics;
+
+/// Default address: loopback only, so a fresh install exposes nothing to the network.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where to listen; port 0 picks a free port (see [`bind`]).
+    pub listen: SocketAddr,
+    /// Largest JSON body: a maximal invoke payload plus room for the rest of the body.
+    pub max_body_bytes: usize,
+    /// Largest template upload (tar).
+    pub max_upload_bytes: u64,
+    /// How often session timeouts are enforced.
+    pub reaper_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            max_body_bytes: thaw_platform::engine::MAX_PAYLOAD as usize + (64 << 10),
+            max_upload_bytes: 256 << 20,
+            reaper_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}. Fix: pick another address with --listen, or stop what holds it")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP server: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub metrics: Arc<Metrics>,
+    pub cfg: Arc<ServerConfig>,
+    slots: Arc<slots::Slots>,
+    tasks: TaskTracker,
+    openapi: Arc<utoipa::openapi::OpenApi>,
+}
+
+/// Binds the configured address (port 0: a free one); `local_addr()` tells which.
+pub async fn bind(cfg: &ServerConfig) -> Result<TcpListener> {
+    TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: cfg.listen,
+            source,
+        })
+}
+
+/// Serves the API on `cfg.listen` until `shutdown` completes.
+pub async fn serve(
+    engine: Engine,
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listener = bind(&cfg).await?;
+    serve_on(listener, engine, cfg, shutdown).await
+}
+
+/// Serves the API on an already bound listener until `shutdown` completes, then waits for
+/// in-flight engine calls (their sandboxes are torn down, never abandoned).
+pub async fn serve_on(
+    listener: TcpListener,
+    engine: Engine,
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (app, state) = app(engine, cfg)?;
+    let addr = listener.local_addr().map_err(Error::Serve)?;
+    info!(%addr, "thaw API listening");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reaper = tokio::spawn(reaper(state.clone(), stop.clone()));
+    let r = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(Error::Serve);
+    info!("shutting down: waiting for in-flight calls");
+    stop.cancel();
+    if let Err(e) = reaper.await {
+        warn!(error = %e, "session reaper ended abnormally");
+    }
+    state.tasks.close();
+    state.tasks.wait().await;
+    r
+}
+
+/// The application router and its state.
+pub fn app(engine: Engine, cfg: ServerConfig) -> Result<(Router, AppState)> {
+    let (public, public_doc) = public_routes().split_for_parts();
+    let (protected, protected_doc) = protected_routes().split_for_parts();
+    let mut doc = ApiDoc::openapi();
+    doc.merge(public_doc);
+    doc.merge(protected_doc);
+    let metrics = Arc::new(Metrics::new()?);
+    let state = AppState {
+        engine,
+        metrics: metrics.clone(),
+        cfg: Arc::new(cfg),
+        slots: Arc::default(),
+        tasks: TaskTracker::new(),
+        openapi: Arc::new(doc),
+    };
+    let protected = protected.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        extract::authenticate,
+    ));
+    let router = public
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state.clone())
+        .layer(middleware::from_fn_with_state(metrics, count_requests))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(|m| m.as_str())
+                .unwrap_or("unmatched");
+            tracing::info_span!(
+                "http",
+                method = %req.method(),
+                route,
+                key = tracing::field::Empty
+            )
+        }));
+    Ok((router, state))
+}
+
+/// The OpenAPI document of every route (what `/openapi.json` serves).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.merge(public_routes().split_for_parts().1);
+    doc.merge(protected_routes().split_for_parts().1);
+    doc
+}
+
+fn public_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(routes::healthz))
+}
+
+fn protected_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(routes::metrics))
+        .routes(routes!(routes::openapi_json))
+        .routes(routes!(routes::deploy_template, routes::list_templates))
+        .routes(routes!(routes::get_template, routes::delete_template))
+        .routes(routes!(routes::invoke))
+        .routes(routes!(routes::exec))
+        .routes(routes!(sessions::create, sessions::list))
+        .routes(routes!(sessions::get, sessions::delete))
+        .routes(routes!(sessions::exec))
+        .routes(routes!(sessions::invoke))
+        .routes(routes!(sessions::write_file, sessions::read_file))
+        .routes(routes!(sessions::pause))
+        .routes(routes!(sessions::resume))
+        .routes(routes!(sessions::extend))
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "thaw",
+        description = "Isolated sandboxes for agent tasks, restored from a snapshot of a warm sandbox. Every route but /healthz needs `Authorization: Bearer <key>` (`thaw keys create`)."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags(
+        (name = "service", description = "Health, metrics and this document"),
+        (name = "templates", description = "Publish templates; invoke and exec in fresh sandboxes"),
+        (name = "sessions", description = "Long-lived sandboxes: exec, files, pause and resume"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API key from `thaw keys create` (thaw_<id>_<secret>)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Runs an engine call to completion in a tracked task, whether or not the request that
+/// started it is still waiting (see the crate docs).
+pub(crate) async fn run_tracked<T: Send + 'static>(
+    state: &AppState,
+    fut: impl Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
+    state
+        .tasks
+        .spawn(fut)
+        .await
+        .map_err(|e| ApiError::internal(format!("engine task failed: {e}")))
+}
+
+/// Runs a synchronous engine call (sled, snapshot store) off the async workers: these may
+/// wait on another process's database lock.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> thaw_platform::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("engine task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+/// Pauses or stops sessions past their timeouts, every `reaper_interval`, until `stop`.
+/// A pass in progress is finished, not abandoned: abandoning a pause midway would leave
+/// the session for crash recovery.
+async fn reaper(state: AppState, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(state.cfg.reaper_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let engine = state.engine.clone();
+        let span = tracing::info_span!("reaper");
+        let pass = tracing::Instrument::instrument(
+            async move { engine.enforce_session_timeouts().await },
+            span,
+        );
+        match state.tasks.spawn(pass).await {
+            Ok(Ok(changed)) => {
+                for s in changed {
+                    info!(session = %s.id, owner = %s.owner, state = s.state.as_str(), "session timed out");
+                }
+            }
+            Ok(Err(e)) => warn!(error = %e, "enforcing session timeouts"),
+            Err(e) => warn!(error = %e, "session reaper task failed"),
+        }
+    }
+}
+
+/// Counts requests by route template (never the raw path, which would explode the label
+/// set) and status.
+async fn count_requests(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let resp = next.run(req).await;
+    metrics
+        .http_requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .inc();
+    resp
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        format!(
+            "no route {} {}; /openapi.json lists the routes",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+    .into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} is not allowed on {}; /openapi.json lists the routes",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+    .into_response()
+}

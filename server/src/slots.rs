@@ -1,0 +1,73 @@
+//! Per-key sandbox limits: a key may hold at most `max_sandboxes` sandboxes at once, counting
+//! its in-flight invokes and execs (tracked here) and its running sessions (asked of the
+//! engine). A call that would start one more is refused with 429 before any work starts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+
+use crate::blocking;
+use crate::error::ApiError;
+use crate::extract::Owner;
+
+#[derive(Default)]
+pub struct Slots {
+    in_flight: Mutex<HashMap<String, u32>>,
+}
+
+/// One sandbox slot of a key, released when dropped (after the sandbox is gone).
+pub struct Slot {
+    slots: Arc<Slots>,
+    key: String,
+}
+
+impl Slots {
+    /// Sandboxes in flight for every key together.
+    pub fn total(&self) -> u64 {
+        self.lock().values().map(|&n| u64::from(n)).sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single
+        // increments and decrements), so a poisoned lock is still usable.
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a slot for `owner`'s key, or refuses with 429 naming the limit.
+    pub async fn acquire(self: &Arc<Self>, owner: &Owner) -> Result<Slot, ApiError> {
+        let engine = owner.engine.clone();
+        let running = blocking(move || engine.count_running_sessions()).await?;
+        let running = u32::try_from(running).unwrap_or(u32::MAX);
+        let max = owner.key.max_sandboxes;
+        let mut map = self.lock();
+        let in_flight = map.entry(owner.key.id.clone()).or_insert(0);
+        if in_flight.saturating_add(running) >= max {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sandboxes",
+                format!(
+                    "API key `{}` is at its limit of {max} concurrent sandboxes (max_sandboxes): {in_flight} in-flight invoke/exec calls and {running} running sessions; retry when one finishes, or pause or delete a session",
+                    owner.key.id,
+                ),
+            ));
+        }
+        *in_flight += 1;
+        Ok(Slot {
+            slots: self.clone(),
+            key: owner.key.id.clone(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self.slots.lock();
+        if let Some(n) = map.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
