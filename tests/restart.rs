@@ -109,13 +109,32 @@ fn server_killed_at_several_points_loses_nothing_stored() {
 
     // A paused session and a running one.
     let paused = cli.ok(&["session", "new", "shell"]);
-    cli.ok(&["session", "exec", &paused, "--", "sh", "-c", "echo paused-state > /tmp/f"]);
+    cli.ok(&[
+        "session",
+        "exec",
+        &paused,
+        "--",
+        "sh",
+        "-c",
+        "echo paused-state > /tmp/f",
+    ]);
     cli.ok(&["session", "pause", &paused]);
     let running = cli.ok(&["session", "new", "shell"]);
-    cli.ok(&["session", "exec", &running, "--", "sh", "-c", "echo running-state > /tmp/f"]);
+    cli.ok(&[
+        "session",
+        "exec",
+        &running,
+        "--",
+        "sh",
+        "-c",
+        "echo running-state > /tmp/f",
+    ]);
 
     // 1. Killed mid-invocation (a one-shot exec) and mid-exec in the running session.
-    let mut oneshot = cli.cmd(&["exec", "shell", "--", "sleep", "30"]).spawn().unwrap();
+    let mut oneshot = cli
+        .cmd(&["exec", "shell", "--", "sleep", "30"])
+        .spawn()
+        .unwrap();
     let mut in_session = cli
         .cmd(&["session", "exec", &running, "--", "sleep", "30"])
         .spawn()
@@ -146,7 +165,8 @@ fn server_killed_at_several_points_loses_nothing_stored() {
     assert!(!ps.contains("sleep 30"), "{ps}");
 
     // 2. Killed mid-pause, at several points: complete or rolled back, never half.
-    for delay_ms in [20u64, 150, 400, 900] {
+    // A shell session's pause takes about 250 ms here: kill before, inside and after it.
+    for delay_ms in [20u64, 80, 150, 220, 600] {
         let mut pause = cli.cmd(&["session", "pause", &running]).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
         server.kill9();

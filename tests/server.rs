@@ -571,6 +571,19 @@ async fn templates_invoke_and_exec_over_http() {
         "output was not streamed: first chunk at {first_at:?}, end at {done_at:?}"
     );
 
+    // A failure after the stream started (status 200 is sent) ends it with an `error`
+    // event; buffered, the same failure is an error status.
+    let missing = ExecBody::new(["/no/such/program"]);
+    let e = c.exec("shell", &missing).await.unwrap_err();
+    let status = api_status(&e);
+    let e = c
+        .exec_stream("shell", &missing, |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Stream { .. }), "{e:?}");
+    assert!(e.to_string().contains("/no/such/program"), "{e}");
+    assert_eq!(status, 422, "{e}");
+
     // The raw stream is NDJSON (also selected by ?stream=true), ending with `exit`.
     let text = http()
         .post(s.url("/v1/templates/shell/exec?stream=true"))
@@ -839,6 +852,27 @@ async fn sessions_over_http() {
     assert_eq!(r.exit_code, 0);
     assert_eq!(streamed, b"me\n");
 
+    // The handler runs in the session too, with the session's environment.
+    let inv = c
+        .session_invoke(
+            &id,
+            &InvokeBody {
+                payload: json!({"n": 1}),
+                ..InvokeBody::default()
+            },
+        )
+        .await
+        .unwrap();
+    let v = serde_json::to_value(&inv).unwrap();
+    assert_eq!(v["status"], "ok", "{v}");
+    assert_eq!(v["sandbox_id"], id.as_str(), "{v}");
+    assert_eq!(v["result"]["payload"]["n"], 1, "{v}");
+    let inv = c
+        .session_invoke_stream(&id, &InvokeBody::default(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(serde_json::to_value(&inv).unwrap()["status"], "ok");
+
     // Pause, refuse work while paused, resume with the state intact.
     let paused = c.session_pause(&id).await.unwrap();
     assert_eq!(paused.state, SessionState::Paused);
@@ -875,12 +909,17 @@ async fn sessions_over_http() {
         statuses.contains(&None) && statuses.contains(&Some(409)),
         "resume + resume: {r1:?} {r2:?}"
     );
-    // Pause racing resume on a running session: the resume is refused (the session is
-    // running or pausing), the pause wins.
+    // Pause racing resume on a running session: whichever order they land in, a refused
+    // one is a conflict (never a server error), and the session ends up whole.
     let (p, r) = tokio::join!(c.session_pause(&id), c.session_resume(&id));
-    assert!(p.is_ok(), "{p:?}");
-    assert_eq!(api_status(&r.unwrap_err()), 409);
-    c.session_resume(&id).await.unwrap();
+    for e in [&p, &r].into_iter().filter_map(|x| x.as_ref().err()) {
+        assert_eq!(api_status(e), 409, "pause + resume: {p:?} {r:?}");
+    }
+    if c.session(&id).await.unwrap().state == SessionState::Paused {
+        c.session_resume(&id).await.unwrap();
+    }
+    let out = c.session_exec(&id, &sh("cat /tmp/who")).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "me\n");
 
     // Extend: new idle timeout and lifetime.
     let before = c.session(&id).await.unwrap();
@@ -953,4 +992,118 @@ async fn the_reaper_pauses_idle_sessions() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
     c.session_delete(&sess.id).await.unwrap();
     s.finish().await;
+}
+
+/// A port that was free a moment ago (the server binary needs a fixed `--listen`).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_thaw_serve_binary_with_keys_managed_by_the_cli() {
+    let home = Home::new();
+    // Keys are created and revoked by other thaw processes while the server runs: the
+    // metadata store is shared between processes.
+    let created = home
+        .run(&[
+            "--json",
+            "keys",
+            "create",
+            "--name",
+            "ci",
+            "--max-sandboxes",
+            "2",
+        ])
+        .ok()
+        .json();
+    let secret = created["secret"].as_str().expect("secret").to_string();
+    let id = created["key"]["id"].as_str().expect("id").to_string();
+    assert!(secret.starts_with(&format!("thaw_{id}_")), "{created}");
+
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let mut child = home
+        .cmd()
+        .args(["serve", "--listen", url.trim_start_matches("http://")])
+        .env("THAW_LOG", "thaw_server=info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .expect("spawn thaw serve");
+    let log_text = || std::fs::read_to_string(log.path()).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http().get(format!("{url}/healthz")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("thaw serve exited with {status}:\n{}", log_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "thaw serve never answered:\n{}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let c = Client::new(&url, Some(secret.clone())).unwrap();
+    c.deploy_dir(&repo_root().join("templates/shell"))
+        .await
+        .expect("deploy through thaw serve");
+    let inv = c
+        .invoke(
+            "shell",
+            &InvokeBody {
+                payload: json!(7),
+                ..InvokeBody::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(serde_json::to_value(&inv).unwrap()["result"]["payload"], 7);
+    let out = c.exec("shell", &sh("echo hi; exit 3")).await.unwrap();
+    assert_eq!(
+        (out.result.exit_code, out.stdout.as_slice()),
+        (3, &b"hi\n"[..])
+    );
+    // The embedded CLI (owner `local`) does not see the key's template.
+    let ls = home.run(&["--json", "templates", "ls"]).ok().json();
+    assert_eq!(ls, json!([]), "{ls}");
+
+    // Revoked by another process: refused from the next request on.
+    home.run(&["keys", "revoke", &id]).ok();
+    let e = c.templates().await.unwrap_err();
+    assert_eq!(api_status(&e), 401, "{e}");
+
+    // SIGINT: a clean shutdown.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("thaw serve ignored SIGINT:\n{}", log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.success(),
+        "thaw serve exited with {status}:\n{}",
+        log_text()
+    );
+    assert!(log_text().contains("thaw API listening"), "{}", log_text());
+    home.assert_clean();
 }

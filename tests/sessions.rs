@@ -71,10 +71,16 @@ fn shell_session_keeps_files_across_calls_pause_and_resume() {
             .await
             .unwrap();
         assert_eq!(
-            engine.session_read_file(&s.id, "/work/notes.txt").await.unwrap(),
+            engine
+                .session_read_file(&s.id, "/work/notes.txt")
+                .await
+                .unwrap(),
             b"kept\n"
         );
-        assert_eq!(sh(&engine, &s.id, "stat -c %a /work/notes.txt").await, "600");
+        assert_eq!(
+            sh(&engine, &s.id, "stat -c %a /work/notes.txt").await,
+            "600"
+        );
         assert_eq!(sh(&engine, &s.id, "hostname").await, s.id);
 
         let p = engine.session_pause(&s.id).await.unwrap();
@@ -90,7 +96,13 @@ fn shell_session_keeps_files_across_calls_pause_and_resume() {
             "a paused session holds no sandbox"
         );
         let e = engine
-            .session_exec(&s.id, vec!["true".into()], None, RunOptions::default(), |_, _| {})
+            .session_exec(
+                &s.id,
+                vec!["true".into()],
+                None,
+                RunOptions::default(),
+                |_, _| {},
+            )
             .await
             .unwrap_err();
         assert!(is_conflict(&e), "exec on a paused session: {e}");
@@ -99,7 +111,10 @@ fn shell_session_keeps_files_across_calls_pause_and_resume() {
         let r = engine.session_resume(&s.id).await.unwrap();
         assert_eq!(r.state, SessionState::Running);
         assert!(r.snapshot.is_none());
-        assert_eq!(sh(&engine, &s.id, "cat /tmp/counter /work/notes.txt").await, "41\nkept");
+        assert_eq!(
+            sh(&engine, &s.id, "cat /tmp/counter /work/notes.txt").await,
+            "41\nkept"
+        );
         let e = engine.session_resume(&s.id).await.unwrap_err();
         assert!(is_conflict(&e), "second resume: {e}");
 
@@ -175,7 +190,10 @@ fn python_variable_survives_pause_and_an_engine_restart() {
         let s = engine.session(&id).unwrap();
         assert_eq!(s.state, SessionState::Paused);
         let r = engine.session_resume(&id).await.unwrap();
-        eprintln!("python session resume: {} ms", r.last_resume_ms.unwrap_or(0));
+        eprintln!(
+            "python session resume: {} ms",
+            r.last_resume_ms.unwrap_or(0)
+        );
         let inv = engine
             .session_invoke(
                 &id,
@@ -256,7 +274,10 @@ fn races_timeouts_ownership_and_a_killed_sandbox() {
         let mut want = vec![to_pause.id.clone(), to_stop.id.clone()];
         want.sort();
         assert_eq!(ids, want);
-        assert_eq!(engine.session(&to_pause.id).unwrap().state, SessionState::Paused);
+        assert_eq!(
+            engine.session(&to_pause.id).unwrap().state,
+            SessionState::Paused
+        );
         let stopped = engine.session(&to_stop.id).unwrap();
         assert_eq!(stopped.state, SessionState::Stopped);
         assert!(stopped.error.unwrap().contains("idle"));
@@ -278,7 +299,13 @@ fn races_timeouts_ownership_and_a_killed_sandbox() {
         assert!(st.success());
         tokio::time::sleep(Duration::from_millis(300)).await;
         let e = engine
-            .session_exec(&s.id, vec!["true".into()], None, RunOptions::default(), |_, _| {})
+            .session_exec(
+                &s.id,
+                vec!["true".into()],
+                None,
+                RunOptions::default(),
+                |_, _| {},
+            )
             .await
             .unwrap_err();
         assert!(e.to_string().contains("died"), "{e}");

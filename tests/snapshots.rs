@@ -304,6 +304,9 @@ fn disk_full_during_publish_keeps_the_previous_snapshot() {
     if let Err(p) = r {
         std::panic::resume_unwind(p);
     }
-    assert!(unmounted, "the home is still in use: something was left behind");
+    assert!(
+        unmounted,
+        "the home is still in use: something was left behind"
+    );
     home.assert_clean();
 }

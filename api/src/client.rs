@@ -494,6 +494,12 @@ impl Client {
         self.exit(end)
     }
 
+    /// Runs the template's handler in a running session.
+    pub async fn session_invoke(&self, id: &str, body: &InvokeBody) -> Result<Invocation> {
+        self.post_json(&["v1", "sessions", id, "invoke"], body)
+            .await
+    }
+
     /// Writes a file (absolute path in the sandbox), creating or replacing it; `mode` is the
     /// permission bits (e.g. `0o644`).
     pub async fn session_write_file(

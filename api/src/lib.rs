@@ -17,6 +17,7 @@
 //! | `GET /v1/sessions` | | [`SessionList`] |
 //! | `GET`, `DELETE /v1/sessions/{id}` | | [`Session`] |
 //! | `POST /v1/sessions/{id}/exec` | [`ExecBody`] | [`ExecResponse`], or a stream |
+//! | `POST /v1/sessions/{id}/invoke` | [`InvokeBody`] | [`Invocation`], or a stream |
 //! | `PUT /v1/sessions/{id}/files?path=/abs&mode=0644` | raw bytes | 204 |
 //! | `GET /v1/sessions/{id}/files?path=/abs` | | raw bytes |
 //! | `POST /v1/sessions/{id}/pause`, `/resume` | | [`Session`] |

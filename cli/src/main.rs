@@ -222,7 +222,9 @@ enum KeysCmd {
         max_sandboxes: u32,
     },
     Ls,
-    Revoke { id: String },
+    Revoke {
+        id: String,
+    },
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -400,7 +402,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let input = read_stdin_if(stdin)?;
             let mut out = output::ExecOutput::new(json);
             let r = backend
-                .exec(&template, argv, input, run.options()?, |s, d| out.chunk(s, d))
+                .exec(&template, argv, input, run.options()?, |s, d| {
+                    out.chunk(s, d)
+                })
                 .await?;
             out.finish(&r)
         }
@@ -524,9 +528,7 @@ async fn session(backend: &Backend, cmd: SessionCmd, json: bool) -> Result<ExitC
             }
         }
         SessionCmd::Pause { id } => output::session(&backend.pause(&id).await?, json, "paused")?,
-        SessionCmd::Resume { id } => {
-            output::session(&backend.resume(&id).await?, json, "resumed")?
-        }
+        SessionCmd::Resume { id } => output::session(&backend.resume(&id).await?, json, "resumed")?,
         SessionCmd::Extend {
             id,
             idle_timeout,

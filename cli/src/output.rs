@@ -65,7 +65,9 @@ impl ExecOutput {
                 eprintln!("thaw: output truncated at the template's output limit");
             }
             match r.outcome {
-                Outcome::Timeout => eprintln!("thaw: timed out; the task's process tree was killed"),
+                Outcome::Timeout => {
+                    eprintln!("thaw: timed out; the task's process tree was killed")
+                }
                 Outcome::Oom => eprintln!(
                     "thaw: killed: out of memory (limit: the template's limits.memory_mib)"
                 ),
@@ -174,11 +176,7 @@ pub fn session(s: &Session, json: bool, what: &str) -> Result<()> {
             s.last_pause_ms.unwrap_or(0),
             s.snapshot_size.map(|z| z.stored_bytes).unwrap_or(0)
         ),
-        "resumed" => println!(
-            "resumed {} in {} ms",
-            s.id,
-            s.last_resume_ms.unwrap_or(0)
-        ),
+        "resumed" => println!("resumed {} in {} ms", s.id, s.last_resume_ms.unwrap_or(0)),
         _ => println!("{what} {}", s.id),
     }
     Ok(())

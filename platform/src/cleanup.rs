@@ -38,7 +38,8 @@ pub fn write_session_owner(path: &Path, session: &str) -> Result<()> {
 /// The session that owns a sandbox, if a session does.
 pub fn session_owner(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
-    text.strip_prefix(SESSION_OWNER).map(|s| s.trim().to_string())
+    text.strip_prefix(SESSION_OWNER)
+        .map(|s| s.trim().to_string())
 }
 
 pub fn write_owner(path: &Path) -> Result<()> {

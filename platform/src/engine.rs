@@ -203,6 +203,11 @@ impl Engine {
             .with(|s| s.list_prefix(Store::templates_tree(), &prefix))
     }
 
+    /// Every owner's templates (for server housekeeping and metrics, not for callers).
+    pub fn all_templates(&self) -> Result<Vec<TemplateRecord>> {
+        self.meta.with(|s| s.list(Store::templates_tree()))
+    }
+
     pub fn template(&self, name: &str) -> Result<TemplateRecord> {
         let key = self.template_key(name);
         match self
@@ -331,8 +336,10 @@ impl Engine {
 
     /// Removes a snapshot and its unshared chunks; failures only leave garbage for a later gc.
     pub(crate) fn drop_snapshot(&self, name: &str) {
-        if let Err(e) = self.snapshots.delete(name) {
-            tracing::warn!(snapshot = name, error = %e, "deleting old snapshot");
+        match self.snapshots.delete(name) {
+            // A rolled-back pause may not have got as far as storing it.
+            Ok(()) | Err(thaw_snapshotter::Error::NotFound { .. }) => {}
+            Err(e) => tracing::warn!(snapshot = name, error = %e, "deleting snapshot"),
         }
         let _ = self
             .snapshots
@@ -348,9 +355,7 @@ impl Engine {
         t.state = TemplateState::NeedsRebuild;
         t.note = Some(why.to_string());
         let key = self.template_key(&t.name);
-        let _ = self
-            .meta
-            .with(|s| s.put(Store::templates_tree(), &key, &t));
+        let _ = self.meta.with(|s| s.put(Store::templates_tree(), &key, &t));
     }
 
     /// Starts a sandbox for one call: restored from the snapshot when there is one, else
@@ -404,7 +409,12 @@ impl Engine {
         Ok((sb, StartKind::Restore, started.elapsed(), Duration::ZERO))
     }
 
-    pub(crate) fn sandbox_spec(&self, spec: &TemplateSpec, layers: &[PathBuf], id: &str) -> SandboxSpec {
+    pub(crate) fn sandbox_spec(
+        &self,
+        spec: &TemplateSpec,
+        layers: &[PathBuf],
+        id: &str,
+    ) -> SandboxSpec {
         SandboxSpec {
             id: id.to_string(),
             hostname: id.to_string(),
@@ -433,10 +443,7 @@ impl Engine {
         opts: &RunOptions,
         id: &str,
     ) -> Result<(ContainerSandbox, Duration)> {
-        let sb = self
-            .tier
-            .boot(&self.sandbox_spec(spec, layers, id))
-            .await?;
+        let sb = self.tier.boot(&self.sandbox_spec(spec, layers, id)).await?;
         let warm_started = Instant::now();
         let r = async {
             self.hygiene(&sb, spec, opts).await?;

@@ -46,7 +46,9 @@ impl Paths {
             std::fs::create_dir_all(&d).ctx("creating directory", &d)?;
         }
         let conf = self.criu_config();
-        if std::fs::read_to_string(&conf).ok().as_deref() != Some(crate::container::checkpoint::CRIU_CONFIG) {
+        if std::fs::read_to_string(&conf).ok().as_deref()
+            != Some(crate::container::checkpoint::CRIU_CONFIG)
+        {
             let tmp = conf.with_extension("tmp");
             std::fs::write(&tmp, crate::container::checkpoint::CRIU_CONFIG)
                 .ctx("writing CRIU configuration", &tmp)?;

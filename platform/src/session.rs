@@ -278,6 +278,12 @@ impl Engine {
             .collect())
     }
 
+    /// Every owner's sessions (for server housekeeping and metrics, not for callers).
+    pub fn all_sessions(&self) -> Result<Vec<Session>> {
+        let all: Vec<SessionRecord> = self.meta.with(|s| s.list(Store::sessions_tree()))?;
+        Ok(all.into_iter().map(|r| r.session).collect())
+    }
+
     /// Sessions of this owner that hold a live sandbox (per-key limits count them).
     pub fn count_running_sessions(&self) -> Result<usize> {
         Ok(self
@@ -640,10 +646,12 @@ impl Engine {
     /// Resumes a paused session from its snapshot, with everything it had.
     pub async fn session_resume(&self, id: &str) -> Result<Session> {
         let lock = self.session_locks.get(id);
-        let Ok(_excl) = lock.try_write() else {
+        // A paused session runs nothing, so the only holder can be a pause finishing its
+        // teardown or a racing resume: wait for it (bounded), then the state decides.
+        let Ok(_excl) = tokio::time::timeout(Duration::from_secs(30), lock.write()).await else {
             return Err(Error::SessionBusy {
                 id: id.to_string(),
-                what: "another call is using it".into(),
+                what: "another call has held it for 30 s".into(),
             });
         };
         let started = Instant::now();
@@ -771,7 +779,10 @@ impl Engine {
         max_lifetime: Option<Duration>,
     ) -> Result<Session> {
         let r = self.transition(id, |r| {
-            if !matches!(r.session.state, SessionState::Running | SessionState::Paused) {
+            if !matches!(
+                r.session.state,
+                SessionState::Running | SessionState::Paused
+            ) {
                 return Err(conflict(&r.session, "be extended"));
             }
             if let Some(t) = idle_timeout {
@@ -828,7 +839,10 @@ impl Engine {
             });
         };
         let before = self.transition(id, |r| {
-            if !matches!(r.session.state, SessionState::Running | SessionState::Paused) {
+            if !matches!(
+                r.session.state,
+                SessionState::Running | SessionState::Paused
+            ) {
                 return Err(conflict(&r.session, "stop"));
             }
             Ok(())
@@ -941,9 +955,8 @@ impl Engine {
                                     Some("a pause was interrupted and rolled back".into());
                             } else {
                                 r.session.state = SessionState::Failed;
-                                r.session.error = Some(
-                                    "a pause was interrupted and its sandbox is gone".into(),
-                                );
+                                r.session.error =
+                                    Some("a pause was interrupted and its sandbox is gone".into());
                             }
                             Ok(())
                         })?;

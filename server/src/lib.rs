@@ -119,6 +119,7 @@ pub async fn serve_on(
     cfg: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    upload::sweep_sources(&engine);
     let (app, state) = app(engine, cfg)?;
     let addr = listener.local_addr().map_err(Error::Serve)?;
     info!(%addr, "thaw API listening");
@@ -278,6 +279,8 @@ async fn reaper(state: AppState, stop: tokio_util::sync::CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            // Checked first: no new pass starts once shutdown began.
+            biased;
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }

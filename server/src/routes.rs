@@ -143,19 +143,15 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     let engine = state.engine.clone();
     let (running, paused, store_bytes) = blocking(move || {
         // Sessions of every owner: each key's, and the embedded CLI's.
-        let mut owners: Vec<String> = engine.keys()?.into_iter().map(|k| k.id).collect();
-        owners.push(thaw_platform::engine::LOCAL_OWNER.to_string());
         let (mut running, mut paused) = (0i64, 0i64);
-        for o in owners {
-            for s in engine.as_owner(&o).sessions()? {
-                match s.state {
-                    SessionState::Running
-                    | SessionState::Creating
-                    | SessionState::Pausing
-                    | SessionState::Resuming => running += 1,
-                    SessionState::Paused => paused += 1,
-                    SessionState::Stopped | SessionState::Failed => {}
-                }
+        for s in engine.all_sessions()? {
+            match s.state {
+                SessionState::Running
+                | SessionState::Creating
+                | SessionState::Pausing
+                | SessionState::Resuming => running += 1,
+                SessionState::Paused => paused += 1,
+                SessionState::Stopped | SessionState::Failed => {}
             }
         }
         let usage = engine.snapshots.usage()?;

@@ -1,8 +1,9 @@
 //! Unpacking an uploaded template tar. The archive comes from the network, so every entry is
 //! checked before anything is written: only relative paths inside the destination, regular
-//! files, directories and symlinks whose target stays inside the destination. Anything else
-//! (absolute paths, `..`, devices, fifos, hard links, sparse files) is refused, naming the
-//! entry, and nothing of the archive is kept.
+//! files, directories and symlinks whose target stays inside the destination (checked per
+//! entry, then again by resolving every link once all are written). Anything else (absolute
+//! paths, `..`, devices, fifos, hard links, sparse files) is refused, naming the entry; the
+//! caller then removes the destination, so nothing of the archive is kept.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -104,10 +105,58 @@ pub fn unpack(archive: impl std::io::Read, dest: &Path) -> Result<(), UnpackErro
             )));
         }
     }
+    check_symlinks(dest)?;
     if !dest.join("template.toml").is_file() {
         return Err(bad(
             "it has no template.toml at its root; tar the template directory's contents (e.g. `tar -C dir -cf - .`)".into(),
         ));
+    }
+    Ok(())
+}
+
+/// Resolves every unpacked symlink for real. The per-entry check is lexical, which a chain
+/// defeats: `y -> .` and `x -> y/..` each look inside, yet `x` is the parent of the root.
+/// Following the links on disk catches any such chain. A dangling link reads nothing, so
+/// it may stay; a loop may not.
+fn check_symlinks(dest: &Path) -> Result<(), UnpackError> {
+    let io = |source| UnpackError::Io {
+        dir: dest.to_path_buf(),
+        source,
+    };
+    let root = dest.canonicalize().map_err(io)?;
+    let mut stack = vec![dest.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(io)?;
+            if kind.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if !kind.is_symlink() {
+                continue;
+            }
+            let name = path
+                .strip_prefix(dest)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            match path.canonicalize() {
+                Ok(real) if real.starts_with(&root) => {}
+                Ok(_) => {
+                    return Err(UnpackError::Bad(format!(
+                        "symlink `{name}` resolves outside the template directory"
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(UnpackError::Bad(format!(
+                        "symlink `{name}` cannot be resolved: {e}"
+                    )))
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -162,6 +211,40 @@ fn describe(t: EntryType) -> &'static str {
         EntryType::Fifo => "fifo",
         EntryType::GNUSparse => "sparse file",
         _ => "special entry",
+    }
+}
+
+/// Removes what a killed server left under `$THAW_HOME/sources`: partial uploads
+/// (`.upload-*.tar`) and unpacked directories that no template uses (a deploy that never
+/// finished). Runs before the server accepts requests, so no upload of its own is in flight.
+pub fn sweep_sources(engine: &thaw_platform::Engine) {
+    let root = engine.paths.home.join("sources");
+    let Ok(templates) = engine.all_templates() else {
+        return;
+    };
+    let used: std::collections::HashSet<std::path::PathBuf> =
+        templates.into_iter().map(|t| t.source_dir).collect();
+    let Ok(owners) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for owner in owners.flatten() {
+        let Ok(entries) = std::fs::read_dir(owner.path()) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let stale = if e.file_name().to_string_lossy().starts_with(".upload-") {
+                true
+            } else {
+                // Records hold canonical paths (deploy canonicalises); so must we, or a
+                // symlinked THAW_HOME would make every upload look unused.
+                path.is_dir() && !used.contains(&path.canonicalize().unwrap_or(path.clone()))
+            };
+            if stale {
+                tracing::info!(path = %path.display(), "removing a stale template upload");
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
     }
 }
 
@@ -264,6 +347,26 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(std::fs::read(d.path().join("t/x")).unwrap(), b"ok");
+    }
+
+    #[test]
+    fn a_chain_of_inner_looking_symlinks_cannot_reach_outside() {
+        // Each target looks inside on its own; together `x` is the root's parent.
+        let e = try_unpack(&[
+            ("y", EntryType::Symlink, b"", Some(".")),
+            ("x", EntryType::Symlink, b"", Some("y/..")),
+        ])
+        .unwrap_err();
+        assert!(e.contains("`x` resolves outside"), "{e}");
+        let e = try_unpack(&[
+            ("a", EntryType::Symlink, b"", Some("b")),
+            ("b", EntryType::Symlink, b"", Some("a")),
+        ])
+        .unwrap_err();
+        assert!(e.contains("cannot be resolved"), "{e}");
+        // Dangling but inside: harmless, kept.
+        let d = try_unpack(&[("later", EntryType::Symlink, b"", Some("not-yet"))]).unwrap();
+        assert!(std::fs::symlink_metadata(d.path().join("t/later")).is_ok());
     }
 
     #[test]
