@@ -645,9 +645,14 @@ impl Engine {
 
     /// Resumes a paused session from its snapshot, with everything it had.
     pub async fn session_resume(&self, id: &str) -> Result<Session> {
+        // Anything but a paused session is a conflict at once (a pause in flight, a running
+        // session). A paused one may still have its lock held by the pause finishing its
+        // teardown, or by a racing resume: wait for that (bounded), then the state decides.
+        let current = self.session(id)?;
+        if current.state != SessionState::Paused {
+            return Err(conflict(&current, "resume"));
+        }
         let lock = self.session_locks.get(id);
-        // A paused session runs nothing, so the only holder can be a pause finishing its
-        // teardown or a racing resume: wait for it (bounded), then the state decides.
         let Ok(_excl) = tokio::time::timeout(Duration::from_secs(30), lock.write()).await else {
             return Err(Error::SessionBusy {
                 id: id.to_string(),
