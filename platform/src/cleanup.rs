@@ -42,20 +42,55 @@ pub fn session_owner(path: &Path) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// This process's identity record.
+pub(crate) fn my_identity() -> String {
+    identity(std::process::id()).unwrap_or_else(|| format!("{} 0", std::process::id()))
+}
+
 pub fn write_owner(path: &Path) -> Result<()> {
-    let me = identity(std::process::id()).unwrap_or_else(|| format!("{} 0", std::process::id()));
-    std::fs::write(path, me).ctx("writing owner record", path)
+    std::fs::write(path, my_identity()).ctx("writing owner record", path)
+}
+
+/// Whether the process an identity record names still runs (same pid, same start time).
+pub(crate) fn identity_alive(record: &str) -> bool {
+    let record = record.trim();
+    let Some(pid) = record
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+    else {
+        return false;
+    };
+    identity(pid).as_deref() == Some(record)
 }
 
 /// Whether the process recorded in `path` still runs.
 pub fn owner_alive(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return false;
-    };
-    let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) else {
-        return false;
-    };
-    identity(pid).as_deref() == Some(text.trim())
+    std::fs::read_to_string(path)
+        .map(|text| identity_alive(&text))
+        .unwrap_or(false)
+}
+
+/// A `.tmp-<name>` scratch directory owned by this process, removed (mounts included) when
+/// dropped; if the process dies first, [`sweep`] removes it.
+pub(crate) struct Scratch {
+    pub path: std::path::PathBuf,
+}
+
+impl Scratch {
+    pub fn new(parent: &Path, name: &str) -> Result<Scratch> {
+        let path = parent.join(format!(".tmp-{name}"));
+        let _ = mounts::teardown_dir(&path);
+        std::fs::create_dir_all(&path).ctx("creating scratch directory", &path)?;
+        write_owner(&path.join(".owner"))?;
+        Ok(Scratch { path })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = mounts::teardown_dir(&self.path);
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]

@@ -307,13 +307,9 @@ impl Engine {
     ) -> Result<SnapshotSize> {
         let started = Instant::now();
         require_criu()?;
-        let scratch = self.paths.checkpoints().join(format!(".tmp-{}", sb.id));
-        let _ = crate::container::mounts::teardown_dir(&scratch);
-        std::fs::create_dir_all(&scratch)
-            .map_err(|e| Error::io("creating checkpoint scratch", &scratch, e))?;
-        crate::cleanup::write_owner(&scratch.join(".owner"))?;
-        let images = scratch.join("snapshot");
-        let r = async {
+        let scratch = crate::cleanup::Scratch::new(&self.paths.checkpoints(), &sb.id)?;
+        let images = scratch.path.join("snapshot");
+        async {
             self.tier.checkpoint(sb, &images, leave_running).await?;
             let checkpoint_ms = started.elapsed().as_millis() as u64;
             let snaps = self.snapshots.clone();
@@ -329,9 +325,7 @@ impl Engine {
                 checkpoint_ms,
             })
         }
-        .await;
-        let _ = std::fs::remove_dir_all(&scratch);
-        r
+        .await
     }
 
     /// Removes a snapshot and its unshared chunks; failures only leave garbage for a later gc.

@@ -24,7 +24,7 @@ use tokio::sync::RwLock;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::cleanup;
-use crate::container::{mounts, ContainerSandbox};
+use crate::container::ContainerSandbox;
 use crate::engine::{
     ms, now_secs, Engine, ExecResult, Invocation, RunOptions, SnapshotSize, StartKind, Timings,
 };
@@ -57,6 +57,18 @@ pub enum SessionState {
 }
 
 impl SessionState {
+    /// Whether a session in this state has (or is getting) a live sandbox: what per-key
+    /// limits and the live-sandbox gauge count.
+    pub fn holds_sandbox(&self) -> bool {
+        matches!(
+            self,
+            SessionState::Running
+                | SessionState::Creating
+                | SessionState::Pausing
+                | SessionState::Resuming
+        )
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             SessionState::Creating => "creating",
@@ -180,22 +192,16 @@ impl SessionLocks {
 }
 
 fn me() -> String {
-    cleanup::identity(std::process::id()).unwrap_or_else(|| format!("{} 0", std::process::id()))
+    cleanup::my_identity()
 }
 
 /// Whether the process named by an identity record runs (a zombie does not: a killed
 /// sandbox init lingers as one until its parent reaps it).
 fn alive(identity: &str) -> bool {
-    let Some(pid) = identity
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse::<u32>().ok())
-    else {
-        return false;
-    };
-    if cleanup::identity(pid).as_deref() != Some(identity) {
+    if !cleanup::identity_alive(identity) {
         return false;
     }
+    let pid = identity.split_whitespace().next().unwrap_or_default();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let state = stat
         .rfind(')')
@@ -289,15 +295,7 @@ impl Engine {
         Ok(self
             .sessions()?
             .iter()
-            .filter(|s| {
-                matches!(
-                    s.state,
-                    SessionState::Running
-                        | SessionState::Creating
-                        | SessionState::Pausing
-                        | SessionState::Resuming
-                )
-            })
+            .filter(|s| s.state.holds_sandbox())
             .count())
     }
 
@@ -395,6 +393,26 @@ impl Engine {
         });
     }
 
+    /// One call into a running session: it shares the session's lock with other calls
+    /// (a pause refuses while any runs), checks that the session runs, marks it active
+    /// before and after, and fails the session if its sandbox turns out to be dead.
+    async fn in_running<T>(
+        &self,
+        id: &str,
+        action: &str,
+        work: impl AsyncFnOnce(&SessionRecord, &ContainerSandbox) -> Result<T>,
+    ) -> Result<T> {
+        let lock = self.session_locks.get(id);
+        let _shared = lock.read().await;
+        let rec = self.touch_running(id, action)?;
+        let sb = ContainerSandbox::attach(&self.tier, id);
+        let r = work(&rec, &sb)
+            .instrument(info_span!("session.call", session = %id, action))
+            .await;
+        self.touch(id);
+        r.map_err(|e| self.lost_if_dead(id, e))
+    }
+
     /// Runs a command in a running session, streaming its output. State carries over
     /// between calls: files, and anything a long-lived process in the session keeps.
     pub async fn session_exec(
@@ -405,43 +423,34 @@ impl Engine {
         opts: RunOptions,
         on_output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExecResult> {
-        let lock = self.session_locks.get(id);
-        let _shared = lock.read().await;
-        let rec = self.touch_running(id, "exec")?;
-        let started = Instant::now();
-        let sb = ContainerSandbox::attach(&self.tier, id);
-        let req = ExecRequest {
-            argv,
-            env: opts.env.clone(),
-            cwd: None,
-            stdin: stdin.map(Bytes),
-            limits: Engine::limits(&rec.spec, &opts),
-        };
-        let r = sb
-            .agent
-            .exec(req, on_output)
-            .instrument(info_span!("session.exec", session = %id))
-            .await;
-        self.touch(id);
-        let mut d = r.map_err(|e| self.lost_if_dead(id, e))?;
-        if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && self.oom_killed(&sb) {
-            d.outcome = Outcome::Oom;
-        }
-        let total = ms(started.elapsed());
-        Ok(ExecResult {
-            template: rec.session.template,
-            sandbox_id: id.to_string(),
-            start: StartKind::Session,
-            exit_code: d.outcome.exit_code(),
-            outcome: d.outcome,
-            truncated: d.truncated,
-            timings: Timings {
-                start_ms: 0.0,
-                warm_ms: 0.0,
-                run_ms: total,
-                total_ms: total,
+        self.in_running(
+            id,
+            "exec",
+            async |rec: &SessionRecord, sb: &ContainerSandbox| {
+                let started = Instant::now();
+                let req = ExecRequest {
+                    argv,
+                    env: opts.env.clone(),
+                    cwd: None,
+                    stdin: stdin.map(Bytes),
+                    limits: Engine::limits(&rec.spec, &opts),
+                };
+                let mut d = sb.agent.exec(req, on_output).await?;
+                if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && self.oom_killed(sb) {
+                    d.outcome = Outcome::Oom;
+                }
+                Ok(ExecResult {
+                    template: rec.session.template.clone(),
+                    sandbox_id: id.to_string(),
+                    start: StartKind::Session,
+                    exit_code: d.outcome.exit_code(),
+                    outcome: d.outcome,
+                    truncated: d.truncated,
+                    timings: call_timings(started),
+                })
             },
-        })
+        )
+        .await
     }
 
     /// Runs the template's handler on a payload inside a running session. A persistent
@@ -453,40 +462,31 @@ impl Engine {
         opts: RunOptions,
         on_stderr: impl FnMut(&[u8]),
     ) -> Result<Invocation> {
-        let lock = self.session_locks.get(id);
-        let _shared = lock.read().await;
-        let rec = self.touch_running(id, "invoke")?;
-        let started = Instant::now();
-        let sb = ContainerSandbox::attach(&self.tier, id);
-        let req = InvokeRequest {
-            payload,
-            env: opts.env.clone(),
-            limits: Engine::limits(&rec.spec, &opts),
-        };
-        let r = sb
-            .agent
-            .invoke(req, on_stderr)
-            .instrument(info_span!("session.invoke", session = %id))
-            .await;
-        self.touch(id);
-        let mut done = r.map_err(|e| self.lost_if_dead(id, e))?;
-        if self.oom_killed(&sb) && done.status != InvokeStatus::Ok {
-            done.status = InvokeStatus::Oom;
-            done.outcome = Some(Outcome::Oom);
-        }
-        let total = ms(started.elapsed());
-        Ok(Invocation {
-            template: rec.session.template,
-            sandbox_id: id.to_string(),
-            start: StartKind::Session,
-            done,
-            timings: Timings {
-                start_ms: 0.0,
-                warm_ms: 0.0,
-                run_ms: total,
-                total_ms: total,
+        self.in_running(
+            id,
+            "invoke",
+            async |rec: &SessionRecord, sb: &ContainerSandbox| {
+                let started = Instant::now();
+                let req = InvokeRequest {
+                    payload,
+                    env: opts.env.clone(),
+                    limits: Engine::limits(&rec.spec, &opts),
+                };
+                let mut done = sb.agent.invoke(req, on_stderr).await?;
+                if self.oom_killed(sb) && done.status != InvokeStatus::Ok {
+                    done.status = InvokeStatus::Oom;
+                    done.outcome = Some(Outcome::Oom);
+                }
+                Ok(Invocation {
+                    template: rec.session.template.clone(),
+                    sandbox_id: id.to_string(),
+                    start: StartKind::Session,
+                    done,
+                    timings: call_timings(started),
+                })
             },
-        })
+        )
+        .await
     }
 
     /// When a call to a running session fails because its sandbox is gone, the session
@@ -521,38 +521,34 @@ impl Engine {
         data: Vec<u8>,
         mode: Option<u32>,
     ) -> Result<()> {
-        let lock = self.session_locks.get(id);
-        let _shared = lock.read().await;
-        self.touch_running(id, "write files")?;
-        let sb = ContainerSandbox::attach(&self.tier, id);
-        let r = sb
-            .agent
-            .call(&Request::WriteFile {
-                path: path.to_string(),
-                data: Bytes(data),
-                mode,
-                append: false,
-            })
-            .await;
-        self.touch(id);
-        r.map_err(|e| self.lost_if_dead(id, e))?;
+        let req = Request::WriteFile {
+            path: path.to_string(),
+            data: Bytes(data),
+            mode,
+            append: false,
+        };
+        self.in_running(
+            id,
+            "write files",
+            async |_: &SessionRecord, sb: &ContainerSandbox| sb.agent.call(&req).await,
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn session_read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
-        let lock = self.session_locks.get(id);
-        let _shared = lock.read().await;
-        self.touch_running(id, "read files")?;
-        let sb = ContainerSandbox::attach(&self.tier, id);
-        let r = sb
-            .agent
-            .call(&Request::ReadFile {
-                path: path.to_string(),
-                max_bytes: Some(MAX_FILE + 1),
-            })
-            .await;
-        self.touch(id);
-        match r.map_err(|e| self.lost_if_dead(id, e))? {
+        let req = Request::ReadFile {
+            path: path.to_string(),
+            max_bytes: Some(MAX_FILE + 1),
+        };
+        let answer = self
+            .in_running(
+                id,
+                "read files",
+                async |_: &SessionRecord, sb: &ContainerSandbox| sb.agent.call(&req).await,
+            )
+            .await?;
+        match answer {
             Response::FileData { data, .. } if data.0.len() as u64 > MAX_FILE => {
                 Err(Error::TooLarge {
                     what: format!("file {path}"),
@@ -725,13 +721,9 @@ impl Engine {
 
     async fn restore_session(&self, rec: &SessionRecord, snap: &str) -> Result<ContainerSandbox> {
         let id = &rec.session.id;
-        let scratch = self.paths.checkpoints().join(format!(".tmp-resume-{id}"));
-        let _ = mounts::teardown_dir(&scratch);
-        std::fs::create_dir_all(&scratch)
-            .map_err(|e| Error::io("creating resume scratch", &scratch, e))?;
-        cleanup::write_owner(&scratch.join(".owner"))?;
-        let dir = scratch.join("snapshot");
-        let r = async {
+        let scratch = cleanup::Scratch::new(&self.paths.checkpoints(), &format!("resume-{id}"))?;
+        let dir = scratch.path.join("snapshot");
+        async {
             let snaps = self.snapshots.clone();
             let (n, d) = (snap.to_string(), dir.clone());
             tokio::task::spawn_blocking(move || snaps.materialize(&n, &d))
@@ -756,9 +748,7 @@ impl Engine {
                 }
             }
         }
-        .await;
-        let _ = std::fs::remove_dir_all(&scratch);
-        r
+        .await
     }
 
     fn fail(&self, id: &str, why: String) -> Error {
@@ -1034,6 +1024,17 @@ impl Engine {
             // Unreadable metadata: keep the sandbox rather than destroy a live session.
             Err(_) => true,
         }
+    }
+}
+
+/// Timings of a call into a session: it has no start, only a run.
+fn call_timings(started: Instant) -> Timings {
+    let total = ms(started.elapsed());
+    Timings {
+        start_ms: 0.0,
+        warm_ms: 0.0,
+        run_ms: total,
+        total_ms: total,
     }
 }
 

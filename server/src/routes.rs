@@ -145,13 +145,10 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         // Sessions of every owner: each key's, and the embedded CLI's.
         let (mut running, mut paused) = (0i64, 0i64);
         for s in engine.all_sessions()? {
-            match s.state {
-                SessionState::Running
-                | SessionState::Creating
-                | SessionState::Pausing
-                | SessionState::Resuming => running += 1,
-                SessionState::Paused => paused += 1,
-                SessionState::Stopped | SessionState::Failed => {}
+            if s.state.holds_sandbox() {
+                running += 1;
+            } else if s.state == SessionState::Paused {
+                paused += 1;
             }
         }
         let usage = engine.snapshots.usage()?;

@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{info, info_span, Instrument};
 
 use super::spec::{BaseSpec, TemplateSpec};
+use crate::cleanup::Scratch;
 use crate::container::oci::{self, ContainerConfig, Network};
 use crate::container::{mounts, runc::Runc, write_json};
 use crate::error::{Error, IoContext, Result};
@@ -139,27 +140,6 @@ pub async fn build(
     })
 }
 
-/// A scratch directory that is removed (mounts included) when dropped.
-struct Scratch {
-    path: PathBuf,
-}
-
-impl Scratch {
-    fn new(cache: &Path, key: &str) -> Result<Scratch> {
-        let path = cache.join(format!(".tmp-{key}-{}", std::process::id()));
-        let _ = mounts::teardown_dir(&path);
-        std::fs::create_dir_all(&path).ctx("creating build directory", &path)?;
-        crate::cleanup::write_owner(&path.join(".owner"))?;
-        Ok(Scratch { path })
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = mounts::teardown_dir(&self.path);
-    }
-}
-
 async fn build_base(
     cache: &Path,
     key: &str,
@@ -168,7 +148,7 @@ async fn build_base(
 ) -> Result<()> {
     let span = info_span!("rootfs.base", key);
     async {
-        let scratch = Scratch::new(cache, key)?;
+        let scratch = Scratch::new(cache, &format!("{key}-{}", std::process::id()))?;
         let root = scratch.path.join("root");
         std::fs::create_dir_all(&root).ctx("creating rootfs", &root)?;
         match base {
@@ -364,7 +344,7 @@ async fn build_layer(
 ) -> Result<()> {
     let span = info_span!("rootfs.layer", key);
     async {
-        let scratch = Scratch::new(cache, key)?;
+        let scratch = Scratch::new(cache, &format!("{key}-{}", std::process::id()))?;
         let upper = scratch.path.join("upper");
         let work = scratch.path.join("work");
         let merged = scratch.path.join("merged");
