@@ -282,12 +282,27 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the chain joined, so the cause and the fix are both visible.
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// One line: the error chain joined, so the cause and the fix are both visible. Most of our
+/// errors already quote their cause in their own message; a cause already said is skipped.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg.replace('\n', " ")
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -374,8 +389,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&t)?;
             } else {
                 println!(
-                    "published template `{}` in {:.1} s (warm-up {} ms)",
+                    "published template `{}` on the {} tier in {:.1} s (warm-up {} ms)",
                     t.name,
+                    t.tier.as_str(),
                     t.publish_ms as f64 / 1000.0,
                     t.warm_ms
                 );
@@ -417,14 +433,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     println!("no templates (publish one with `thaw deploy <dir>`)");
                 } else {
                     println!(
-                        "{:<20} {:<14} {:>10} {:>10}  SOURCE",
-                        "NAME", "STATE", "WARM_MS", "MEM_MIB"
+                        "{:<20} {:<14} {:<9} {:>10} {:>10}  SOURCE",
+                        "NAME", "STATE", "TIER", "WARM_MS", "MEM_MIB"
                     );
                     for t in ts {
                         println!(
-                            "{:<20} {:<14} {:>10} {:>10}  {}",
+                            "{:<20} {:<14} {:<9} {:>10} {:>10}  {}",
                             t.name,
                             t.state.as_str(),
+                            t.tier.as_str(),
                             t.warm_ms,
                             t.spec.limits.memory_mib,
                             t.source_dir.display()
@@ -671,5 +688,26 @@ fn doctor(json: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer failed: {0}")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("disk on fire")]
+    struct Inner;
+
+    #[test]
+    fn a_cause_already_quoted_is_not_repeated() {
+        let e = anyhow::Error::new(Outer(Inner)).context("invoking `x`");
+        assert_eq!(one_line(&e), "invoking `x`: outer failed: disk on fire");
+        let plain = anyhow::Error::new(Inner).context("line one\nline two");
+        assert_eq!(one_line(&plain), "line one line two: disk on fire");
     }
 }

@@ -316,6 +316,24 @@ impl Vm {
         &self.workdir
     }
 
+    /// Lets the VM outlive this handle (see [`Vmm::detach`]): it keeps running, its workdir
+    /// stays. Record [`Vm::vmm_pid`] to reach it again with [`Vm::attach`].
+    pub fn detach(self) {
+        self.vmm.detach();
+    }
+
+    /// A handle on a VM started earlier in `workdir` (by [`Vm::boot`] or [`Vm::restore`],
+    /// then [`Vm::detach`]ed), possibly by another process. `vmm_pid` must have been checked
+    /// by the caller to still be that VMM; [`Vm::shutdown`] ends it and removes `workdir`.
+    pub fn attach(workdir: &Path, cid: u64, vmm_pid: Option<u32>) -> Vm {
+        Vm {
+            vmm: Vmm::attach(workdir, vmm_pid),
+            workdir: workdir.to_owned(),
+            vsock_socket: workdir.join(VSOCK_SOCKET),
+            cid,
+        }
+    }
+
     pub fn cid(&self) -> u64 {
         self.cid
     }

@@ -21,6 +21,9 @@ const EXIT_GRACE: Duration = Duration::from_secs(3);
 
 pub const API_SOCKET: &str = "api.sock";
 pub const VMM_LOG: &str = "vmm.log";
+/// The VMM's pid, written right after spawn (check `/proc/<pid>/cmdline` names this
+/// directory's API socket before trusting it: pids are reused).
+pub const PID_FILE: &str = "vmm.pid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -51,11 +54,15 @@ pub enum VmmError {
     },
 }
 
-/// A running Cloud Hypervisor process. Killed, reaped (best effort) and its directory removed
-/// on drop.
+/// A running Cloud Hypervisor process. An owned VMM (from [`Vmm::spawn`]) is killed, reaped
+/// (best effort) and its directory removed on drop. [`Vmm::detach`] lets the process outlive
+/// the handle (a session's VM outlives the thaw process that made it); [`Vmm::attach`] makes
+/// a non-owning handle on such a VMM again, which [`Vmm::shutdown`] still ends.
 #[derive(Debug)]
 pub struct Vmm {
     child: Option<Child>,
+    /// The process id, kept after [`Vmm::detach`] drops `child`.
+    pid: Option<u32>,
     dir: PathBuf,
     api: ApiClient,
     version: String,
@@ -88,7 +95,8 @@ impl Vmm {
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log_err)
-                .kill_on_drop(true)
+                // Drop kills an owned VMM itself; a detached one must survive its handle.
+                .kill_on_drop(false)
                 .spawn()
                 .map_err(|source| {
                     if source.kind() == std::io::ErrorKind::NotFound {
@@ -103,7 +111,12 @@ impl Vmm {
                     }
                 })?;
             debug!(pid = child.id(), "vmm started");
+            // For whoever cleans up after a crash of ours before the caller recorded the VMM.
+            if let Some(pid) = child.id() {
+                let _ = std::fs::write(dir.join(PID_FILE), pid.to_string());
+            }
             let mut vmm = Vmm {
+                pid: child.id(),
                 child: Some(child),
                 dir: dir.to_owned(),
                 api: ApiClient::new(socket),
@@ -160,7 +173,28 @@ impl Vmm {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(|c| c.id())
+        self.pid
+    }
+
+    /// Lets the VMM process outlive this handle: nothing is killed or removed on drop. The
+    /// caller records [`Vmm::pid`] (with something that survives pid reuse) to end it later.
+    pub fn detach(mut self) {
+        // Dropping the tokio Child without kill_on_drop leaves the process running; tokio
+        // reaps it in the background if it exits while we still run.
+        self.child = None;
+    }
+
+    /// A non-owning handle on a VMM started earlier (possibly by another process) in `dir`.
+    /// `pid` must have been checked by the caller to still be that VMM (not a reused pid):
+    /// [`Vmm::shutdown`] and [`Vmm::kill`] signal it.
+    pub fn attach(dir: &Path, pid: Option<u32>) -> Vmm {
+        Vmm {
+            child: None,
+            pid,
+            dir: dir.to_owned(),
+            api: ApiClient::new(dir.join(API_SOCKET)),
+            version: String::new(),
+        }
     }
 
     /// The process has exited (and is reaped): its status.
@@ -177,6 +211,12 @@ impl Vmm {
 
     /// SIGKILL now. Used when the VMM stops answering: nothing it holds is worth waiting for.
     pub fn kill(&mut self) {
+        if self.child.is_none() {
+            if let Some(pid) = self.pid.take() {
+                kill_attached(pid);
+            }
+            return;
+        }
         if let Some(child) = self.child.as_mut() {
             if let Err(e) = child.start_kill() {
                 // Already exited: nothing to do.
@@ -197,7 +237,15 @@ impl Vmm {
     pub async fn shutdown(mut self) {
         let span = info_span!("vmm_shutdown", dir = %self.dir.display());
         async {
-            if self.try_wait().is_none() {
+            if self.child.is_none() {
+                if let Some(pid) = self.pid.filter(|p| process_exists(*p)) {
+                    let _ = self.api.vmm_shutdown().await;
+                    let deadline = Instant::now() + EXIT_GRACE;
+                    while process_exists(pid) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            } else if self.try_wait().is_none() {
                 if let Err(e) = self.api.vmm_shutdown().await {
                     // The VMM may close the connection before answering: that is success.
                     if !matches!(e, ClientError::Http { .. } | ClientError::Connect { .. }) {
@@ -236,6 +284,39 @@ impl Drop for Vmm {
             self.cleanup();
         }
     }
+}
+
+/// Whether a process exists and is not a zombie (an attached VMM is not our child, so a
+/// dead one may linger as a zombie of its real parent until that parent reaps it).
+fn process_exists(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
+/// SIGKILL to a VMM that is not our child, then wait (briefly) until it is gone.
+fn kill_attached(pid: u32) {
+    let Ok(raw) = i32::try_from(pid) else {
+        return;
+    };
+    if let Err(e) = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(raw),
+        nix::sys::signal::Signal::SIGKILL,
+    ) {
+        debug!(pid, error = %e, "vmm kill");
+        return;
+    }
+    for _ in 0..200 {
+        if !process_exists(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    warn!(pid, "vmm still present 1 s after SIGKILL");
 }
 
 fn lock_path(socket: &Path) -> PathBuf {

@@ -288,7 +288,7 @@ async fn idle_memory(engine: &Arc<Engine>, cfg: &BenchConfig) -> Result<Memory> 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut pss, mut rss) = (0u64, 0u64);
     for c in &clones {
-        for pid in sandbox_pids(c.id()) {
+        for pid in c.sb.host_pids() {
             let (p, r) = smaps_rollup(pid);
             pss += p;
             rss += r;
@@ -305,19 +305,6 @@ async fn idle_memory(engine: &Arc<Engine>, cfg: &BenchConfig) -> Result<Memory> 
         rss_bytes: rss,
         pss_over_rss: round(pss as f64 / rss.max(1) as f64),
     })
-}
-
-/// Host pids of every process in a sandbox (its memory cgroup's members).
-pub fn sandbox_pids(id: &str) -> Vec<u32> {
-    for dir in crate::container::memory_cgroup_dirs(id) {
-        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-            let pids: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
-            if !pids.is_empty() {
-                return pids;
-            }
-        }
-    }
-    Vec::new()
 }
 
 /// (Pss, Rss) of a process in bytes.

@@ -1,7 +1,7 @@
 //! Crash recovery: every sandbox directory records the thaw process that owns it (pid and
 //! kernel start time, so a recycled pid is not mistaken for its owner). On start, thaw
-//! destroys every sandbox whose owner is gone: processes, cgroups, mounts and files left by
-//! a `kill -9` mid-publish or mid-invocation.
+//! destroys every sandbox whose owner is gone: processes (a container, or a microvm's VMM),
+//! cgroups, mounts and files left by a `kill -9` mid-publish or mid-invocation.
 //!
 //! A session's sandbox outlives the process that made it, so its owner record names the
 //! session instead ([`write_session_owner`]); the sweep leaves those to session recovery
@@ -115,8 +115,13 @@ pub async fn sweep(paths: &Paths) -> Result<SweepStats> {
                 continue;
             }
             info!(sandbox = %id, "cleaning up orphaned sandbox");
-            if let Err(e) = runc.delete(&id).await {
-                warn!(sandbox = %id, error = %e, "runc delete of orphan");
+            match crate::microvm::tier_of_dir(&dir) {
+                crate::tier::Tier::Microvm => crate::microvm::kill_orphan_vmm(&dir),
+                crate::tier::Tier::Container => {
+                    if let Err(e) = runc.delete(&id).await {
+                        warn!(sandbox = %id, error = %e, "runc delete of orphan");
+                    }
+                }
             }
             if let Err(e) = mounts::teardown_dir(&dir) {
                 warn!(sandbox = %id, error = %e, "teardown of orphan");

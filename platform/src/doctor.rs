@@ -71,8 +71,16 @@ pub fn criu_major() -> Option<u32> {
 /// (the microvm crate owns the check: binary on PATH, /dev/kvm usable, vmx/svm present).
 pub fn microvm_availability() -> Result<String, String> {
     match thaw_microvm::cloud_hypervisor_available() {
-        thaw_microvm::Availability::Available { version, .. } => Ok(format!(
-            "cloud-hypervisor {version} with hardware KVM; note: this release runs templates on the container tier only (the microvm driver and guest image pipeline are in crate thaw-microvm)"
+        thaw_microvm::Availability::Available { version, binary } => Ok(format!(
+            "{version} ({}){}",
+            binary.display(),
+            if std::env::var_os(thaw_microvm::availability::TEST_DOUBLE_ENV)
+                .is_some_and(|v| v == "1")
+            {
+                "; TEST DOUBLE mode: KVM checks skipped"
+            } else {
+                " with hardware KVM"
+            }
         )),
         other => Err(other.reason()),
     }
@@ -183,12 +191,24 @@ pub fn run() -> Report {
             .clone()
             .map_err(|e| (e, "see README: Running on a KVM host".into())),
     ));
-    let (tier, tier_reason) = match micro {
-        Ok(v) => ("microvm".to_string(), format!("{v} with hardware KVM")),
-        Err(why) => (
-            "container".to_string(),
-            format!("microvm unavailable: {why}"),
+    let env = std::env::var(crate::tier::TIER_ENV).ok();
+    let chosen = crate::tier::resolve(crate::tier::TierChoice::Auto, env.as_deref(), || {
+        micro.clone().map(|_| ())
+    });
+    let (tier, tier_reason) = match (chosen, &micro) {
+        (Ok(t), _) if env.as_deref().is_some_and(|e| !e.is_empty() && e != "auto") => (
+            t.as_str().to_string(),
+            format!("{}={} (templates may still ask for a tier in template.toml)", crate::tier::TIER_ENV, env.unwrap_or_default()),
         ),
+        (Ok(t), Ok(v)) => (
+            t.as_str().to_string(),
+            format!("templates with `tier = \"auto\"` (the default) run as microVMs: {v}"),
+        ),
+        (Ok(t), Err(why)) => (
+            t.as_str().to_string(),
+            format!("templates with `tier = \"auto\"` (the default) run in containers; microvm unavailable: {why}"),
+        ),
+        (Err(e), _) => ("container".to_string(), e.to_string()),
     };
     let ok = checks.iter().all(|c| c.ok || !c.required);
     Report {

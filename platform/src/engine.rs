@@ -11,13 +11,16 @@ use thaw_protocol::{
 use tracing::{info, info_span, Instrument};
 
 use crate::agent::{ExecDone, InvokeDone};
-use crate::container::{ContainerSandbox, ContainerTier, SandboxSpec};
+use crate::container::{ContainerTier, SandboxSpec};
 use crate::error::{Error, Result};
+use crate::microvm::MicrovmTier;
 use crate::paths::{guest_init_binary, Paths};
 use crate::progress::Progress;
+use crate::sandbox::Sandbox;
 use crate::store::{Meta, Store};
 use crate::template::rootfs;
 use crate::template::spec::TemplateSpec;
+use crate::tier::Tier;
 
 /// Largest payload accepted for one invocation.
 pub const MAX_PAYLOAD: u64 = 16 << 20;
@@ -51,6 +54,9 @@ pub struct TemplateRecord {
     #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub layers: Vec<PathBuf>,
     pub layer_key: String,
+    /// Where its sandboxes run (resolved from the spec's `tier` at publish time).
+    #[serde(default)]
+    pub tier: Tier,
     pub state: TemplateState,
     /// Name of the template's snapshot in the store, when it has one.
     pub snapshot: Option<String>,
@@ -112,6 +118,7 @@ pub struct ExecResult {
 pub struct Engine {
     pub paths: Paths,
     pub tier: ContainerTier,
+    pub microvm: MicrovmTier,
     pub snapshots: std::sync::Arc<thaw_snapshotter::Store>,
     pub(crate) meta: Meta,
     pub(crate) session_locks: std::sync::Arc<crate::session::SessionLocks>,
@@ -170,7 +177,8 @@ impl Engine {
         let snapshots = std::sync::Arc::new(thaw_snapshotter::Store::open(paths.snapshots())?);
         let meta = Meta::new(paths.meta_db());
         let engine = Engine {
-            tier: ContainerTier::new(paths.clone(), guest_init),
+            tier: ContainerTier::new(paths.clone(), guest_init.clone()),
+            microvm: MicrovmTier::new(paths.clone(), guest_init),
             snapshots,
             paths,
             meta,
@@ -241,10 +249,24 @@ impl Engine {
         let spec = TemplateSpec::load(dir)?;
         let span = info_span!("template.publish", template = %spec.name);
         async {
+            let tier = crate::tier::resolve(
+                spec.tier,
+                std::env::var(crate::tier::TIER_ENV).ok().as_deref(),
+                || crate::microvm::availability().map(|_| ()),
+            )?;
             let built = rootfs::build(&self.paths, &spec, dir, progress).await?;
-            progress.step("booting sandbox and warming up");
+            if tier == Tier::Microvm {
+                progress.step("building the guest image (kernel, initramfs, ext4 rootfs)");
+                self.microvm
+                    .image(&built.layers, spec.limits.disk_mib)
+                    .await?;
+            }
+            progress.step(&format!(
+                "booting a {} sandbox and warming up",
+                tier.as_str()
+            ));
             let (sb, warm) = self
-                .cold_start(&spec, &built.layers, &RunOptions::default())
+                .cold_start(&spec, &built.layers, tier, &RunOptions::default())
                 .await?;
             progress.step("checkpointing the warm sandbox");
             let (snapshot, snapshot_size) = self.snapshot_template(&spec.name, sb).await?;
@@ -257,6 +279,7 @@ impl Engine {
                 source_dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
                 layers: built.layers,
                 layer_key: built.key,
+                tier,
                 state: TemplateState::Ready,
                 snapshot: Some(snapshot),
                 published_at: now_secs(),
@@ -284,7 +307,7 @@ impl Engine {
     async fn snapshot_template(
         &self,
         template: &str,
-        sb: ContainerSandbox,
+        sb: Sandbox,
     ) -> Result<(String, SnapshotSize)> {
         let name = format!(
             "tpl-{template}-{}",
@@ -301,16 +324,23 @@ impl Engine {
     /// (and must destroy) the sandbox.
     pub(crate) async fn snapshot_sandbox(
         &self,
-        sb: &ContainerSandbox,
+        sb: &Sandbox,
         name: &str,
         leave_running: bool,
     ) -> Result<SnapshotSize> {
         let started = Instant::now();
-        require_criu()?;
         let scratch = crate::cleanup::Scratch::new(&self.paths.checkpoints(), &sb.id)?;
         let images = scratch.path.join("snapshot");
         async {
-            self.tier.checkpoint(sb, &images, leave_running).await?;
+            match &sb.inner {
+                crate::sandbox::Inner::Container(c) => {
+                    require_criu()?;
+                    self.tier.checkpoint(c, &images, leave_running).await?;
+                }
+                crate::sandbox::Inner::Vm(v) => {
+                    self.microvm.checkpoint(v, &images, leave_running).await?;
+                }
+            }
             let checkpoint_ms = started.elapsed().as_millis() as u64;
             let snaps = self.snapshots.clone();
             let (n, imgs) = (name.to_string(), images.clone());
@@ -358,7 +388,7 @@ impl Engine {
         &self,
         t: &TemplateRecord,
         opts: &RunOptions,
-    ) -> Result<(ContainerSandbox, StartKind, Duration, Duration)> {
+    ) -> Result<(Sandbox, StartKind, Duration, Duration)> {
         self.start_as(t, opts, &new_sandbox_id()).await
     }
 
@@ -368,10 +398,12 @@ impl Engine {
         t: &TemplateRecord,
         opts: &RunOptions,
         id: &str,
-    ) -> Result<(ContainerSandbox, StartKind, Duration, Duration)> {
+    ) -> Result<(Sandbox, StartKind, Duration, Duration)> {
         let started = Instant::now();
         let Some(snap) = &t.snapshot else {
-            let (sb, warm) = self.cold_start_as(&t.spec, &t.layers, opts, id).await?;
+            let (sb, warm) = self
+                .cold_start_as(&t.spec, &t.layers, t.tier, opts, id)
+                .await?;
             return Ok((sb, StartKind::Cold, started.elapsed() - warm, warm));
         };
         let snaps = self.snapshots.clone();
@@ -392,9 +424,8 @@ impl Engine {
                 return Err(e.into());
             }
         };
-        let (sb, _timings) = self
-            .tier
-            .restore(&self.sandbox_spec(&t.spec, &t.layers, id), &dir)
+        let sb = self
+            .restore_sandbox(t.tier, &self.sandbox_spec(&t.spec, &t.layers, id), &dir)
             .await?;
         if let Err(e) = self.hygiene(&sb, &t.spec, opts).await {
             sb.destroy().await;
@@ -418,15 +449,38 @@ impl Engine {
         }
     }
 
+    /// Restores a sandbox of `tier` from a materialised snapshot directory.
+    pub(crate) async fn restore_sandbox(
+        &self,
+        tier: Tier,
+        spec: &SandboxSpec,
+        dir: &Path,
+    ) -> Result<Sandbox> {
+        Ok(match tier {
+            Tier::Container => self.tier.restore(spec, dir).await?.0.into(),
+            Tier::Microvm => self.microvm.restore(spec, dir).await?.into(),
+        })
+    }
+
+    /// A handle on a running sandbox of `tier` (a session's, possibly made by an earlier
+    /// process).
+    pub(crate) fn attach(&self, tier: Tier, id: &str) -> Sandbox {
+        match tier {
+            Tier::Container => crate::container::ContainerSandbox::attach(&self.tier, id).into(),
+            Tier::Microvm => self.microvm.attach(id).into(),
+        }
+    }
+
     /// Boots a fresh sandbox, applies clone hygiene, configures the handler and runs the
     /// warm-up. Returns the sandbox and how long warming took.
     async fn cold_start(
         &self,
         spec: &TemplateSpec,
         layers: &[PathBuf],
+        tier: Tier,
         opts: &RunOptions,
-    ) -> Result<(ContainerSandbox, Duration)> {
-        self.cold_start_as(spec, layers, opts, &new_sandbox_id())
+    ) -> Result<(Sandbox, Duration)> {
+        self.cold_start_as(spec, layers, tier, opts, &new_sandbox_id())
             .await
     }
 
@@ -434,10 +488,15 @@ impl Engine {
         &self,
         spec: &TemplateSpec,
         layers: &[PathBuf],
+        tier: Tier,
         opts: &RunOptions,
         id: &str,
-    ) -> Result<(ContainerSandbox, Duration)> {
-        let sb = self.tier.boot(&self.sandbox_spec(spec, layers, id)).await?;
+    ) -> Result<(Sandbox, Duration)> {
+        let sandbox_spec = self.sandbox_spec(spec, layers, id);
+        let sb: Sandbox = match tier {
+            Tier::Container => self.tier.boot(&sandbox_spec).await?.into(),
+            Tier::Microvm => self.microvm.boot(&sandbox_spec).await?.into(),
+        };
         let warm_started = Instant::now();
         let r = async {
             self.hygiene(&sb, spec, opts).await?;
@@ -488,7 +547,7 @@ impl Engine {
     /// Clone hygiene: identity, fresh entropy, wall clock, environment.
     pub(crate) async fn hygiene(
         &self,
-        sb: &ContainerSandbox,
+        sb: &Sandbox,
         spec: &TemplateSpec,
         opts: &RunOptions,
     ) -> Result<()> {
@@ -551,7 +610,7 @@ impl Engine {
         &self,
         t: &TemplateRecord,
         opts: &RunOptions,
-        work: impl AsyncFnOnce(&ContainerSandbox) -> Result<T>,
+        work: impl AsyncFnOnce(&Sandbox) -> Result<T>,
     ) -> Result<(T, String, StartKind, Timings)> {
         let started = Instant::now();
         let (sb, kind, ready, warm) = self.start(t, opts).await?;
@@ -581,7 +640,7 @@ impl Engine {
         let limits = Self::limits(&t.spec, &opts);
         let env = opts.env.clone();
         let (done, sandbox_id, start, timings) = self
-            .run_once(&t, &opts, async |sb: &ContainerSandbox| {
+            .run_once(&t, &opts, async |sb: &Sandbox| {
                 let mut done = sb
                     .agent
                     .invoke(
@@ -593,7 +652,7 @@ impl Engine {
                         on_stderr,
                     )
                     .await?;
-                if self.oom_killed(sb) {
+                if sb.oom_killed() {
                     done.status = InvokeStatus::Oom;
                     done.outcome = Some(Outcome::Oom);
                 }
@@ -628,9 +687,9 @@ impl Engine {
             limits: Self::limits(&t.spec, &opts),
         };
         let (d, sandbox_id, start, timings) = self
-            .run_once(&t, &opts, async |sb: &ContainerSandbox| {
+            .run_once(&t, &opts, async |sb: &Sandbox| {
                 let mut d: ExecDone = sb.agent.exec(req, on_output).await?;
-                if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && self.oom_killed(sb) {
+                if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && sb.oom_killed() {
                     d.outcome = Outcome::Oom;
                 }
                 Ok(d)
@@ -666,7 +725,7 @@ impl Engine {
     pub async fn spawn_cold(&self, name: &str, opts: &RunOptions) -> Result<Live> {
         let t = self.ready_template(name)?;
         let started = Instant::now();
-        let (sb, warm) = self.cold_start(&t.spec, &t.layers, opts).await?;
+        let (sb, warm) = self.cold_start(&t.spec, &t.layers, t.tier, opts).await?;
         Ok(Live {
             sb,
             template: t,
@@ -674,11 +733,6 @@ impl Engine {
             ready: started.elapsed() - warm,
             warm,
         })
-    }
-
-    /// Whether the kernel's OOM killer fired in the sandbox's memory cgroup (v1 or v2).
-    pub(crate) fn oom_killed(&self, sb: &ContainerSandbox) -> bool {
-        oom_kills(&sb.id) > 0
     }
 }
 
@@ -733,7 +787,7 @@ pub fn parse_payload(bytes: &[u8]) -> Result<serde_json::Value> {
 
 /// A live sandbox owned by the caller.
 pub struct Live {
-    pub sb: ContainerSandbox,
+    pub sb: Sandbox,
     pub template: TemplateRecord,
     pub kind: StartKind,
     /// Creation to guest-init ready (including clone hygiene on a restore).

@@ -86,6 +86,12 @@ pub enum Error {
     #[error("checkpoint/restore: {0}")]
     Criu(String),
 
+    #[error("microvm: {0}")]
+    Vm(#[from] thaw_microvm::VmError),
+
+    #[error("microvm guest image: {0}")]
+    GuestImage(thaw_microvm::image::ImageError),
+
     #[error("metadata store at {}: {message}", path.display())]
     Store { path: PathBuf, message: String },
 

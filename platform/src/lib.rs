@@ -1,7 +1,8 @@
 //! thaw's engine: templates, isolation tiers, invocations, sessions.
 //!
-//! Module map: [`template`] parses and builds templates; [`container`] is the container tier
-//! (runc + CRIU); [`agent`] speaks the guest-init protocol; [`engine`] ties them into
+//! Module map: [`template`] parses and builds templates; [`tier`] picks where a template
+//! runs: [`container`] is the container tier (runc + CRIU), [`microvm`] the Cloud Hypervisor
+//! tier, [`sandbox`] a live sandbox of either; [`agent`] speaks the guest-init protocol; [`engine`] ties them into
 //! publish/invoke/exec; [`session`] keeps clones alive, pauses and resumes them; [`store`] is durable metadata; [`cleanup`] recovers from crashes;
 //! [`doctor`] checks the host.
 
@@ -13,11 +14,14 @@ pub mod doctor;
 pub mod engine;
 pub mod error;
 pub mod keys;
+pub mod microvm;
 pub mod paths;
 pub mod progress;
+pub mod sandbox;
 pub mod session;
 pub mod store;
 pub mod template;
+pub mod tier;
 
 pub use engine::Engine;
 pub use error::{Error, Result};

@@ -87,6 +87,10 @@ impl Paths {
     pub fn rootfs_cache(&self) -> PathBuf {
         self.cache.join("rootfs")
     }
+    /// microvm guest images: kernel, initramfs, ext4 rootfs images (thaw-microvm's cache).
+    pub fn image_cache(&self) -> PathBuf {
+        self.cache.join("images")
+    }
 }
 
 /// Finds the static guest-init binary: `$THAW_GUEST_INIT`, else `thaw-guest-init` beside the

@@ -24,13 +24,14 @@ use tokio::sync::RwLock;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::cleanup;
-use crate::container::ContainerSandbox;
 use crate::engine::{
     ms, now_secs, Engine, ExecResult, Invocation, RunOptions, SnapshotSize, StartKind, Timings,
 };
 use crate::error::{Error, Result};
+use crate::sandbox::Sandbox;
 use crate::store::Store;
 use crate::template::spec::TemplateSpec;
+use crate::tier::Tier;
 
 /// Largest file `session_read_file` returns (a frame carries it base64-encoded).
 pub const MAX_FILE: u64 = 32 << 20;
@@ -156,7 +157,11 @@ struct SessionRecord {
     /// change the rootfs under a paused session.
     spec: TemplateSpec,
     layers: Vec<PathBuf>,
-    /// `<pid> <starttime>` of the sandbox's init while running: a cheap liveness check.
+    /// The template's tier (records from before the microvm tier are container sessions).
+    #[serde(default)]
+    tier: Tier,
+    /// `<pid> <starttime>` of the sandbox's init (container) or VMM (microvm) while
+    /// running: a cheap liveness check.
     #[serde(default)]
     init: Option<String>,
     /// The process doing a transition (an "-ing" state), and the snapshot a pause writes.
@@ -326,6 +331,7 @@ impl Engine {
             session,
             spec: t.spec.clone(),
             layers: t.layers.clone(),
+            tier: t.tier,
             init: None,
             op: Some(PendingOp {
                 by: me(),
@@ -349,8 +355,8 @@ impl Engine {
                 }
             };
             let r = async {
-                cleanup::write_session_owner(&sb.layout().owner(), &id)?;
-                let init = init_identity(&sb).await;
+                cleanup::write_session_owner(&sb.owner_file(), &id)?;
+                let init = sb.identity().await;
                 self.transition(&id, |r| {
                     r.session.state = SessionState::Running;
                     r.init = init;
@@ -400,12 +406,12 @@ impl Engine {
         &self,
         id: &str,
         action: &str,
-        work: impl AsyncFnOnce(&SessionRecord, &ContainerSandbox) -> Result<T>,
+        work: impl AsyncFnOnce(&SessionRecord, &Sandbox) -> Result<T>,
     ) -> Result<T> {
         let lock = self.session_locks.get(id);
         let _shared = lock.read().await;
         let rec = self.touch_running(id, action)?;
-        let sb = ContainerSandbox::attach(&self.tier, id);
+        let sb = self.attach(rec.tier, id);
         let r = work(&rec, &sb)
             .instrument(info_span!("session.call", session = %id, action))
             .await;
@@ -423,33 +429,29 @@ impl Engine {
         opts: RunOptions,
         on_output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExecResult> {
-        self.in_running(
-            id,
-            "exec",
-            async |rec: &SessionRecord, sb: &ContainerSandbox| {
-                let started = Instant::now();
-                let req = ExecRequest {
-                    argv,
-                    env: opts.env.clone(),
-                    cwd: None,
-                    stdin: stdin.map(Bytes),
-                    limits: Engine::limits(&rec.spec, &opts),
-                };
-                let mut d = sb.agent.exec(req, on_output).await?;
-                if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && self.oom_killed(sb) {
-                    d.outcome = Outcome::Oom;
-                }
-                Ok(ExecResult {
-                    template: rec.session.template.clone(),
-                    sandbox_id: id.to_string(),
-                    start: StartKind::Session,
-                    exit_code: d.outcome.exit_code(),
-                    outcome: d.outcome,
-                    truncated: d.truncated,
-                    timings: call_timings(started),
-                })
-            },
-        )
+        self.in_running(id, "exec", async |rec: &SessionRecord, sb: &Sandbox| {
+            let started = Instant::now();
+            let req = ExecRequest {
+                argv,
+                env: opts.env.clone(),
+                cwd: None,
+                stdin: stdin.map(Bytes),
+                limits: Engine::limits(&rec.spec, &opts),
+            };
+            let mut d = sb.agent.exec(req, on_output).await?;
+            if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && sb.oom_killed() {
+                d.outcome = Outcome::Oom;
+            }
+            Ok(ExecResult {
+                template: rec.session.template.clone(),
+                sandbox_id: id.to_string(),
+                start: StartKind::Session,
+                exit_code: d.outcome.exit_code(),
+                outcome: d.outcome,
+                truncated: d.truncated,
+                timings: call_timings(started),
+            })
+        })
         .await
     }
 
@@ -462,30 +464,26 @@ impl Engine {
         opts: RunOptions,
         on_stderr: impl FnMut(&[u8]),
     ) -> Result<Invocation> {
-        self.in_running(
-            id,
-            "invoke",
-            async |rec: &SessionRecord, sb: &ContainerSandbox| {
-                let started = Instant::now();
-                let req = InvokeRequest {
-                    payload,
-                    env: opts.env.clone(),
-                    limits: Engine::limits(&rec.spec, &opts),
-                };
-                let mut done = sb.agent.invoke(req, on_stderr).await?;
-                if self.oom_killed(sb) && done.status != InvokeStatus::Ok {
-                    done.status = InvokeStatus::Oom;
-                    done.outcome = Some(Outcome::Oom);
-                }
-                Ok(Invocation {
-                    template: rec.session.template.clone(),
-                    sandbox_id: id.to_string(),
-                    start: StartKind::Session,
-                    done,
-                    timings: call_timings(started),
-                })
-            },
-        )
+        self.in_running(id, "invoke", async |rec: &SessionRecord, sb: &Sandbox| {
+            let started = Instant::now();
+            let req = InvokeRequest {
+                payload,
+                env: opts.env.clone(),
+                limits: Engine::limits(&rec.spec, &opts),
+            };
+            let mut done = sb.agent.invoke(req, on_stderr).await?;
+            if sb.oom_killed() && done.status != InvokeStatus::Ok {
+                done.status = InvokeStatus::Oom;
+                done.outcome = Some(Outcome::Oom);
+            }
+            Ok(Invocation {
+                template: rec.session.template.clone(),
+                sandbox_id: id.to_string(),
+                start: StartKind::Session,
+                done,
+                timings: call_timings(started),
+            })
+        })
         .await
     }
 
@@ -530,7 +528,7 @@ impl Engine {
         self.in_running(
             id,
             "write files",
-            async |_: &SessionRecord, sb: &ContainerSandbox| sb.agent.call(&req).await,
+            async |_: &SessionRecord, sb: &Sandbox| sb.agent.call(&req).await,
         )
         .await?;
         Ok(())
@@ -542,11 +540,9 @@ impl Engine {
             max_bytes: Some(MAX_FILE + 1),
         };
         let answer = self
-            .in_running(
-                id,
-                "read files",
-                async |_: &SessionRecord, sb: &ContainerSandbox| sb.agent.call(&req).await,
-            )
+            .in_running(id, "read files", async |_: &SessionRecord, sb: &Sandbox| {
+                sb.agent.call(&req).await
+            })
             .await?;
         match answer {
             Response::FileData { data, .. } if data.0.len() as u64 > MAX_FILE => {
@@ -580,7 +576,7 @@ impl Engine {
             id.trim_start_matches("ses-"),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        self.transition(id, |r| {
+        let rec = self.transition(id, |r| {
             if r.session.state != SessionState::Running {
                 return Err(conflict(&r.session, "pause"));
             }
@@ -593,7 +589,7 @@ impl Engine {
         })?;
         let span = info_span!("session.pause", session = %id);
         async {
-            let sb = ContainerSandbox::attach(&self.tier, id);
+            let sb = self.attach(rec.tier, id);
             match self.snapshot_sandbox(&sb, &snap, true).await {
                 Ok(size) => {
                     let elapsed = started.elapsed().as_millis() as u64;
@@ -691,7 +687,7 @@ impl Engine {
                 }
             };
             let elapsed = started.elapsed().as_millis() as u64;
-            let init = init_identity(&sb).await;
+            let init = sb.identity().await;
             let r = self.transition(id, |r| {
                 r.session.state = SessionState::Running;
                 r.session.snapshot = None;
@@ -719,7 +715,7 @@ impl Engine {
         .await
     }
 
-    async fn restore_session(&self, rec: &SessionRecord, snap: &str) -> Result<ContainerSandbox> {
+    async fn restore_session(&self, rec: &SessionRecord, snap: &str) -> Result<Sandbox> {
         let id = &rec.session.id;
         let scratch = cleanup::Scratch::new(&self.paths.checkpoints(), &format!("resume-{id}"))?;
         let dir = scratch.path.join("snapshot");
@@ -730,14 +726,14 @@ impl Engine {
                 .await
                 .map_err(|e| Error::Other(format!("materialize task: {e}")))??;
             let spec = self.sandbox_spec(&rec.spec, &rec.layers, id);
-            let (sb, _) = self.tier.restore(&spec, &dir).await?;
+            let sb = self.restore_sandbox(rec.tier, &spec, &dir).await?;
             let opts = RunOptions {
                 env: rec.session.env.clone(),
                 timeout: None,
             };
             let ready = async {
                 self.hygiene(&sb, &rec.spec, &opts).await?;
-                cleanup::write_session_owner(&sb.layout().owner(), id)
+                cleanup::write_session_owner(&sb.owner_file(), id)
             }
             .await;
             match ready {
@@ -798,7 +794,7 @@ impl Engine {
         let span = info_span!("session.delete", session = %id);
         async {
             if rec.session.state != SessionState::Paused {
-                ContainerSandbox::attach(&self.tier, id).destroy().await;
+                self.attach(rec.tier, id).destroy().await;
             }
             if let Some(snap) = rec
                 .session
@@ -843,7 +839,7 @@ impl Engine {
             Ok(())
         })?;
         if before.session.state == SessionState::Running {
-            ContainerSandbox::attach(&self.tier, id).destroy().await;
+            self.attach(before.tier, id).destroy().await;
         }
         if let Some(snap) = &before.session.snapshot {
             self.drop_snapshot(snap);
@@ -916,7 +912,7 @@ impl Engine {
             match rec.session.state {
                 SessionState::Creating => {
                     info!(session = %id, "rolling back an interrupted session creation");
-                    ContainerSandbox::attach(&self.tier, &id).destroy().await;
+                    self.attach(rec.tier, &id).destroy().await;
                     let _ = self.meta.with(|s| s.remove(Store::sessions_tree(), &id));
                 }
                 SessionState::Pausing => {
@@ -935,7 +931,7 @@ impl Engine {
                             r.op = None;
                             Ok(())
                         })?;
-                        ContainerSandbox::attach(&self.tier, &id).destroy().await;
+                        self.attach(rec.tier, &id).destroy().await;
                     } else {
                         info!(session = %id, "rolling back an interrupted pause");
                         if let Some(n) = &snap {
@@ -962,7 +958,7 @@ impl Engine {
                 }
                 SessionState::Resuming => {
                     info!(session = %id, "rolling back an interrupted resume");
-                    ContainerSandbox::attach(&self.tier, &id).destroy().await;
+                    self.attach(rec.tier, &id).destroy().await;
                     engine.transition(&id, |r| {
                         r.session.state = SessionState::Paused;
                         r.session.error = Some("a resume was interrupted; resume again".into());
@@ -975,7 +971,7 @@ impl Engine {
                         with_sandbox.insert(id);
                     } else {
                         info!(session = %id, "session's sandbox is gone");
-                        ContainerSandbox::attach(&self.tier, &id).destroy().await;
+                        self.attach(rec.tier, &id).destroy().await;
                         engine.transition(&id, |r| {
                             r.session.state = SessionState::Failed;
                             r.session.error = Some(
@@ -999,7 +995,8 @@ impl Engine {
                 if !with_sandbox.contains(&owner) && !self.session_needs_sandbox(&owner) {
                     let id = entry.file_name().to_string_lossy().to_string();
                     info!(sandbox = %id, session = %owner, "removing a session sandbox no session uses");
-                    ContainerSandbox::attach(&self.tier, &id).destroy().await;
+                    let tier = crate::microvm::tier_of_dir(&entry.path());
+                    self.attach(tier, &id).destroy().await;
                 }
             }
         }
@@ -1036,10 +1033,4 @@ fn call_timings(started: Instant) -> Timings {
         run_ms: total,
         total_ms: total,
     }
-}
-
-/// `<pid> <starttime>` of a sandbox's init, for later liveness checks.
-async fn init_identity(sb: &ContainerSandbox) -> Option<String> {
-    let pid = sb.init_pid().await.ok()?;
-    cleanup::identity(pid)
 }

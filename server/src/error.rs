@@ -133,6 +133,8 @@ pub fn classify(e: &E) -> (StatusCode, &'static str) {
         E::Agent { .. } => (S::INTERNAL_SERVER_ERROR, "agent"),
         E::Snapshot(_) => (S::INTERNAL_SERVER_ERROR, "snapshot_store"),
         E::Criu(_) => (S::INTERNAL_SERVER_ERROR, "criu"),
+        E::Vm(_) => (S::INTERNAL_SERVER_ERROR, "vmm"),
+        E::GuestImage(_) => (S::INTERNAL_SERVER_ERROR, "guest_image"),
         E::Store { .. } => (S::INTERNAL_SERVER_ERROR, "metadata_store"),
         E::Io { .. } => (S::INTERNAL_SERVER_ERROR, "io"),
         E::Other(_) => (S::INTERNAL_SERVER_ERROR, "internal"),

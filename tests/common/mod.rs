@@ -31,6 +31,8 @@ pub fn thaw_bin() -> PathBuf {
 
 pub struct Home {
     pub dir: tempfile::TempDir,
+    /// Extra environment of every thaw command run in this home.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Run {
@@ -75,7 +77,10 @@ impl Home {
             .prefix("thaw-e2e-")
             .tempdir_in("/tmp")
             .expect("tempdir");
-        Home { dir }
+        Home {
+            dir,
+            env: Vec::new(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -86,6 +91,8 @@ impl Home {
         let mut c = Command::new(thaw_bin());
         c.env("THAW_HOME", self.path());
         c.env_remove("THAW_SERVER");
+        c.env_remove("THAW_TIER");
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -167,7 +174,14 @@ impl Home {
                 if let Ok(root) = std::fs::read_link(format!("/proc/{pid}/root")) {
                     if root.starts_with(home) {
                         stray.push(pid);
+                        continue;
                     }
+                }
+                // A microvm's VMM runs in the host's root with its sockets in the home.
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                if cmdline.contains("--api-socket") && cmdline.contains(&*home.to_string_lossy()) {
+                    stray.push(pid);
                 }
             }
         }

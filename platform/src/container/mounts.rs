@@ -27,26 +27,38 @@ pub fn mount_tmpfs(target: &Path, size_mib: u64) -> Result<()> {
 
 /// Mounts an overlay of `lowers` (top first) + `upper` at `target`.
 pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<()> {
-    for d in [upper, work, target] {
+    for d in [upper, work] {
         std::fs::create_dir_all(d).ctx("creating overlay directory", d)?;
     }
+    // index=off: CRIU cannot dump overlay mounts that use inode indexing across restores, and
+    // we never hard-link across layers.
+    let rw = format!(
+        ",upperdir={},workdir={},index=off",
+        upper.display(),
+        work.display()
+    );
+    overlay(lowers, &rw, MsFlags::empty(), target)
+}
+
+/// Read-only overlay of `lowers` (top first) at `target`: the merged view of a template's
+/// layers, e.g. as the source of a microvm rootfs image.
+pub fn mount_overlay_ro(lowers: &[PathBuf], target: &Path) -> Result<()> {
+    overlay(lowers, "", MsFlags::MS_RDONLY, target)
+}
+
+fn overlay(lowers: &[PathBuf], extra: &str, flags: MsFlags, target: &Path) -> Result<()> {
+    std::fs::create_dir_all(target).ctx("creating overlay directory", target)?;
     let lower = lowers
         .iter()
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(":");
-    // index=off: CRIU cannot dump overlay mounts that use inode indexing across restores, and
-    // we never hard-link across layers.
-    let opts = format!(
-        "lowerdir={lower},upperdir={},workdir={},index=off",
-        upper.display(),
-        work.display()
-    );
+    let opts = format!("lowerdir={lower}{extra}");
     mount(
         Some("overlay"),
         target,
         Some("overlay"),
-        MsFlags::empty(),
+        flags,
         Some(opts.as_str()),
     )
     .map_err(|e| Error::Runtime {

@@ -34,6 +34,10 @@ pub struct TemplateSpec {
     pub handler: HandlerSpec,
     #[serde(default)]
     pub limits: Limits,
+    /// Isolation tier: `auto` (microvm where Cloud Hypervisor and hardware KVM work, else
+    /// container), `container` or `microvm`.
+    #[serde(default)]
+    pub tier: crate::tier::TierChoice,
     /// Environment of every task and of the handler.
     #[serde(default)]
     pub env: BTreeMap<String, String>,

@@ -1,0 +1,351 @@
+//! The microvm tier: one Cloud Hypervisor VM per sandbox, driven through `thaw-microvm`.
+//!
+//! A sandbox directory `sandboxes/<id>/` holds, besides the `owner` record every sandbox has:
+//!
+//! * `disk.ext4`: the VM's private root disk, a copy (a reflink where the filesystem has
+//!   them: XFS, btrfs) of the template's image or of the snapshot's disk;
+//! * `vmm`: `<pid> <starttime>` of the VMM process, so that a later thaw process (a session
+//!   call after a restart, the crash sweep) can reach or end it without mistaking a reused
+//!   pid for it; `cid`: the VM's vsock CID;
+//! * `vm/`: the VMM's work directory (API socket, vsock socket, console and VMM logs).
+//!
+//! The VMM is detached from the handle that started it, like a runc container: it lives until
+//! [`VmSandbox::destroy`], and a thaw process killed mid-invocation leaves it to the sweep.
+//!
+//! A snapshot is Cloud Hypervisor's snapshot directory (`config.json`, `state.json`,
+//! `memory-ranges`) plus `disk.ext4`, the disk as it was while the VM was paused: memory and
+//! disk must come from the same instant, since the guest's page cache refers to disk blocks.
+//! The snapshotter stores it compressed and content-addressed, so a session's pause shares
+//! every unchanged chunk of memory and disk with its template.
+
+pub mod image;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rand::Rng;
+use thaw_microvm::restore::clone_disk;
+use thaw_microvm::{RestoreOptions, Vm, VmSpec};
+use tracing::{info_span, warn, Instrument};
+
+use crate::agent::{Agent, Endpoint};
+use crate::cleanup;
+use crate::container::{mounts, SandboxSpec};
+use crate::error::{Error, IoContext, Result};
+use crate::paths::Paths;
+
+pub use image::{Images, VmImage};
+
+/// The private disk, in a sandbox directory and in a snapshot.
+pub const DISK_FILE: &str = "disk.ext4";
+const VMM_RECORD: &str = "vmm";
+const CID_FILE: &str = "cid";
+const WORKDIR: &str = "vm";
+
+#[derive(Clone)]
+pub struct MicrovmTier {
+    pub paths: Paths,
+    pub guest_init: PathBuf,
+    pub images: Images,
+}
+
+/// A live VM sandbox. Dropping it does not end the VM: call [`VmSandbox::destroy`].
+#[derive(Debug)]
+pub struct VmSandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub agent: Agent,
+}
+
+/// Whether this host can run the microvm tier (`Err`: every reason, each with its fix).
+pub fn availability() -> std::result::Result<PathBuf, String> {
+    match thaw_microvm::cloud_hypervisor_available() {
+        thaw_microvm::Availability::Available { binary, .. } => Ok(binary),
+        other => Err(other.reason()),
+    }
+}
+
+fn binary() -> Result<PathBuf> {
+    availability().map_err(|why| Error::MissingDependency {
+        what: format!("the microvm tier: {why}"),
+        fix: "see README: Running on a KVM host".into(),
+    })
+}
+
+/// A vsock CID for a new VM. With hybrid vsock the host reaches each VM through its own
+/// socket, so the CID only has to be valid (>= 3) and is very unlikely to repeat.
+fn new_cid() -> u64 {
+    rand::thread_rng().gen_range(3..u32::MAX as u64)
+}
+
+impl MicrovmTier {
+    pub fn new(paths: Paths, guest_init: PathBuf) -> MicrovmTier {
+        MicrovmTier {
+            paths,
+            guest_init,
+            images: Images::default(),
+        }
+    }
+
+    /// The template's guest image (built once, then cached).
+    pub async fn image(&self, layers: &[PathBuf], disk_mib: u64) -> Result<VmImage> {
+        let (images, paths, init, layers) = (
+            self.images.clone(),
+            self.paths.clone(),
+            self.guest_init.clone(),
+            layers.to_vec(),
+        );
+        tokio::task::spawn_blocking(move || images.get(&paths, &init, &layers, disk_mib))
+            .await
+            .map_err(|e| Error::Other(format!("guest image task: {e}")))?
+    }
+
+    /// Creates the sandbox directory with its owner record and the VM's private disk; on
+    /// failure removes whatever it made.
+    fn prepare(&self, id: &str, disk_from: &Path) -> Result<PathBuf> {
+        let dir = self.paths.sandbox(id);
+        let r = (|| {
+            std::fs::create_dir_all(&dir).ctx("creating sandbox directory", &dir)?;
+            cleanup::write_owner(&dir.join("owner"))?;
+            clone_disk(disk_from, &dir.join(DISK_FILE)).map_err(thaw_microvm::VmError::from)?;
+            Ok(())
+        })();
+        match r {
+            Ok(()) => Ok(dir),
+            Err(e) => {
+                let _ = mounts::teardown_dir(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Cold boot: a fresh VM running guest-init, ready to serve.
+    pub async fn boot(&self, spec: &SandboxSpec) -> Result<VmSandbox> {
+        let span = info_span!("sandbox.boot", sandbox = %spec.id, tier = "microvm");
+        async {
+            let bin = binary()?;
+            let img = self.image(&spec.layers, spec.limits.disk_mib).await?;
+            let dir = self.prepare(&spec.id, &img.rootfs)?;
+            let cid = new_cid();
+            let vm_spec = VmSpec {
+                kernel: img.kernel,
+                initramfs: img.initramfs,
+                cmdline: thaw_microvm::vm::DEFAULT_CMDLINE.to_string(),
+                rootfs: dir.join(DISK_FILE),
+                vcpus: u8::try_from(spec.limits.vcpus).unwrap_or(u8::MAX),
+                memory_mib: spec.limits.memory_mib,
+                cid,
+                workdir: dir.join(WORKDIR),
+            };
+            let vm = Vm::boot(&vm_spec, &bin).await;
+            self.adopt(spec, &dir, cid, vm).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Restores a clone from a snapshot directory (see the module docs): its own disk copy,
+    /// vsock socket and CID; memory is mapped on demand (userfaultfd).
+    pub async fn restore(&self, spec: &SandboxSpec, snapshot: &Path) -> Result<VmSandbox> {
+        let span = info_span!("sandbox.restore", sandbox = %spec.id, tier = "microvm");
+        async {
+            let bin = binary()?;
+            let dir = self.prepare(&spec.id, &snapshot.join(DISK_FILE))?;
+            let cid = new_cid();
+            let mut opts = RestoreOptions::new(cid);
+            opts.disks = Some(vec![dir.join(DISK_FILE)]);
+            let vm = Vm::restore(snapshot, &dir.join(WORKDIR), opts, &bin).await;
+            self.adopt(spec, &dir, cid, vm).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Waits for guest-init in a VM that came up (after a restore it was already listening:
+    /// this only waits for the restored vsock device to pass a connection through), then
+    /// turns the VM into a sandbox that outlives its handle. Cleans up after one that did
+    /// not come up (a failed `Vm` has already killed its VMM and removed its workdir).
+    async fn adopt(
+        &self,
+        spec: &SandboxSpec,
+        dir: &Path,
+        cid: u64,
+        vm: std::result::Result<Vm, thaw_microvm::VmError>,
+    ) -> Result<VmSandbox> {
+        let ready = match vm {
+            Ok(mut vm) => vm.wait_agent_ready(spec.boot_timeout).await.map(|()| vm),
+            Err(e) => Err(e),
+        };
+        let recorded = ready.map_err(Error::from).and_then(|vm| {
+            let identity = vm.vmm_pid().and_then(cleanup::identity);
+            let written = match &identity {
+                Some(i) => std::fs::write(dir.join(VMM_RECORD), i)
+                    .and_then(|()| std::fs::write(dir.join(CID_FILE), cid.to_string()))
+                    .ctx("recording the VMM", dir),
+                None => Err(Error::Other("the VMM exited right after start".into())),
+            };
+            match written {
+                Ok(()) => {
+                    vm.detach();
+                    Ok(())
+                }
+                // Dropping the Vm kills the VMM and removes its workdir.
+                Err(e) => Err(e),
+            }
+        });
+        match recorded {
+            Ok(()) => Ok(self.attach(&spec.id)),
+            Err(e) => {
+                let _ = mounts::teardown_dir(dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// A handle on a VM sandbox that already runs (made by this or an earlier process).
+    pub fn attach(&self, id: &str) -> VmSandbox {
+        let dir = self.paths.sandbox(id);
+        VmSandbox {
+            id: id.to_string(),
+            agent: Agent::new(
+                id.to_string(),
+                Endpoint::HybridVsock {
+                    socket: dir.join(WORKDIR).join(thaw_microvm::vm::VSOCK_SOCKET),
+                    port: thaw_protocol::VSOCK_PORT,
+                },
+            ),
+            dir,
+        }
+    }
+
+    /// Snapshots a VM sandbox into `dest` (a new directory): pause, Cloud Hypervisor's
+    /// snapshot, a copy of the disk from the same instant, then resume if `leave_running`
+    /// (a session's pause keeps it running until the snapshot is durable). A VM left paused
+    /// is about to be destroyed.
+    pub async fn checkpoint(&self, sb: &VmSandbox, dest: &Path, leave_running: bool) -> Result<()> {
+        let span = info_span!("sandbox.checkpoint", sandbox = %sb.id, tier = "microvm");
+        async {
+            let vm = sb.vm();
+            vm.pause().await?;
+            let r = async {
+                vm.snapshot(dest).await?;
+                let (from, to) = (sb.dir.join(DISK_FILE), dest.join(DISK_FILE));
+                tokio::task::spawn_blocking(move || clone_disk(&from, &to))
+                    .await
+                    .map_err(|e| Error::Other(format!("disk copy task: {e}")))?
+                    .map_err(thaw_microvm::VmError::from)?;
+                Ok::<_, Error>(())
+            }
+            .await;
+            if leave_running || r.is_err() {
+                if let Err(e) = vm.resume().await {
+                    warn!(error = %e, "resuming the VM after its snapshot");
+                }
+            }
+            r
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl VmSandbox {
+    /// `<pid> <starttime>` of the VMM: the VM runs while this process does.
+    pub fn identity(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join(VMM_RECORD))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    fn vm(&self) -> Vm {
+        let cid = std::fs::read_to_string(self.dir.join(CID_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        // Only a pid whose start time still matches is ours to signal.
+        let pid = self
+            .identity()
+            .filter(|i| cleanup::identity_alive(i))
+            .and_then(|i| i.split_whitespace().next().and_then(|p| p.parse().ok()));
+        Vm::attach(&self.dir.join(WORKDIR), cid, pid)
+    }
+
+    /// Ends the VM (shutdown, then kill), removes its files. Best effort on every step.
+    pub async fn destroy(self) {
+        let span = info_span!("sandbox.destroy", sandbox = %self.id, tier = "microvm");
+        async {
+            if self.dir.join(WORKDIR).exists() {
+                if let Err(e) = self.vm().shutdown().await {
+                    warn!(error = %e, "vm shutdown");
+                }
+            }
+            if let Err(e) = mounts::teardown_dir(&self.dir) {
+                warn!(error = %e, "teardown");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// The tier of a sandbox directory, from what is in it (for sandboxes known only by their
+/// directory: the crash sweep, sandboxes no session claims).
+pub fn tier_of_dir(dir: &Path) -> crate::tier::Tier {
+    if dir.join(VMM_RECORD).exists() || dir.join(WORKDIR).exists() {
+        crate::tier::Tier::Microvm
+    } else {
+        crate::tier::Tier::Container
+    }
+}
+
+/// Kills the VMM of an orphaned sandbox directory, if it has one that still runs (the crash
+/// sweep; the directory itself is removed by the caller).
+pub fn kill_orphan_vmm(dir: &Path) {
+    let record = match std::fs::read_to_string(dir.join(VMM_RECORD)) {
+        Ok(r) => r,
+        // Killed between the VMM's start and its record: the VMM's own pid file, trusted
+        // only if that process is the VMM of this directory.
+        Err(_) => match spawned_vmm(&dir.join(WORKDIR)) {
+            Some(identity) => identity,
+            None => return,
+        },
+    };
+    if !cleanup::identity_alive(&record) {
+        return;
+    }
+    let Some(pid) = record
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return;
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    // Give the kernel a moment to tear the process down before its files are removed.
+    for _ in 0..100 {
+        if !cleanup::identity_alive(&record) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Identity of the VMM whose pid file is in `workdir`, if that pid is still a VMM serving
+/// this workdir's API socket.
+fn spawned_vmm(workdir: &Path) -> Option<String> {
+    let pid: u32 = std::fs::read_to_string(workdir.join(thaw_microvm::vmm::PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let socket = workdir.join(thaw_microvm::vmm::API_SOCKET);
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    if !cmdline.contains(&*socket.to_string_lossy()) {
+        return None;
+    }
+    cleanup::identity(pid)
+}

@@ -1,0 +1,115 @@
+//! A live sandbox on either tier, as the engine and sessions use it: an id, a guest-init
+//! endpoint, and the tier's own handle for what only the tier can do (snapshot, destroy,
+//! liveness, OOM accounting).
+
+use std::path::PathBuf;
+
+use crate::agent::Agent;
+use crate::container::ContainerSandbox;
+use crate::microvm::VmSandbox;
+use crate::tier::Tier;
+
+#[derive(Debug)]
+pub struct Sandbox {
+    pub id: String,
+    pub agent: Agent,
+    pub(crate) inner: Inner,
+}
+
+#[derive(Debug)]
+pub(crate) enum Inner {
+    Container(ContainerSandbox),
+    Vm(VmSandbox),
+}
+
+impl From<ContainerSandbox> for Sandbox {
+    fn from(sb: ContainerSandbox) -> Sandbox {
+        Sandbox {
+            id: sb.id.clone(),
+            agent: sb.agent.clone(),
+            inner: Inner::Container(sb),
+        }
+    }
+}
+
+impl From<VmSandbox> for Sandbox {
+    fn from(sb: VmSandbox) -> Sandbox {
+        Sandbox {
+            id: sb.id.clone(),
+            agent: sb.agent.clone(),
+            inner: Inner::Vm(sb),
+        }
+    }
+}
+
+impl Sandbox {
+    pub fn tier(&self) -> Tier {
+        match self.inner {
+            Inner::Container(_) => Tier::Container,
+            Inner::Vm(_) => Tier::Microvm,
+        }
+    }
+
+    /// The sandbox's directory under `sandboxes/`.
+    pub fn dir(&self) -> &std::path::Path {
+        match &self.inner {
+            Inner::Container(c) => &c.dir,
+            Inner::Vm(v) => &v.dir,
+        }
+    }
+
+    /// Its owner record (a thaw process, or a session once handed over).
+    pub fn owner_file(&self) -> PathBuf {
+        self.dir().join("owner")
+    }
+
+    /// Ends every process and removes every file of the sandbox (best effort throughout).
+    pub async fn destroy(self) {
+        match self.inner {
+            Inner::Container(c) => c.destroy().await,
+            Inner::Vm(v) => v.destroy().await,
+        }
+    }
+
+    /// `<pid> <starttime>` of the process whose life is the sandbox's: the container's init,
+    /// or the VMM.
+    pub async fn identity(&self) -> Option<String> {
+        match &self.inner {
+            Inner::Container(c) => c.init_pid().await.ok().and_then(crate::cleanup::identity),
+            Inner::Vm(v) => v.identity(),
+        }
+    }
+
+    /// Host pids holding the sandbox's memory: the container's processes (its memory
+    /// cgroup's members), or the VMM, whose memory is the guest's.
+    pub fn host_pids(&self) -> Vec<u32> {
+        match &self.inner {
+            Inner::Container(c) => {
+                for dir in crate::container::memory_cgroup_dirs(&c.id) {
+                    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                        let pids: Vec<u32> =
+                            text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+                        if !pids.is_empty() {
+                            return pids;
+                        }
+                    }
+                }
+                Vec::new()
+            }
+            Inner::Vm(v) => v
+                .identity()
+                .and_then(|i| i.split_whitespace().next().and_then(|p| p.parse().ok()))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// Whether the kernel's OOM killer fired in the sandbox's memory cgroup. A VM's memory
+    /// is its own: an out-of-memory guest kills inside, and the task reports the signal.
+    pub fn oom_killed(&self) -> bool {
+        match &self.inner {
+            Inner::Container(c) => crate::engine::oom_kills(&c.id) > 0,
+            Inner::Vm(_) => false,
+        }
+    }
+}
