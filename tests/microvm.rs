@@ -143,17 +143,26 @@ fn test_double_session_pause_and_resume_keep_the_disk() {
     let vmms = vmm_processes(&home);
     assert_eq!(vmms.len(), 1, "one VMM while running: {vmms:?}");
 
-    let p = home.run(&["--json", "session", "pause", &id]).ok().json();
-    assert_eq!(p["state"], "paused", "{p}");
-    assert!(
-        vmm_processes(&home).is_empty(),
-        "a paused session holds no VMM"
-    );
-    let r = home.run(&["--json", "session", "resume", &id]).ok().json();
-    assert_eq!(r["state"], "running", "{r}");
-    let text = session_sh(&home, &id, "cat /data /warm-marker");
-    assert!(text.contains("kept"), "{text}");
-    assert!(text.contains("warmed-before-snapshot"), "{text}");
+    // Twice: the second pause snapshots a VM that was itself resumed from a snapshot.
+    for round in 1..=2 {
+        let p = home.run(&["--json", "session", "pause", &id]).ok().json();
+        assert_eq!(p["state"], "paused", "{p}");
+        assert!(
+            vmm_processes(&home).is_empty(),
+            "a paused session holds no VMM"
+        );
+        let r = home.run(&["--json", "session", "resume", &id]).ok().json();
+        assert_eq!(r["state"], "running", "{r}");
+        let text = session_sh(
+            &home,
+            &id,
+            &format!("cat /data /warm-marker; echo {round} >> /rounds; cat /rounds"),
+        );
+        assert!(text.contains("kept"), "{text}");
+        assert!(text.contains("warmed-before-snapshot"), "{text}");
+        let rounds: Vec<&str> = text.lines().filter(|l| l.len() == 1).collect();
+        assert_eq!(rounds.len(), round, "{text}");
+    }
 
     home.run(&["session", "rm", &id]).ok();
     assert!(vmm_processes(&home).is_empty(), "VMM left after rm");
@@ -247,5 +256,23 @@ fn real_cloud_hypervisor_publish_invoke_and_session() {
     assert!(text.contains("alive"), "{text}");
     assert!(text.contains("on-disk"), "{text}");
     home.run(&["session", "rm", &id]).ok();
+    home.assert_clean();
+}
+
+#[test]
+fn test_double_rootfs_over_the_disk_limit_fails_the_publish() {
+    let home = double_home();
+    let tpl = warm_template(home.path(), "tiny", "microvm");
+    let toml = std::fs::read_to_string(tpl.join("template.toml")).unwrap();
+    std::fs::write(
+        tpl.join("template.toml"),
+        toml.replace("disk_mib = 64", "disk_mib = 8"),
+    )
+    .unwrap();
+    let r = home.run(&["deploy", tpl.to_str().unwrap()]);
+    assert_ne!(r.code(), 0);
+    let err = r.stderr();
+    assert!(err.contains("limits.disk_mib"), "{err}");
+    assert!(vmm_processes(&home).is_empty());
     home.assert_clean();
 }

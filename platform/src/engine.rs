@@ -425,7 +425,12 @@ impl Engine {
             }
         };
         let sb = self
-            .restore_sandbox(t.tier, &self.sandbox_spec(&t.spec, &t.layers, id), &dir)
+            .restore_sandbox(
+                t.tier,
+                &self.sandbox_spec(&t.spec, &t.layers, id),
+                &dir,
+                false,
+            )
             .await?;
         if let Err(e) = self.hygiene(&sb, &t.spec, opts).await {
             sb.destroy().await;
@@ -449,16 +454,20 @@ impl Engine {
         }
     }
 
-    /// Restores a sandbox of `tier` from a materialised snapshot directory.
+    /// Restores a sandbox of `tier` from a materialised snapshot directory. `private`: the
+    /// directory is this restore's own copy (a session's resume), which a microvm keeps for
+    /// its lifetime (its memory is read from it on demand); otherwise it is the shared,
+    /// read-only cache entry.
     pub(crate) async fn restore_sandbox(
         &self,
         tier: Tier,
         spec: &SandboxSpec,
         dir: &Path,
+        private: bool,
     ) -> Result<Sandbox> {
         Ok(match tier {
             Tier::Container => self.tier.restore(spec, dir).await?.0.into(),
-            Tier::Microvm => self.microvm.restore(spec, dir).await?.into(),
+            Tier::Microvm => self.microvm.restore(spec, dir, private).await?.into(),
         })
     }
 

@@ -726,7 +726,7 @@ impl Engine {
                 .await
                 .map_err(|e| Error::Other(format!("materialize task: {e}")))??;
             let spec = self.sandbox_spec(&rec.spec, &rec.layers, id);
-            let sb = self.restore_sandbox(rec.tier, &spec, &dir).await?;
+            let sb = self.restore_sandbox(rec.tier, &spec, &dir, true).await?;
             let opts = RunOptions {
                 env: rec.session.env.clone(),
                 timeout: None,

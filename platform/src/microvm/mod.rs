@@ -7,7 +7,8 @@
 //! * `vmm`: `<pid> <starttime>` of the VMM process, so that a later thaw process (a session
 //!   call after a restart, the crash sweep) can reach or end it without mistaking a reused
 //!   pid for it; `cid`: the VM's vsock CID;
-//! * `vm/`: the VMM's work directory (API socket, vsock socket, console and VMM logs).
+//! * `vm/`: the VMM's work directory (API socket, vsock socket, console and VMM logs);
+//! * `snapshot/`: a resumed session's snapshot, whose memory file the VM reads on demand.
 //!
 //! The VMM is detached from the handle that started it, like a runc container: it lives until
 //! [`VmSandbox::destroy`], and a thaw process killed mid-invocation leaves it to the sweep.
@@ -41,6 +42,8 @@ pub const DISK_FILE: &str = "disk.ext4";
 const VMM_RECORD: &str = "vmm";
 const CID_FILE: &str = "cid";
 const WORKDIR: &str = "vm";
+/// A session's own snapshot, kept while its VM reads memory from it.
+const SNAPSHOT_DIR: &str = "snapshot";
 
 #[derive(Clone)]
 pub struct MicrovmTier {
@@ -100,18 +103,33 @@ impl MicrovmTier {
             .map_err(|e| Error::Other(format!("guest image task: {e}")))?
     }
 
-    /// Creates the sandbox directory with its owner record and the VM's private disk; on
-    /// failure removes whatever it made.
-    fn prepare(&self, id: &str, disk_from: &Path) -> Result<PathBuf> {
+    /// Creates the sandbox directory with its owner record and the VM's private disk: a copy
+    /// of `disk_from`, or, for a `private` snapshot (a session's resume, nobody else's), the
+    /// snapshot directory itself moved in, disk and all. Returns the directory and where the
+    /// snapshot now is. On failure removes whatever it made.
+    fn prepare(
+        &self,
+        id: &str,
+        snapshot_or_disk: &Path,
+        private: bool,
+    ) -> Result<(PathBuf, PathBuf)> {
         let dir = self.paths.sandbox(id);
+        let kept = dir.join(SNAPSHOT_DIR);
         let r = (|| {
             std::fs::create_dir_all(&dir).ctx("creating sandbox directory", &dir)?;
             cleanup::write_owner(&dir.join("owner"))?;
-            clone_disk(disk_from, &dir.join(DISK_FILE)).map_err(thaw_microvm::VmError::from)?;
+            if private {
+                std::fs::rename(snapshot_or_disk, &kept).ctx("keeping the snapshot", &kept)?;
+                std::fs::rename(kept.join(DISK_FILE), dir.join(DISK_FILE))
+                    .ctx("moving the snapshot's disk", &dir)?;
+            } else {
+                clone_disk(snapshot_or_disk, &dir.join(DISK_FILE))
+                    .map_err(thaw_microvm::VmError::from)?;
+            }
             Ok(())
         })();
         match r {
-            Ok(()) => Ok(dir),
+            Ok(()) => Ok((dir, kept)),
             Err(e) => {
                 let _ = mounts::teardown_dir(&dir);
                 Err(e)
@@ -125,7 +143,7 @@ impl MicrovmTier {
         async {
             let bin = binary()?;
             let img = self.image(&spec.layers, spec.limits.disk_mib).await?;
-            let dir = self.prepare(&spec.id, &img.rootfs)?;
+            let (dir, _) = self.prepare(&spec.id, &img.rootfs, false)?;
             let cid = new_cid();
             let vm_spec = VmSpec {
                 kernel: img.kernel,
@@ -145,12 +163,25 @@ impl MicrovmTier {
     }
 
     /// Restores a clone from a snapshot directory (see the module docs): its own disk copy,
-    /// vsock socket and CID; memory is mapped on demand (userfaultfd).
-    pub async fn restore(&self, spec: &SandboxSpec, snapshot: &Path) -> Result<VmSandbox> {
+    /// vsock socket and CID; memory is mapped on demand (userfaultfd), so the memory file
+    /// must outlive the restore. A `private` snapshot directory (a session's resume) is moved
+    /// into the sandbox directory and goes with it; a shared one is the snapshot cache's.
+    pub async fn restore(
+        &self,
+        spec: &SandboxSpec,
+        snapshot: &Path,
+        private: bool,
+    ) -> Result<VmSandbox> {
         let span = info_span!("sandbox.restore", sandbox = %spec.id, tier = "microvm");
         async {
             let bin = binary()?;
-            let dir = self.prepare(&spec.id, &snapshot.join(DISK_FILE))?;
+            let from = if private {
+                snapshot.to_path_buf()
+            } else {
+                snapshot.join(DISK_FILE)
+            };
+            let (dir, kept) = self.prepare(&spec.id, &from, private)?;
+            let snapshot = if private { kept.as_path() } else { snapshot };
             let cid = new_cid();
             let mut opts = RestoreOptions::new(cid);
             opts.disks = Some(vec![dir.join(DISK_FILE)]);
