@@ -83,3 +83,16 @@ pub fn run(cmd: &mut std::process::Command, purpose: &str) -> Result<Output, Too
     }
     Ok(out)
 }
+
+/// Whether a process exists and is not a zombie (a process that is not our child may linger
+/// as a zombie of its real parent until that parent reaps it).
+pub fn process_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The command name may contain spaces and parentheses: the state follows the last ')'.
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
+}

@@ -238,10 +238,10 @@ impl Vmm {
         let span = info_span!("vmm_shutdown", dir = %self.dir.display());
         async {
             if self.child.is_none() {
-                if let Some(pid) = self.pid.filter(|p| process_exists(*p)) {
+                if let Some(pid) = self.pid.filter(|p| crate::util::process_running(*p)) {
                     let _ = self.api.vmm_shutdown().await;
                     let deadline = Instant::now() + EXIT_GRACE;
-                    while process_exists(pid) && Instant::now() < deadline {
+                    while crate::util::process_running(pid) && Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
@@ -286,18 +286,6 @@ impl Drop for Vmm {
     }
 }
 
-/// Whether a process exists and is not a zombie (an attached VMM is not our child, so a
-/// dead one may linger as a zombie of its real parent until that parent reaps it).
-fn process_exists(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | None)
-}
-
 /// SIGKILL to a VMM that is not our child, then wait (briefly) until it is gone.
 fn kill_attached(pid: u32) {
     let Ok(raw) = i32::try_from(pid) else {
@@ -311,7 +299,7 @@ fn kill_attached(pid: u32) {
         return;
     }
     for _ in 0..200 {
-        if !process_exists(pid) {
+        if !crate::util::process_running(pid) {
             return;
         }
         std::thread::sleep(Duration::from_millis(5));

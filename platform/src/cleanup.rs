@@ -51,14 +51,15 @@ pub fn write_owner(path: &Path) -> Result<()> {
     std::fs::write(path, my_identity()).ctx("writing owner record", path)
 }
 
+/// The pid an identity record names.
+pub(crate) fn identity_pid(record: &str) -> Option<u32> {
+    record.split_whitespace().next()?.parse().ok()
+}
+
 /// Whether the process an identity record names still runs (same pid, same start time).
 pub(crate) fn identity_alive(record: &str) -> bool {
     let record = record.trim();
-    let Some(pid) = record
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-    else {
+    let Some(pid) = identity_pid(record) else {
         return false;
     };
     identity(pid).as_deref() == Some(record)

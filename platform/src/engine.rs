@@ -117,7 +117,7 @@ pub struct ExecResult {
 #[derive(Clone)]
 pub struct Engine {
     pub paths: Paths,
-    pub tier: ContainerTier,
+    pub container: ContainerTier,
     pub microvm: MicrovmTier,
     pub snapshots: std::sync::Arc<thaw_snapshotter::Store>,
     pub(crate) meta: Meta,
@@ -177,7 +177,7 @@ impl Engine {
         let snapshots = std::sync::Arc::new(thaw_snapshotter::Store::open(paths.snapshots())?);
         let meta = Meta::new(paths.meta_db());
         let engine = Engine {
-            tier: ContainerTier::new(paths.clone(), guest_init.clone()),
+            container: ContainerTier::new(paths.clone(), guest_init.clone()),
             microvm: MicrovmTier::new(paths.clone(), guest_init),
             snapshots,
             paths,
@@ -335,7 +335,7 @@ impl Engine {
             match &sb.inner {
                 crate::sandbox::Inner::Container(c) => {
                     require_criu()?;
-                    self.tier.checkpoint(c, &images, leave_running).await?;
+                    self.container.checkpoint(c, &images, leave_running).await?;
                 }
                 crate::sandbox::Inner::Vm(v) => {
                     self.microvm.checkpoint(v, &images, leave_running).await?;
@@ -466,7 +466,7 @@ impl Engine {
         private: bool,
     ) -> Result<Sandbox> {
         Ok(match tier {
-            Tier::Container => self.tier.restore(spec, dir).await?.0.into(),
+            Tier::Container => self.container.restore(spec, dir).await?.0.into(),
             Tier::Microvm => self.microvm.restore(spec, dir, private).await?.into(),
         })
     }
@@ -475,7 +475,9 @@ impl Engine {
     /// process).
     pub(crate) fn attach(&self, tier: Tier, id: &str) -> Sandbox {
         match tier {
-            Tier::Container => crate::container::ContainerSandbox::attach(&self.tier, id).into(),
+            Tier::Container => {
+                crate::container::ContainerSandbox::attach(&self.container, id).into()
+            }
             Tier::Microvm => self.microvm.attach(id).into(),
         }
     }
@@ -503,7 +505,7 @@ impl Engine {
     ) -> Result<(Sandbox, Duration)> {
         let sandbox_spec = self.sandbox_spec(spec, layers, id);
         let sb: Sandbox = match tier {
-            Tier::Container => self.tier.boot(&sandbox_spec).await?.into(),
+            Tier::Container => self.container.boot(&sandbox_spec).await?.into(),
             Tier::Microvm => self.microvm.boot(&sandbox_spec).await?.into(),
         };
         let warm_started = Instant::now();

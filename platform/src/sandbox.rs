@@ -98,7 +98,7 @@ impl Sandbox {
             }
             Inner::Vm(v) => v
                 .identity()
-                .and_then(|i| i.split_whitespace().next().and_then(|p| p.parse().ok()))
+                .and_then(|i| crate::cleanup::identity_pid(&i))
                 .into_iter()
                 .collect(),
         }

@@ -206,12 +206,7 @@ fn alive(identity: &str) -> bool {
     if !cleanup::identity_alive(identity) {
         return false;
     }
-    let pid = identity.split_whitespace().next().unwrap_or_default();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | None)
+    cleanup::identity_pid(identity).is_some_and(thaw_microvm::util::process_running)
 }
 
 fn new_session_id() -> String {

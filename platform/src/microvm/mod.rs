@@ -215,14 +215,8 @@ impl MicrovmTier {
                     .ctx("recording the VMM", dir),
                 None => Err(Error::Other("the VMM exited right after start".into())),
             };
-            match written {
-                Ok(()) => {
-                    vm.detach();
-                    Ok(())
-                }
-                // Dropping the Vm kills the VMM and removes its workdir.
-                Err(e) => Err(e),
-            }
+            // On error, dropping the Vm kills the VMM and removes its workdir.
+            written.map(|()| vm.detach())
         });
         match recorded {
             Ok(()) => Ok(self.attach(&spec.id)),
@@ -297,7 +291,7 @@ impl VmSandbox {
         let pid = self
             .identity()
             .filter(|i| cleanup::identity_alive(i))
-            .and_then(|i| i.split_whitespace().next().and_then(|p| p.parse().ok()));
+            .and_then(|i| cleanup::identity_pid(&i));
         Vm::attach(&self.dir.join(WORKDIR), cid, pid)
     }
 
@@ -344,11 +338,7 @@ pub fn kill_orphan_vmm(dir: &Path) {
     if !cleanup::identity_alive(&record) {
         return;
     }
-    let Some(pid) = record
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse::<i32>().ok())
-    else {
+    let Some(pid) = cleanup::identity_pid(&record).and_then(|p| i32::try_from(p).ok()) else {
         return;
     };
     let _ = nix::sys::signal::kill(
