@@ -173,7 +173,11 @@ async fn health_metrics_openapi_and_authentication() {
     // Everything else does: none, garbage, unknown, and revoked keys are all 401 + Bearer.
     let (revoked_rec, revoked) = s.engine.create_key("old", 1).unwrap();
     s.engine.revoke_key(&revoked_rec.id).unwrap();
-    let forged = format!("{}0", &key[..key.len() - 1]);
+    // The real key with its last hex digit changed (to any other digit: 1/16 of keys end
+    // in 0, and a "forgery" equal to the key is no forgery).
+    let last = if key.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{last}", &key[..key.len() - 1]);
+    assert_ne!(forged, key);
     for auth in [
         None,
         Some("Basic dXNlcjpwYXNz".to_string()),
