@@ -310,3 +310,100 @@ fn disk_full_during_publish_keeps_the_previous_snapshot() {
     );
     home.assert_clean();
 }
+
+/// A persistent handler that counts its invocations in a shell variable: its memory is the
+/// state under test.
+const COUNTER: &str = "name = \"counter\"\nbase = { kind = \"busybox\" }\n[handler]\nmode = \"persistent\"\ncommand = [\"/bin/sh\", \"-c\", \"n=0; echo '{\\\"ready\\\":true}'; while read l; do n=$((n+1)); echo \\\"{\\\\\\\"n\\\\\\\":$n}\\\"; done\"]\n";
+
+/// The lines of `/proc/<pid>/maps` of every process in a sandbox's memory cgroup.
+fn maps_of(sandbox: &str) -> Vec<String> {
+    let pids: Vec<u32> = thaw_platform::container::memory_cgroup_dirs(sandbox)
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    assert!(!pids.is_empty(), "sandbox {sandbox} has no processes");
+    pids.iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/maps"))
+                .unwrap_or_default()
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A one-shot clone maps the snapshot's memory copy-on-write from the materialised page
+/// images instead of copying it, and what it writes stays its own: every clone's handler
+/// counts from the snapshot's state. A session's sandbox copies its memory instead, because
+/// it is checkpointed again, and its handler keeps counting across calls.
+#[test]
+fn clones_map_the_snapshot_memory_copy_on_write_and_sessions_copy_it() {
+    let home = Home::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("counter");
+    write_template(&dir, COUNTER);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let paths = thaw_platform::Paths::new(
+            home.path(),
+            std::env::var("THAW_CACHE").unwrap_or_else(|_| "/var/cache/thaw".into()),
+        );
+        let engine = thaw_platform::Engine::open(paths).await.unwrap();
+        engine
+            .deploy(&dir, &thaw_platform::progress::Quiet)
+            .await
+            .unwrap();
+        let opts = thaw_platform::engine::RunOptions::default();
+        let cache = home.path().join("snapshots").join("cache");
+        let cache = cache.to_str().unwrap();
+        let mut clones = Vec::new();
+        for _ in 0..3 {
+            let live = engine.spawn("counter", &opts).await.unwrap();
+            let done = live.invoke(serde_json::json!(null), &opts).await.unwrap();
+            assert_eq!(done.result, Some(serde_json::json!({"n": 1})), "{done:?}");
+            let mapped: Vec<String> = maps_of(live.id())
+                .into_iter()
+                .filter(|l| l.contains(cache) && l.contains("/criu/pages-"))
+                .collect();
+            assert!(
+                !mapped.is_empty(),
+                "a clone's memory is not mapped from the snapshot's page images"
+            );
+            clones.push(live);
+        }
+        // A second call in the same clone sees its own write.
+        let done = clones[0]
+            .invoke(serde_json::json!(null), &opts)
+            .await
+            .unwrap();
+        assert_eq!(done.result, Some(serde_json::json!({"n": 2})), "{done:?}");
+        for c in clones {
+            c.destroy().await;
+        }
+
+        let s = engine
+            .session_create("counter", thaw_platform::session::SessionOptions::default())
+            .await
+            .unwrap();
+        assert!(
+            !maps_of(&s.id).iter().any(|l| l.contains("/criu/pages-")),
+            "a session's memory must be its own copy: it is checkpointed later"
+        );
+        for n in 1..=2 {
+            let inv = engine
+                .session_invoke(&s.id, serde_json::json!(null), opts.clone(), |_| {})
+                .await
+                .unwrap();
+            assert_eq!(inv.done.result, Some(serde_json::json!({ "n": n })));
+        }
+        engine.session_pause(&s.id).await.unwrap();
+        engine.session_delete(&s.id).await.unwrap();
+    });
+    home.assert_clean();
+}

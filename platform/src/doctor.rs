@@ -125,6 +125,20 @@ pub fn run() -> Report {
         },
     ));
     checks.push(check(
+        "criu mmap-pages",
+        false,
+        match crate::container::criu::features_uncached() {
+            Some(f) if f.mmap_pages => Ok("clones map the snapshot's memory copy-on-write".into()),
+            Some(_) => Err((
+                "this criu lacks thaw's mmap-pages patch: every clone copies the snapshot's \
+                 memory (slower restores, no pages shared between clones)"
+                    .into(),
+                "run `make deps` (builds CRIU with scripts/criu-patches)".into(),
+            )),
+            None => Err(("criu not found".into(), "run `make deps`".into())),
+        },
+    ));
+    checks.push(check(
         "busybox-static",
         true,
         if Path::new("/bin/busybox").exists() {

@@ -11,7 +11,7 @@ use thaw_protocol::{
 use tracing::{info, info_span, Instrument};
 
 use crate::agent::{ExecDone, InvokeDone};
-use crate::container::{ContainerTier, SandboxSpec};
+use crate::container::{CloneMemory, ContainerTier, SandboxSpec};
 use crate::error::{Error, Result};
 use crate::microvm::MicrovmTier;
 use crate::paths::{guest_init_binary, Paths};
@@ -383,21 +383,25 @@ impl Engine {
     }
 
     /// Starts a sandbox for one call: restored from the snapshot when there is one, else
-    /// cold. Returns the sandbox, how it started, and the time to ready and to warm.
+    /// cold. Returns the sandbox, how it started, and the time to ready and to warm. The
+    /// sandbox ends in a discard, so its memory is shared copy-on-write with the snapshot.
     pub async fn start(
         &self,
         t: &TemplateRecord,
         opts: &RunOptions,
     ) -> Result<(Sandbox, StartKind, Duration, Duration)> {
-        self.start_as(t, opts, &new_sandbox_id()).await
+        self.start_as(t, opts, &new_sandbox_id(), CloneMemory::Shared)
+            .await
     }
 
-    /// [`Engine::start`] with a chosen sandbox id (a session's sandbox is named after it).
+    /// [`Engine::start`] with a chosen sandbox id (a session's sandbox is named after it)
+    /// and memory (a session's must be [`CloneMemory::Copied`]: it is checkpointed later).
     pub(crate) async fn start_as(
         &self,
         t: &TemplateRecord,
         opts: &RunOptions,
         id: &str,
+        memory: CloneMemory,
     ) -> Result<(Sandbox, StartKind, Duration, Duration)> {
         let started = Instant::now();
         let Some(snap) = &t.snapshot else {
@@ -424,14 +428,11 @@ impl Engine {
                 return Err(e.into());
             }
         };
-        let sb = self
-            .restore_sandbox(
-                t.tier,
-                &self.sandbox_spec(&t.spec, &t.layers, id),
-                &dir,
-                false,
-            )
-            .await?;
+        let spec = SandboxSpec {
+            memory,
+            ..self.sandbox_spec(&t.spec, &t.layers, id)
+        };
+        let sb = self.restore_sandbox(t.tier, &spec, &dir, false).await?;
         if let Err(e) = self.hygiene(&sb, &t.spec, opts).await {
             sb.destroy().await;
             return Err(e);
@@ -451,6 +452,7 @@ impl Engine {
             layers: layers.to_vec(),
             limits: spec.limits.clone(),
             boot_timeout: Duration::from_secs(30),
+            memory: CloneMemory::Copied,
         }
     }
 

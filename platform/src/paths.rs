@@ -45,14 +45,16 @@ impl Paths {
         ] {
             std::fs::create_dir_all(&d).ctx("creating directory", &d)?;
         }
-        let conf = self.criu_config();
-        if std::fs::read_to_string(&conf).ok().as_deref()
-            != Some(crate::container::checkpoint::CRIU_CONFIG)
-        {
-            let tmp = conf.with_extension("tmp");
-            std::fs::write(&tmp, crate::container::checkpoint::CRIU_CONFIG)
-                .ctx("writing CRIU configuration", &tmp)?;
-            std::fs::rename(&tmp, &conf).ctx("writing CRIU configuration", &conf)?;
+        use crate::container::checkpoint::{CRIU_CONFIG, CRIU_CONFIG_SHARED};
+        for (conf, text) in [
+            (self.criu_config(), CRIU_CONFIG),
+            (self.criu_config_shared(), CRIU_CONFIG_SHARED),
+        ] {
+            if std::fs::read_to_string(&conf).ok().as_deref() != Some(text) {
+                let tmp = conf.with_extension("tmp");
+                std::fs::write(&tmp, text).ctx("writing CRIU configuration", &tmp)?;
+                std::fs::rename(&tmp, &conf).ctx("writing CRIU configuration", &conf)?;
+            }
         }
         Ok(())
     }
@@ -75,12 +77,19 @@ impl Paths {
     pub fn snapshots(&self) -> PathBuf {
         self.home.join("snapshots")
     }
-    /// Scratch space for checkpoints on their way into the store.
-    /// CRIU options for our checkpoints (written by [`Paths::ensure`]).
+    /// CRIU options for our checkpoints and copying restores (written by [`Paths::ensure`]).
     pub fn criu_config(&self) -> PathBuf {
         self.home.join("criu.conf")
     }
-
+    /// CRIU options for restoring a clone whose memory is mapped copy-on-write.
+    pub fn criu_config_shared(&self) -> PathBuf {
+        self.home.join("criu-shared.conf")
+    }
+    /// What the installed CRIU supports, cached per binary (container::criu).
+    pub fn criu_features(&self) -> PathBuf {
+        self.home.join("criu-features")
+    }
+    /// Scratch space for checkpoints on their way into the store.
     pub fn checkpoints(&self) -> PathBuf {
         self.home.join("checkpoints")
     }

@@ -24,6 +24,7 @@ use tokio::sync::RwLock;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::cleanup;
+use crate::container::CloneMemory;
 use crate::engine::{
     ms, now_secs, Engine, ExecResult, Invocation, RunOptions, SnapshotSize, StartKind, Timings,
 };
@@ -341,7 +342,7 @@ impl Engine {
                 env: opts.env.clone(),
                 timeout: None,
             };
-            let started = self.start_as(&t, &run, &id).await;
+            let started = self.start_as(&t, &run, &id, CloneMemory::Copied).await;
             let sb = match started {
                 Ok((sb, _, _, _)) => sb,
                 Err(e) => {

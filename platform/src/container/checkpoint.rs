@@ -29,6 +29,8 @@ pub const CRIU_DIR: &str = "criu";
 /// namespace holds only loopback, which nothing outside can reach, so there is nothing to
 /// fence. The method is recorded at dump time and reused by the restore.
 pub const CRIU_CONFIG: &str = "network-lock skip\n";
+/// [`CRIU_CONFIG`] for restoring a clone with [`super::CloneMemory::Shared`] memory.
+pub const CRIU_CONFIG_SHARED: &str = "network-lock skip\nmmap-pages\n";
 pub const UPPER_TAR: &str = "upper.tar";
 
 /// Timings of one restore, for `thaw bench` and tracing.

@@ -2,6 +2,7 @@
 //! through runc; memory snapshots by CRIU.
 
 pub mod checkpoint;
+pub mod criu;
 pub mod mounts;
 pub mod oci;
 pub mod runc;
@@ -28,6 +29,24 @@ pub struct SandboxSpec {
     pub layers: Vec<PathBuf>,
     pub limits: Limits,
     pub boot_timeout: Duration,
+    /// Where a restore takes the clone's memory from (container tier; a microvm always maps
+    /// its snapshot's memory on demand).
+    pub memory: CloneMemory,
+}
+
+/// Where a clone restored on the container tier gets its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneMemory {
+    /// Its own anonymous copy of every page, read from the snapshot during the restore
+    /// (CRIU's default). A sandbox that may be checkpointed again (a session) needs this.
+    Copied,
+    /// Mapped copy-on-write from the materialised snapshot's page images (CRIU's
+    /// `mmap-pages`, our patch `0002`): the restore copies nothing, a page comes from the page
+    /// cache when first touched, and pages a clone only reads stay shared by every clone of
+    /// the template. Such a clone cannot be checkpointed (its memory maps host files outside
+    /// its mount namespace), so only sandboxes that end in a discard ask for it. Where the
+    /// installed CRIU lacks the option, the restore copies instead.
+    Shared,
 }
 
 #[derive(Debug, Clone)]
@@ -35,6 +54,8 @@ pub struct ContainerTier {
     pub paths: Paths,
     pub runc: Runc,
     pub guest_init: PathBuf,
+    /// The installed CRIU has our `mmap-pages` option ([`CloneMemory::Shared`]).
+    pub mmap_pages: bool,
 }
 
 /// A live container sandbox. Dropping it does not destroy it: call [`ContainerSandbox::destroy`]
@@ -82,10 +103,12 @@ impl SandboxDir {
 impl ContainerTier {
     pub fn new(paths: Paths, guest_init: PathBuf) -> ContainerTier {
         let runc = Runc::new(paths.runc_root());
+        let mmap_pages = criu::features(&paths).mmap_pages;
         ContainerTier {
             paths,
             runc,
             guest_init,
+            mmap_pages,
         }
     }
 
@@ -120,7 +143,10 @@ impl ContainerTier {
             agent_dir: Some(d.agent_dir()),
             guest_init: Some(self.guest_init.clone()),
             cgroup_path: format!("/thaw/{}", spec.id),
-            criu_config: Some(self.paths.criu_config()),
+            criu_config: Some(match spec.memory {
+                CloneMemory::Shared if self.mmap_pages => self.paths.criu_config_shared(),
+                _ => self.paths.criu_config(),
+            }),
         }
     }
 

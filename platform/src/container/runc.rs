@@ -3,8 +3,8 @@
 //! Why runc and not youki's `libcontainer` in-process: runc 1.1 is in Debian (so `make` can
 //! install it), it is the reference OCI runtime, and it drives CRIU for checkpoint/restore
 //! with years of hardening around mounts and namespaces, which is exactly the part of the
-//! container tier we most need to be right. Its measured cost here is in docs/benchmarks.md;
-//! the restore hot path does not go through runc at all (see `criu.rs`).
+//! container tier we most need to be right. Restores go through it too; its share of a
+//! restore, and what replacing it would take, are in docs/benchmarks.md.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
