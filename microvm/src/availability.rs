@@ -3,7 +3,7 @@
 //! VT-x/AMD-V) guests crawl and Cloud Hypervisor cannot snapshot (`KVM_GET_NESTED_STATE`
 //! fails), so such a host is reported unavailable rather than half-working.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// Environment variable naming the Cloud Hypervisor binary (default: `cloud-hypervisor` on
@@ -45,24 +45,12 @@ impl Availability {
     }
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 /// The Cloud Hypervisor binary to use: `$THAW_CLOUD_HYPERVISOR`, else `cloud-hypervisor` on
 /// `PATH`.
 pub fn cloud_hypervisor_binary() -> Option<PathBuf> {
     match std::env::var_os(BIN_ENV) {
         Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
-        _ => find_on_path("cloud-hypervisor"),
+        _ => crate::util::find_on_path("cloud-hypervisor"),
     }
 }
 

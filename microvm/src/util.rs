@@ -3,6 +3,17 @@
 use std::path::Path;
 use std::process::Output;
 
+/// The first executable file called `name` in a directory on `PATH`, as `execvp` finds it.
+pub fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// Last `lines` lines of a (possibly large, possibly missing) text file, for error messages.
 pub fn file_tail(path: &Path, lines: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};

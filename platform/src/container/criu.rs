@@ -7,9 +7,10 @@
 //! installing another CRIU invalidates it.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
+use thaw_microvm::util::find_on_path;
 use tracing::debug;
 
 use crate::paths::Paths;
@@ -87,13 +88,6 @@ fn probe(bin: &Path) -> Features {
     Features {
         mmap_pages: accepts("--mmap-pages"),
     }
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0))
 }
 
 #[cfg(test)]
