@@ -317,15 +317,7 @@ const COUNTER: &str = "name = \"counter\"\nbase = { kind = \"busybox\" }\n[handl
 
 /// The lines of `/proc/<pid>/maps` of every process in a sandbox's memory cgroup.
 fn maps_of(sandbox: &str) -> Vec<String> {
-    let pids: Vec<u32> = thaw_platform::container::memory_cgroup_dirs(sandbox)
-        .iter()
-        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
-        .flat_map(|t| {
-            t.lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect();
+    let pids = thaw_platform::container::cgroup_pids(sandbox);
     assert!(!pids.is_empty(), "sandbox {sandbox} has no processes");
     pids.iter()
         .flat_map(|p| {

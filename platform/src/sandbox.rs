@@ -84,18 +84,7 @@ impl Sandbox {
     /// cgroup's members), or the VMM, whose memory is the guest's.
     pub fn host_pids(&self) -> Vec<u32> {
         match &self.inner {
-            Inner::Container(c) => {
-                for dir in crate::container::memory_cgroup_dirs(&c.id) {
-                    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                        let pids: Vec<u32> =
-                            text.lines().filter_map(|l| l.trim().parse().ok()).collect();
-                        if !pids.is_empty() {
-                            return pids;
-                        }
-                    }
-                }
-                Vec::new()
-            }
+            Inner::Container(c) => crate::container::cgroup_pids(&c.id),
             Inner::Vm(v) => v
                 .identity()
                 .and_then(|i| crate::cleanup::identity_pid(&i))

@@ -249,6 +249,19 @@ pub fn memory_cgroup_dirs(id: &str) -> [PathBuf; 3] {
     ]
 }
 
+/// Host pids of a container sandbox's processes: the members of its memory cgroup.
+pub fn cgroup_pids(id: &str) -> Vec<u32> {
+    for dir in memory_cgroup_dirs(id) {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            let pids: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            if !pids.is_empty() {
+                return pids;
+            }
+        }
+    }
+    Vec::new()
+}
+
 pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(v).map_err(|e| Error::Other(e.to_string()))?;
     std::fs::write(path, bytes).ctx("writing", path)
