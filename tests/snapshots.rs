@@ -399,3 +399,108 @@ fn clones_map_the_snapshot_memory_copy_on_write_and_sessions_copy_it() {
     });
     home.assert_clean();
 }
+
+/// The limit files runc and thaw both write, v1 and v2, and the device list.
+const CONFINEMENT: &[&str] = &[
+    "memory.limit_in_bytes",
+    "memory.memsw.limit_in_bytes",
+    "memory.max",
+    "memory.swap.max",
+    "cpu.cfs_quota_us",
+    "cpu.cfs_period_us",
+    "cpu.max",
+    "pids.max",
+    "devices.list",
+    "cpuset.cpus",
+    "cpuset.mems",
+];
+
+/// `<hierarchy>/<file>: <value>` for every confinement file of a sandbox's cgroups.
+fn confinement_of(sandbox: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for h in thaw_platform::container::cgroups::hierarchies() {
+        let dir = h.mount.join("thaw").join(sandbox);
+        assert!(dir.exists(), "{} missing", dir.display());
+        for f in CONFINEMENT {
+            if let Ok(v) = std::fs::read_to_string(dir.join(f)) {
+                out.push(format!("{}/{f}: {}", h.mount.display(), v.trim()));
+            }
+        }
+    }
+    out
+}
+
+/// A clone that ends in a discard is restored by CRIU without runc, so thaw makes its
+/// cgroups itself. It must be confined exactly as runc confines a session's sandbox of the
+/// same template (memory without swap, CPU quota, pids, devices, cpuset), sit in its cgroup
+/// in every hierarchy, and leave none behind.
+#[test]
+fn clones_restored_without_runc_are_confined_as_runc_confines_sessions() {
+    let home = Home::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("counter");
+    let limits = "[limits]\nmemory_mib = 96\nvcpus = 1\npids = 40\n";
+    write_template(&dir, &format!("{COUNTER}{limits}"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let paths = thaw_platform::Paths::new(
+            home.path(),
+            std::env::var("THAW_CACHE").unwrap_or_else(|_| "/var/cache/thaw".into()),
+        );
+        let engine = thaw_platform::Engine::open(paths).await.unwrap();
+        engine
+            .deploy(&dir, &thaw_platform::progress::Quiet)
+            .await
+            .unwrap();
+        let opts = thaw_platform::engine::RunOptions::default();
+        let clone = engine.spawn("counter", &opts).await.unwrap();
+        let clone_id = clone.id().to_string();
+        let session = engine
+            .session_create("counter", thaw_platform::session::SessionOptions::default())
+            .await
+            .unwrap();
+
+        let runc = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(home.path().join("runc"))
+            .args(["list", "--quiet"])
+            .output()
+            .unwrap();
+        let known = String::from_utf8_lossy(&runc.stdout).to_string();
+        assert!(
+            known.contains(&session.id),
+            "the session is runc's: {known}"
+        );
+        assert!(
+            !known.contains(&clone_id),
+            "the clone is not runc's: {known}"
+        );
+
+        let theirs = confinement_of(&session.id);
+        let ours = confinement_of(&clone_id);
+        assert!(
+            theirs.iter().any(|l| l.contains("pids.max: 40")),
+            "{theirs:?}"
+        );
+        assert_eq!(ours, theirs, "thaw's cgroup differs from runc's");
+
+        for pid in thaw_platform::container::cgroup_pids(&clone_id) {
+            let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+            for line in cg.lines() {
+                assert!(
+                    line.ends_with(&format!("/thaw/{clone_id}")),
+                    "process {pid} of the clone outside its cgroup: {line}"
+                );
+            }
+        }
+        let done = clone.invoke(serde_json::json!(null), &opts).await.unwrap();
+        assert_eq!(done.result, Some(serde_json::json!({"n": 1})), "{done:?}");
+        clone.destroy().await;
+        assert_eq!(
+            thaw_e2e::leaked_cgroups(std::slice::from_ref(&clone_id)),
+            Vec::<String>::new()
+        );
+        engine.session_delete(&session.id).await.unwrap();
+    });
+    home.assert_clean();
+}

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use tracing::{info, warn};
 
-use crate::container::{mounts, runc::Runc};
+use crate::container::{cgroups, mounts, runc::Runc};
 use crate::error::{IoContext, Result};
 use crate::paths::Paths;
 
@@ -119,8 +119,16 @@ pub async fn sweep(paths: &Paths) -> Result<SweepStats> {
             match crate::microvm::tier_of_dir(&dir) {
                 crate::tier::Tier::Microvm => crate::microvm::kill_orphan_vmm(&dir),
                 crate::tier::Tier::Container => {
+                    // runc's, or thaw's own (a clone restored by CRIU directly): runc
+                    // ignores an id it does not know, and its delete leaves no cgroup.
                     if let Err(e) = runc.delete(&id).await {
                         warn!(sandbox = %id, error = %e, "runc delete of orphan");
+                    }
+                    let cg = id.clone();
+                    match tokio::task::spawn_blocking(move || cgroups::destroy(&cg)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(sandbox = %id, error = %e, "cgroups of orphan"),
+                        Err(e) => warn!(sandbox = %id, error = %e, "cgroup teardown task"),
                     }
                 }
             }

@@ -195,14 +195,20 @@ impl Default for Home {
     }
 }
 
-/// Cgroups named after sandboxes of this test that still exist.
+/// Cgroups named after sandboxes of this test that still exist, in any hierarchy
+/// (`/sys/fs/cgroup/thaw/<id>` on v2, `/sys/fs/cgroup/<hierarchy>/thaw/<id>` on v1).
 pub fn leaked_cgroups(ids: &[String]) -> Vec<String> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut roots = vec![root.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(root) {
+        roots.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
     let mut out = Vec::new();
     for id in ids {
-        for ctrl in ["memory", "pids", "cpu", "freezer", "unified"] {
-            let p = format!("/sys/fs/cgroup/{ctrl}/thaw/{id}");
-            if Path::new(&p).exists() {
-                out.push(p);
+        for r in &roots {
+            let p = r.join("thaw").join(id);
+            if p.exists() {
+                out.push(p.display().to_string());
             }
         }
     }

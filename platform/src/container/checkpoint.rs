@@ -1,7 +1,8 @@
 //! Whole-sandbox snapshots on the container tier: CRIU (driven by runc) dumps the process
 //! tree with its memory, file descriptors, pipes and guest-init's listening socket; we add
 //! the sandbox's private overlay upper directory (`upper.tar`), so a restore gets back
-//! exactly the files the processes had open.
+//! exactly the files the processes had open. A clone that ends in a discard is restored by
+//! CRIU alone (`criu_restore`); every other restore goes through runc.
 //!
 //! Snapshot directory layout (what goes into the snapshotter):
 //! - `criu/`      CRIU images (`pages-*.img` hold the memory)
@@ -15,7 +16,12 @@ use std::time::Instant;
 use tokio::process::Command;
 use tracing::{debug, info_span, Instrument};
 
-use super::{mounts, oci, write_json, ContainerSandbox, ContainerTier, SandboxDir, SandboxSpec};
+use super::cgroups::SandboxCgroup;
+use super::criu_restore::DirectRestore;
+use super::{
+    mounts, oci, write_json, CloneMemory, ContainerSandbox, ContainerTier, Keeper, SandboxDir,
+    SandboxSpec,
+};
 use crate::agent::{Agent, Endpoint};
 use crate::error::{Error, IoContext, Result};
 
@@ -62,9 +68,11 @@ async fn run_checked(mut cmd: Command, what: &str) -> Result<()> {
 /// CRIU's own log explains most failures; quote its last error lines.
 fn criu_log_errors(work: &Path, file: &str) -> String {
     let text = std::fs::read_to_string(work.join(file)).unwrap_or_default();
+    // CRIU reports failing to raise its own fd limit as an error, then carries on.
     let errs: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("Error") || l.contains("error"))
+        .filter(|l| !l.contains("Can't setup RLIMIT_NOFILE for self"))
         .collect();
     let start = errs.len().saturating_sub(4);
     errs[start..].join(" | ")
@@ -136,34 +144,64 @@ impl ContainerTier {
             let d = SandboxDir {
                 root: self.paths.sandbox(&spec.id),
             };
+            let direct = spec.memory == CloneMemory::Shared && self.direct_restore;
             let sb = ContainerSandbox {
                 id: spec.id.clone(),
                 dir: d.root.clone(),
                 agent: Agent::new(spec.id.clone(), Endpoint::Unix(d.socket())),
                 runc: self.runc.clone(),
+                keeper: if direct { Keeper::Thaw } else { Keeper::Runc },
             };
             let mut timings = RestoreTimings::default();
             let r = async {
                 self.prepare_restore_dir(&d, spec, snapshot).await?;
-                let cfg = oci::render(&self.container_config(spec, &d));
-                write_json(&d.root.join("config.json"), &cfg)?;
+                let cfg = self.container_config(spec, &d);
+                let cgroup = if direct {
+                    Some(SandboxCgroup::create(&spec.id, &spec.limits)?)
+                } else {
+                    write_json(&d.root.join("config.json"), &oci::render(&cfg))?;
+                    None
+                };
                 timings.prepare_ms = ms(t0);
                 let t1 = Instant::now();
                 let work = d.root.join("criu-work");
                 std::fs::create_dir_all(&work).ctx("creating CRIU work directory", &work)?;
-                let pid_file = d.root.join("init.pid");
-                let args: Vec<std::ffi::OsString> = vec![
-                    "--image-path".into(),
-                    snapshot.join(CRIU_DIR).into(),
-                    "--work-path".into(),
-                    work.clone().into(),
-                    "--pid-file".into(),
-                    pid_file.clone().into(),
-                    "--bundle".into(),
-                    d.root.clone().into(),
-                    spec.id.clone().into(),
-                ];
-                if let Err(e) = self.runc.restore_detached(&args, &d.log()).await {
+                let images = snapshot.join(CRIU_DIR);
+                let restored = match &cgroup {
+                    Some(cgroup) => {
+                        DirectRestore {
+                            images: &images,
+                            work: &work,
+                            rootfs: &d.rootfs(),
+                            config: &self.criu_config_for(spec.memory),
+                            cgroup_root: &cfg.cgroup_path,
+                            cgroup,
+                            binds: vec![
+                                (thaw_protocol::CONTAINER_SOCKET_DIR, d.agent_dir()),
+                                (oci::GUEST_INIT_PATH, self.guest_init.clone()),
+                            ],
+                            pid_file: &d.pid_file(),
+                            log: &d.log(),
+                        }
+                        .run()
+                        .await
+                    }
+                    None => {
+                        let args: Vec<std::ffi::OsString> = vec![
+                            "--image-path".into(),
+                            images.into(),
+                            "--work-path".into(),
+                            work.clone().into(),
+                            "--pid-file".into(),
+                            d.pid_file().into(),
+                            "--bundle".into(),
+                            d.root.clone().into(),
+                            spec.id.clone().into(),
+                        ];
+                        self.runc.restore_detached(&args, &d.log()).await
+                    }
+                };
+                if let Err(e) = restored {
                     return Err(Error::Criu(format!(
                         "{e}; criu: {}",
                         criu_log_errors(&work, "restore.log")
@@ -171,11 +209,12 @@ impl ContainerTier {
                 }
                 timings.criu_ms = ms(t1);
                 let t2 = Instant::now();
+                let pid_file = d.pid_file();
                 let pid: i32 = std::fs::read_to_string(&pid_file)
                     .ctx("reading restored init pid", &pid_file)?
                     .trim()
                     .parse()
-                    .map_err(|_| Error::Criu("runc wrote an unreadable pid file".into()))?;
+                    .map_err(|_| Error::Criu(format!("{}: not a pid", pid_file.display())))?;
                 set_hostname(pid, &spec.hostname).await?;
                 sb.agent.wait_ready(spec.boot_timeout).await?;
                 timings.ready_ms = ms(t2);

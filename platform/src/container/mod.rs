@@ -1,8 +1,11 @@
 //! The container tier: Linux namespaces, cgroups, seccomp and an overlayfs root per sandbox,
-//! through runc; memory snapshots by CRIU.
+//! through runc; memory snapshots by CRIU. Clones that end in a discard are restored by CRIU
+//! directly, without runc ([`criu_restore`]).
 
+pub mod cgroups;
 pub mod checkpoint;
 pub mod criu;
+pub mod criu_restore;
 pub mod mounts;
 pub mod oci;
 pub mod runc;
@@ -56,6 +59,18 @@ pub struct ContainerTier {
     pub guest_init: PathBuf,
     /// The installed CRIU has our `mmap-pages` option ([`CloneMemory::Shared`]).
     pub mmap_pages: bool,
+    /// Clones restored [`CloneMemory::Shared`] skip runc ([`criu_restore`]): where thaw can
+    /// confine them as runc would (see [`cgroups::can_confine_devices`]).
+    pub direct_restore: bool,
+}
+
+/// Who keeps a container sandbox's processes and cgroups, and so who ends them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keeper {
+    /// runc: booted sandboxes and those restored through it (sessions).
+    Runc,
+    /// thaw itself: clones restored by CRIU directly.
+    Thaw,
 }
 
 /// A live container sandbox. Dropping it does not destroy it: call [`ContainerSandbox::destroy`]
@@ -66,6 +81,7 @@ pub struct ContainerSandbox {
     pub dir: PathBuf,
     pub agent: Agent,
     runc: Runc,
+    keeper: Keeper,
 }
 
 /// Layout of a sandbox directory.
@@ -98,6 +114,10 @@ impl SandboxDir {
     pub fn owner(&self) -> PathBuf {
         self.root.join("owner")
     }
+    /// The restored init's host pid (written by runc or CRIU).
+    pub fn pid_file(&self) -> PathBuf {
+        self.root.join("init.pid")
+    }
 }
 
 impl ContainerTier {
@@ -109,6 +129,7 @@ impl ContainerTier {
             runc,
             guest_init,
             mmap_pages,
+            direct_restore: cgroups::can_confine_devices(),
         }
     }
 
@@ -143,10 +164,15 @@ impl ContainerTier {
             agent_dir: Some(d.agent_dir()),
             guest_init: Some(self.guest_init.clone()),
             cgroup_path: format!("/thaw/{}", spec.id),
-            criu_config: Some(match spec.memory {
-                CloneMemory::Shared if self.mmap_pages => self.paths.criu_config_shared(),
-                _ => self.paths.criu_config(),
-            }),
+            criu_config: Some(self.criu_config_for(spec.memory)),
+        }
+    }
+
+    /// The CRIU options file for restoring a clone with `memory`.
+    pub fn criu_config_for(&self, memory: CloneMemory) -> PathBuf {
+        match memory {
+            CloneMemory::Shared if self.mmap_pages => self.paths.criu_config_shared(),
+            _ => self.paths.criu_config(),
         }
     }
 
@@ -168,6 +194,7 @@ impl ContainerTier {
                 dir: d.root.clone(),
                 agent: Agent::new(spec.id.clone(), Endpoint::Unix(d.socket())),
                 runc: self.runc.clone(),
+                keeper: Keeper::Runc,
             };
             let result = async {
                 let cfg = oci::render(&self.container_config(spec, &d));
@@ -199,7 +226,7 @@ impl ContainerTier {
 
 impl ContainerSandbox {
     /// A handle on a sandbox that is already running (a session's, made by an earlier
-    /// process).
+    /// process; sessions are always runc's).
     pub fn attach(tier: &ContainerTier, id: &str) -> ContainerSandbox {
         let d = SandboxDir {
             root: tier.paths.sandbox(id),
@@ -209,6 +236,7 @@ impl ContainerSandbox {
             agent: Agent::new(id.to_string(), Endpoint::Unix(d.socket())),
             dir: d.root,
             runc: tier.runc.clone(),
+            keeper: Keeper::Runc,
         }
     }
 
@@ -223,8 +251,21 @@ impl ContainerSandbox {
     pub async fn destroy(self) {
         let span = info_span!("sandbox.destroy", sandbox = %self.id);
         async {
-            if let Err(e) = self.runc.delete(&self.id).await {
-                warn!(error = %e, "runc delete");
+            match self.keeper {
+                Keeper::Runc => {
+                    if let Err(e) = self.runc.delete(&self.id).await {
+                        warn!(error = %e, "runc delete");
+                    }
+                }
+                Keeper::Thaw => {
+                    let id = self.id.clone();
+                    let killed = tokio::task::spawn_blocking(move || cgroups::destroy(&id)).await;
+                    match killed {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(error = %e, "killing the sandbox's cgroups"),
+                        Err(e) => warn!(error = %e, "cgroup teardown task"),
+                    }
+                }
             }
             if let Err(e) = mounts::teardown_dir(&self.dir) {
                 warn!(error = %e, "teardown");
@@ -235,7 +276,17 @@ impl ContainerSandbox {
     }
 
     pub async fn init_pid(&self) -> Result<u32> {
-        self.runc.init_pid(&self.id).await
+        match self.keeper {
+            Keeper::Runc => self.runc.init_pid(&self.id).await,
+            Keeper::Thaw => {
+                let f = self.layout().pid_file();
+                std::fs::read_to_string(&f)
+                    .ctx("reading the sandbox's init pid", &f)?
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::Criu(format!("{}: not a pid", f.display())))
+            }
+        }
     }
 }
 

@@ -248,7 +248,7 @@ impl StdioPipes {
         })
     }
 
-    fn child_ends(&self) -> Result<(Stdio, Stdio, Stdio)> {
+    pub(crate) fn child_ends(&self) -> Result<(Stdio, Stdio, Stdio)> {
         let dup = |fd: &std::os::fd::OwnedFd| {
             fd.try_clone().map_err(|e| Error::Runtime {
                 command: "dup".into(),
@@ -262,7 +262,7 @@ impl StdioPipes {
         ))
     }
 
-    fn drain_in_background(self) {
+    pub(crate) fn drain_in_background(self) {
         let StdioPipes {
             out_read, mut log, ..
         } = self;

@@ -1,0 +1,454 @@
+//! A sandbox's cgroups when thaw runs CRIU itself (a clone that ends in a discard, see
+//! [`super::criu_restore`]); runc makes and removes its own for every other sandbox.
+//!
+//! The layout is runc's, `<hierarchy>/thaw/<id>` in every mounted hierarchy, so whoever
+//! reads a sandbox's cgroup (`cgroup_pids`, `oom_kills`) or sweeps up after a crash need not
+//! know which of the two made it. The limits are the ones runc would set from the same
+//! template: memory (and memory+swap, so no swap), CPU quota, pids, and the device
+//! allow-list.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use crate::error::{Error, Result};
+use crate::template::spec::Limits;
+
+/// The cgroup below each hierarchy's root that holds every sandbox's.
+pub const PARENT: &str = "thaw";
+
+/// CPU bandwidth period; the quota is `vcpus` periods.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// runc's default device allow-list (after denying everything), in the order the kernel lists
+/// it: `mknod` of anything (no sandbox can: it has no CAP_MKNOD), null, zero, full, random,
+/// urandom, tty, ptmx, tun, and the ptys.
+const ALLOWED_DEVICES: &[&str] = &[
+    "b *:* m",
+    "c *:* m",
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:2 rwm",
+    "c 10:200 rwm",
+    "c 136:* rwm",
+];
+
+/// One mounted cgroup hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hierarchy {
+    pub mount: PathBuf,
+    /// The v1 controllers bound to it (`name=systemd` for a named one); empty on v2.
+    pub controllers: Vec<String>,
+    pub v2: bool,
+}
+
+impl Hierarchy {
+    fn has(&self, controller: &str) -> bool {
+        self.controllers.iter().any(|c| c == controller)
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.mount.join(PARENT).join(id)
+    }
+}
+
+/// The host's cgroup hierarchies, read once from /proc/self/mountinfo.
+pub fn hierarchies() -> &'static [Hierarchy] {
+    static H: OnceLock<Vec<Hierarchy>> = OnceLock::new();
+    H.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|t| parse_mountinfo(&t))
+            .unwrap_or_default()
+    })
+}
+
+const V1_CONTROLLERS: &[&str] = &[
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "memory",
+    "devices",
+    "freezer",
+    "net_cls",
+    "net_prio",
+    "blkio",
+    "perf_event",
+    "hugetlb",
+    "pids",
+    "rdma",
+    "misc",
+];
+
+fn parse_mountinfo(text: &str) -> Vec<Hierarchy> {
+    // (device, preference, hierarchy): a hierarchy is one superblock however often it is
+    // mounted (a bind, a container's view, CRIU's transient "cgroup yard" during a restore).
+    let mut found: Vec<(String, u8, Hierarchy)> = Vec::new();
+    for line in text.lines() {
+        // `<id> <parent> <dev> <root> <mountpoint> <opts> [optional...] - <fstype> <src> <superopts>`
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split(' ').collect();
+        let (Some(dev), Some(root), Some(mount)) = (fields.get(2), fields.get(3), fields.get(4))
+        else {
+            continue;
+        };
+        let mut r = right.split(' ');
+        let fstype = r.next().unwrap_or("");
+        let superopts = r.nth(1).unwrap_or("");
+        let (v2, controllers) = match fstype {
+            "cgroup2" => (true, Vec::new()),
+            "cgroup" => (
+                false,
+                superopts
+                    .split(',')
+                    .filter(|o| V1_CONTROLLERS.contains(o) || o.starts_with("name="))
+                    .map(String::from)
+                    .collect(),
+            ),
+            _ => continue,
+        };
+        // The conventional place, showing the whole hierarchy, wins.
+        let preference =
+            u8::from(!mount.starts_with("/sys/fs/cgroup")) * 2 + u8::from(*root != "/");
+        let h = Hierarchy {
+            mount: PathBuf::from(mount),
+            controllers,
+            v2,
+        };
+        match found.iter_mut().find(|(d, _, _)| d == dev) {
+            Some(existing) if existing.1 > preference => {
+                *existing = (dev.to_string(), preference, h)
+            }
+            Some(_) => {}
+            None => found.push((dev.to_string(), preference, h)),
+        }
+    }
+    found.into_iter().map(|(_, _, h)| h).collect()
+}
+
+/// Whether thaw can give a sandbox the same confinement runc would: its device allow-list
+/// needs a v1 `devices` hierarchy (on a pure v2 host runc attaches an eBPF device filter,
+/// which thaw does not build, so restores there stay with runc).
+pub fn can_confine_devices() -> bool {
+    hierarchies().iter().any(|h| h.has("devices"))
+}
+
+/// A sandbox's cgroup in every hierarchy.
+#[derive(Debug)]
+pub struct SandboxCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl SandboxCgroup {
+    /// Makes the sandbox's cgroups and sets its limits. On failure nothing is left behind.
+    pub fn create(id: &str, limits: &Limits) -> Result<SandboxCgroup> {
+        let hs = hierarchies();
+        if hs.is_empty() {
+            return Err(Error::Runtime {
+                command: "cgroup setup".into(),
+                message: "no cgroup hierarchy is mounted (is /sys/fs/cgroup mounted?)".into(),
+            });
+        }
+        let mut made = SandboxCgroup { dirs: Vec::new() };
+        for h in hs {
+            let r = ensure_parent(h).and_then(|()| {
+                let dir = h.dir(id);
+                std::fs::create_dir(&dir).map_err(|e| cg_error("creating", &dir, e))?;
+                made.dirs.push(dir.clone());
+                configure(h, &dir, limits)
+            });
+            if let Err(e) = r {
+                if let Err(e2) = destroy(id) {
+                    warn!(sandbox = id, error = %e2, "removing half-made cgroups");
+                }
+                return Err(e);
+            }
+        }
+        Ok(made)
+    }
+
+    #[cfg(test)]
+    pub fn empty() -> SandboxCgroup {
+        SandboxCgroup { dirs: Vec::new() }
+    }
+
+    /// Each `cgroup.procs`, for a child to join between fork and exec ([`join`]).
+    pub fn procs_files(&self) -> Vec<CString> {
+        self.dirs
+            .iter()
+            .filter_map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()).ok())
+            .collect()
+    }
+}
+
+/// Moves the calling process into each cgroup (writing `0` means "me"). Only
+/// async-signal-safe calls, so it may run in a forked child before exec.
+pub fn join(procs: &[CString]) -> std::io::Result<()> {
+    for p in procs {
+        // SAFETY: `p` is a valid NUL-terminated path; open/write/close are
+        // async-signal-safe and touch no memory but the literal below.
+        unsafe {
+            let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `<hierarchy>/thaw` with what a child cgroup needs from its parent: v1 cpuset's CPUs and
+/// memory nodes (empty in a new cgroup, and a cpuset without them admits no task), v2's
+/// controllers enabled for children.
+fn ensure_parent(h: &Hierarchy) -> Result<()> {
+    let parent = h.mount.join(PARENT);
+    match std::fs::create_dir(&parent) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(cg_error("creating", &parent, e)),
+    }
+    if h.has("cpuset") {
+        for f in ["cpuset.cpus", "cpuset.mems"] {
+            let own = read_trim(&parent.join(f));
+            if own.is_empty() {
+                write(&parent.join(f), &read_trim(&h.mount.join(f)))?;
+            }
+        }
+    }
+    if h.v2 {
+        for dir in [&h.mount, &parent] {
+            let available = read_trim(&dir.join("cgroup.controllers"));
+            let enabled = read_trim(&dir.join("cgroup.subtree_control"));
+            for c in ["cpu", "memory", "pids"] {
+                let on = enabled.split(' ').any(|e| e == c);
+                if !on && available.split(' ').any(|a| a == c) {
+                    write(&dir.join("cgroup.subtree_control"), &format!("+{c}"))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn configure(h: &Hierarchy, dir: &Path, limits: &Limits) -> Result<()> {
+    let memory = limits.memory_mib << 20;
+    let quota = u64::from(limits.vcpus) * CPU_PERIOD_US;
+    if h.v2 {
+        let set = |file: &str, value: &str| -> Result<()> {
+            let p = dir.join(file);
+            if p.exists() {
+                write(&p, value)?;
+            }
+            Ok(())
+        };
+        set("memory.max", &memory.to_string())?;
+        set("memory.swap.max", "0")?;
+        set("cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
+        set("pids.max", &limits.pids.to_string())?;
+        return Ok(());
+    }
+    if h.has("cpuset") {
+        let parent = dir.parent().unwrap_or(dir);
+        for f in ["cpuset.cpus", "cpuset.mems"] {
+            write(&dir.join(f), &read_trim(&parent.join(f)))?;
+        }
+    }
+    if h.has("memory") {
+        write(&dir.join("memory.limit_in_bytes"), &memory.to_string())?;
+        // Where swap is accounted, memory+swap equal to memory means no swap at all.
+        let memsw = dir.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            write(&memsw, &memory.to_string())?;
+        }
+    }
+    if h.has("cpu") {
+        write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+    }
+    if h.has("pids") {
+        write(&dir.join("pids.max"), &limits.pids.to_string())?;
+    }
+    if h.has("devices") {
+        write(&dir.join("devices.deny"), "a")?;
+        for rule in ALLOWED_DEVICES {
+            write(&dir.join("devices.allow"), rule)?;
+        }
+    }
+    Ok(())
+}
+
+/// Kills every process in the sandbox's cgroups and removes them. Freezes first where it
+/// can, so nothing forks between the listing and the kill. Absent cgroups are fine.
+pub fn destroy(id: &str) -> Result<()> {
+    let dirs: Vec<(&Hierarchy, PathBuf)> = hierarchies()
+        .iter()
+        .map(|h| (h, h.dir(id)))
+        .filter(|(_, d)| d.exists())
+        .collect();
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    let freezer = dirs
+        .iter()
+        .find(|(h, _)| h.has("freezer"))
+        .map(|(_, d)| d.join("freezer.state"));
+    let kill_file = dirs
+        .iter()
+        .find(|(h, _)| h.v2)
+        .map(|(_, d)| d.join("cgroup.kill"))
+        .filter(|p| p.exists());
+    if let Some(f) = &freezer {
+        let _ = std::fs::write(f, "FROZEN");
+    }
+    if let Some(k) = &kill_file {
+        let _ = std::fs::write(k, "1");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pids = members(&dirs);
+        if pids.is_empty() {
+            break;
+        }
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        // A frozen task takes its SIGKILL when thawed.
+        if let Some(f) = &freezer {
+            let _ = std::fs::write(f, "THAWED");
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Runtime {
+                command: format!("killing sandbox {id}"),
+                message: format!("processes {pids:?} survived SIGKILL for 5 s"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut first_error = None;
+    for (_, d) in &dirs {
+        if let Err(e) = rmdir_retrying(d) {
+            first_error.get_or_insert(cg_error("removing", d, e));
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn members(dirs: &[(&Hierarchy, PathBuf)]) -> Vec<i32> {
+    let mut pids: Vec<i32> = dirs
+        .iter()
+        .filter_map(|(_, d)| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// A cgroup whose last task just died can stay busy for a moment while the kernel finishes
+/// the exit; removal retries briefly.
+fn rmdir_retrying(d: &Path) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::fs::remove_dir(d) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn read_trim(p: &Path) -> String {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn write(p: &Path, value: &str) -> Result<()> {
+    std::fs::write(p, value).map_err(|e| cg_error(&format!("writing {value:?} to"), p, e))
+}
+
+fn cg_error(what: &str, p: &Path, e: std::io::Error) -> Error {
+    Error::Runtime {
+        command: "cgroup setup".into(),
+        message: format!("{what} {}: {e} (thaw must run as root)", p.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
+32 30 0:28 / /sys/fs/cgroup/systemd rw,nosuid - cgroup cgroup rw,xattr,name=systemd
+35 30 0:31 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,cpu,cpuacct
+36 30 0:32 / /sys/fs/cgroup/memory rw,nosuid shared:9 - cgroup cgroup rw,memory
+37 30 0:33 / /sys/fs/cgroup/devices rw,nosuid - cgroup cgroup rw,devices
+99 30 0:32 / /mnt/memory-again rw - cgroup cgroup rw,memory
+98 30 0:27 / /tmp/sb/criu-work/.criu.cgyard.X/unified rw - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn mountinfo_yields_each_hierarchy_once_with_its_controllers() {
+        // CRIU's yard mounted before the real one is still not the hierarchy's place.
+        let yard_first = format!(
+            "98 30 0:27 / /tmp/sb/.criu.cgyard.Y/unified rw - cgroup2 cgroup2 rw\n{HYBRID}"
+        );
+        assert_eq!(parse_mountinfo(&yard_first), parse_mountinfo(HYBRID));
+        let hs = parse_mountinfo(HYBRID);
+        let names: Vec<(&str, Vec<&str>, bool)> = hs
+            .iter()
+            .map(|h| {
+                (
+                    h.mount.to_str().unwrap(),
+                    h.controllers.iter().map(String::as_str).collect(),
+                    h.v2,
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("/sys/fs/cgroup/unified", vec![], true),
+                ("/sys/fs/cgroup/systemd", vec!["name=systemd"], false),
+                ("/sys/fs/cgroup/cpu,cpuacct", vec!["cpu", "cpuacct"], false),
+                ("/sys/fs/cgroup/memory", vec!["memory"], false),
+                ("/sys/fs/cgroup/devices", vec!["devices"], false),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_pure_v2_host_has_one_hierarchy_and_no_device_controller() {
+        let hs = parse_mountinfo("31 1 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        assert_eq!(hs.len(), 1);
+        assert!(hs[0].v2 && !hs[0].has("devices"));
+    }
+}
