@@ -374,6 +374,18 @@ fn python_template_answers_with_warm_libraries() {
         .ok()
         .json()
     };
+    // A clone knows its own id, not the one of the sandbox the snapshot was taken in.
+    let v = h
+        .run(&[
+            "--json",
+            "invoke",
+            "python",
+            "--payload",
+            r#"{"op":"info"}"#,
+        ])
+        .ok()
+        .json();
+    assert_eq!(v["result"]["sandbox"], v["sandbox_id"], "{v}");
     let (a, b) = (random(), random());
     for k in ["uuid", "urandom", "numpy"] {
         assert_ne!(a["result"][k], b["result"][k], "clones share {k}");

@@ -95,6 +95,23 @@ impl Agent {
         self.exchange(&mut s, req, |_| {}).await
     }
 
+    /// Sends `reqs` down one connection without waiting between them, then collects each
+    /// one's terminal response in order: one connection and one round trip for a batch of
+    /// quick requests (clone hygiene). The first guest error ends the batch.
+    pub async fn call_all(&self, reqs: &[Request]) -> Result<Vec<Response>> {
+        let mut s = self.connect().await?;
+        for req in reqs {
+            write_frame_async(&mut s, req)
+                .await
+                .map_err(|e| self.err(format!("send: {e}")))?;
+        }
+        let mut out = Vec::with_capacity(reqs.len());
+        for _ in reqs {
+            out.push(self.receive(&mut s, |_| {}).await?);
+        }
+        Ok(out)
+    }
+
     async fn exchange(
         &self,
         s: &mut BoxStream,
@@ -104,6 +121,15 @@ impl Agent {
         write_frame_async(s, req)
             .await
             .map_err(|e| self.err(format!("send: {e}")))?;
+        self.receive(s, &mut on_partial).await
+    }
+
+    /// Reads responses until the terminal one, passing partial ones (streamed output) on.
+    async fn receive(
+        &self,
+        s: &mut BoxStream,
+        mut on_partial: impl FnMut(Response),
+    ) -> Result<Response> {
         loop {
             let resp: Response = read_frame_async(s).await.map_err(|e| {
                 if e.is_closed() {

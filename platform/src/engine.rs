@@ -566,26 +566,22 @@ impl Engine {
     ) -> Result<()> {
         let mut seed = vec![0u8; 64];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
-        sb.agent
-            .call(&Request::SetIdentity {
-                hostname: sb.id.clone(),
-                sandbox_id: sb.id.clone(),
-            })
-            .await?;
-        sb.agent
-            .call(&Request::AddEntropy { data: Bytes(seed) })
-            .await?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);
-        sb.agent
-            .call(&Request::SetClock { unix_nanos: now })
-            .await?;
         let mut env: Env = spec.env.clone();
         env.extend(opts.env.clone());
         sb.agent
-            .call(&Request::SetEnv { env, replace: true })
+            .call_all(&[
+                Request::SetIdentity {
+                    hostname: sb.id.clone(),
+                    sandbox_id: sb.id.clone(),
+                },
+                Request::AddEntropy { data: Bytes(seed) },
+                Request::SetClock { unix_nanos: now },
+                Request::SetEnv { env, replace: true },
+            ])
             .await?;
         Ok(())
     }

@@ -54,6 +54,9 @@ def main():
         if sid != _current_sandbox:
             _current_sandbox = sid
             _reseed()
+            # The environment this process started with is the template sandbox's.
+            if sid:
+                os.environ["THAW_SANDBOX_ID"] = sid
         os.environ.update(env.get("env") or {})
         try:
             result = agent.handle(env.get("payload"), import_seconds=IMPORT_SECONDS)
