@@ -3,8 +3,9 @@
 //! Why runc and not youki's `libcontainer` in-process: runc 1.1 is in Debian (so `make` can
 //! install it), it is the reference OCI runtime, and it drives CRIU for checkpoint/restore
 //! with years of hardening around mounts and namespaces, which is exactly the part of the
-//! container tier we most need to be right. Restores go through it too; its share of a
-//! restore, and what replacing it would take, are in docs/benchmarks.md.
+//! container tier we most need to be right. Sessions are restored and checkpointed through
+//! it; a clone that ends in a discard is restored by CRIU alone (`criu_restore`), because
+//! runc's share of that restore was a third of it (docs/benchmarks.md).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
