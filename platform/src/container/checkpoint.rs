@@ -202,10 +202,7 @@ impl ContainerTier {
                     }
                 };
                 if let Err(e) = restored {
-                    return Err(Error::Criu(format!(
-                        "{e}; criu: {}",
-                        criu_log_errors(&work, "restore.log")
-                    )));
+                    return Err(with_criu_log(e, &work));
                 }
                 timings.criu_ms = ms(t1);
                 let t2 = Instant::now();
@@ -260,6 +257,19 @@ impl ContainerTier {
         mounts::mount_overlay(&spec.layers, &d.upper(), &d.work(), &d.rootfs())?;
         std::fs::create_dir_all(d.agent_dir()).ctx("creating agent directory", d.agent_dir())?;
         Ok(())
+    }
+}
+
+/// A failed restore's error with CRIU's own explanation appended, when its log has one. A
+/// missing dependency already names its fix and passes through as it is.
+fn with_criu_log(e: Error, work: &Path) -> Error {
+    let detail = criu_log_errors(work, "restore.log");
+    match e {
+        Error::MissingDependency { .. } => e,
+        Error::Criu(m) if detail.is_empty() => Error::Criu(m),
+        Error::Criu(m) => Error::Criu(format!("{m}; criu: {detail}")),
+        other if detail.is_empty() => Error::Criu(other.to_string()),
+        other => Error::Criu(format!("{other}; criu: {detail}")),
     }
 }
 

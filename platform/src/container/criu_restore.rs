@@ -132,7 +132,7 @@ fn dumped_stdio(images: &Path) -> Result<Vec<String>> {
     let path = images.join("descriptors.json");
     let bytes = std::fs::read(&path).map_err(|e| {
         Error::Criu(format!(
-            "{}: {e} (the snapshot was not made by runc's checkpoint; republish the template)",
+            "{}: {e} (the snapshot is incomplete; republish the template)",
             path.display()
         ))
     })?;
