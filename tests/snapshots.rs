@@ -419,7 +419,7 @@ const CONFINEMENT: &[&str] = &[
 fn confinement_of(sandbox: &str) -> Vec<String> {
     let mut out = Vec::new();
     for h in thaw_platform::container::cgroups::hierarchies() {
-        let dir = h.mount.join("thaw").join(sandbox);
+        let dir = h.dir(sandbox);
         assert!(dir.exists(), "{} missing", dir.display());
         for f in CONFINEMENT {
             if let Ok(v) = std::fs::read_to_string(dir.join(f)) {

@@ -51,11 +51,12 @@ pub struct Hierarchy {
 }
 
 impl Hierarchy {
-    fn has(&self, controller: &str) -> bool {
+    pub fn has(&self, controller: &str) -> bool {
         self.controllers.iter().any(|c| c == controller)
     }
 
-    fn dir(&self, id: &str) -> PathBuf {
+    /// A sandbox's cgroup directory in this hierarchy.
+    pub fn dir(&self, id: &str) -> PathBuf {
         self.mount.join(PARENT).join(id)
     }
 }

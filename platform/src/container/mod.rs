@@ -290,14 +290,14 @@ impl ContainerSandbox {
     }
 }
 
-/// Where a sandbox's memory cgroup may live: cgroup v1's memory hierarchy, a pure v2 mount,
-/// or the v2 hierarchy of a hybrid host. Only the one that exists holds anything.
-pub fn memory_cgroup_dirs(id: &str) -> [PathBuf; 3] {
-    [
-        PathBuf::from(format!("/sys/fs/cgroup/memory/thaw/{id}")),
-        PathBuf::from(format!("/sys/fs/cgroup/thaw/{id}")),
-        PathBuf::from(format!("/sys/fs/cgroup/unified/thaw/{id}")),
-    ]
+/// Where a sandbox's memory cgroup lives: in the v1 memory hierarchy, or in a v2 one (pure, or
+/// the v2 hierarchy of a hybrid host, whose `cgroup.procs` lists the same processes).
+pub fn memory_cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    cgroups::hierarchies()
+        .iter()
+        .filter(|h| h.v2 || h.has("memory"))
+        .map(|h| h.dir(id))
+        .collect()
 }
 
 /// Host pids of a container sandbox's processes: the members of its memory cgroup.
