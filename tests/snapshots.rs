@@ -126,6 +126,21 @@ fn corrupted_chunk_marks_only_that_template_for_rebuild() {
     h.assert_clean();
 }
 
+/// An engine on the test's home (sharing the root filesystem cache) with the template in
+/// `dir` published.
+async fn deployed_engine(home: &Home, dir: &Path) -> thaw_platform::Engine {
+    let paths = thaw_platform::Paths::new(
+        home.path(),
+        std::env::var("THAW_CACHE").unwrap_or_else(|_| "/var/cache/thaw".into()),
+    );
+    let engine = thaw_platform::Engine::open(paths).await.unwrap();
+    engine
+        .deploy(dir, &thaw_platform::progress::Quiet)
+        .await
+        .unwrap();
+    engine
+}
+
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -212,12 +227,7 @@ fn fifty_clones_alive_together_are_isolated() {
     let home = Home::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let paths = thaw_platform::Paths::new(home.path(), std::env::var("THAW_CACHE").unwrap_or_else(|_| "/var/cache/thaw".into()));
-        let engine = thaw_platform::Engine::open(paths).await.unwrap();
-        engine
-            .deploy(&repo_root().join("templates/shell"), &thaw_platform::progress::Quiet)
-            .await
-            .unwrap();
+        let engine = deployed_engine(&home, &repo_root().join("templates/shell")).await;
         let opts = thaw_platform::engine::RunOptions::default();
         let mut clones = Vec::new();
         for _ in 0..50 {
@@ -342,15 +352,7 @@ fn clones_map_the_snapshot_memory_copy_on_write_and_sessions_copy_it() {
     write_template(&dir, COUNTER);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let paths = thaw_platform::Paths::new(
-            home.path(),
-            std::env::var("THAW_CACHE").unwrap_or_else(|_| "/var/cache/thaw".into()),
-        );
-        let engine = thaw_platform::Engine::open(paths).await.unwrap();
-        engine
-            .deploy(&dir, &thaw_platform::progress::Quiet)
-            .await
-            .unwrap();
+        let engine = deployed_engine(&home, &dir).await;
         let opts = thaw_platform::engine::RunOptions::default();
         let cache = home.path().join("snapshots").join("cache");
         let cache = cache.to_str().unwrap();
@@ -443,15 +445,7 @@ fn clones_restored_without_runc_are_confined_as_runc_confines_sessions() {
     write_template(&dir, &format!("{COUNTER}{limits}"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let paths = thaw_platform::Paths::new(
-            home.path(),
-            std::env::var("THAW_CACHE").unwrap_or_else(|_| "/var/cache/thaw".into()),
-        );
-        let engine = thaw_platform::Engine::open(paths).await.unwrap();
-        engine
-            .deploy(&dir, &thaw_platform::progress::Quiet)
-            .await
-            .unwrap();
+        let engine = deployed_engine(&home, &dir).await;
         let opts = thaw_platform::engine::RunOptions::default();
         let clone = engine.spawn("counter", &opts).await.unwrap();
         let clone_id = clone.id().to_string();
@@ -529,15 +523,7 @@ fn a_clone_sees_the_same_dev_and_cgroup_nodes_as_a_cold_boot() {
     write_template(&dir, COUNTER);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let paths = thaw_platform::Paths::new(
-            home.path(),
-            std::env::var("THAW_CACHE").unwrap_or_else(|_| "/var/cache/thaw".into()),
-        );
-        let engine = thaw_platform::Engine::open(paths).await.unwrap();
-        engine
-            .deploy(&dir, &thaw_platform::progress::Quiet)
-            .await
-            .unwrap();
+        let engine = deployed_engine(&home, &dir).await;
         let opts = thaw_platform::engine::RunOptions::default();
         let cold = engine.spawn_cold("counter", &opts).await.unwrap();
         let clone = engine.spawn("counter", &opts).await.unwrap();

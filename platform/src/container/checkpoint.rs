@@ -206,13 +206,7 @@ impl ContainerTier {
                 }
                 timings.criu_ms = ms(t1);
                 let t2 = Instant::now();
-                let pid_file = d.pid_file();
-                let pid: i32 = std::fs::read_to_string(&pid_file)
-                    .ctx("reading restored init pid", &pid_file)?
-                    .trim()
-                    .parse()
-                    .map_err(|_| Error::Criu(format!("{}: not a pid", pid_file.display())))?;
-                set_hostname(pid, &spec.hostname).await?;
+                set_hostname(d.init_pid()?, &spec.hostname).await?;
                 sb.agent.wait_ready(spec.boot_timeout).await?;
                 timings.ready_ms = ms(t2);
                 Ok(())
@@ -280,7 +274,7 @@ fn ms(t: Instant) -> f64 {
 /// Gives a restored sandbox its own hostname. CRIU restores the UTS namespace with the
 /// snapshot's name and the sandbox has no CAP_SYS_ADMIN to change it, so the host joins the
 /// namespace from a short-lived thread (UTS namespaces are per-thread) and sets it.
-async fn set_hostname(pid: i32, name: &str) -> Result<()> {
+async fn set_hostname(pid: u32, name: &str) -> Result<()> {
     let name = name.to_string();
     let path = PathBuf::from(format!("/proc/{pid}/ns/uts"));
     tokio::task::spawn_blocking(move || -> Result<()> {

@@ -118,6 +118,15 @@ impl SandboxDir {
     pub fn pid_file(&self) -> PathBuf {
         self.root.join("init.pid")
     }
+    /// The pid in [`SandboxDir::pid_file`].
+    pub fn init_pid(&self) -> Result<u32> {
+        let f = self.pid_file();
+        std::fs::read_to_string(&f)
+            .ctx("reading the sandbox's init pid", &f)?
+            .trim()
+            .parse()
+            .map_err(|_| Error::Criu(format!("{}: not a pid", f.display())))
+    }
 }
 
 impl ContainerTier {
@@ -278,14 +287,7 @@ impl ContainerSandbox {
     pub async fn init_pid(&self) -> Result<u32> {
         match self.keeper {
             Keeper::Runc => self.runc.init_pid(&self.id).await,
-            Keeper::Thaw => {
-                let f = self.layout().pid_file();
-                std::fs::read_to_string(&f)
-                    .ctx("reading the sandbox's init pid", &f)?
-                    .trim()
-                    .parse()
-                    .map_err(|_| Error::Criu(format!("{}: not a pid", f.display())))
-            }
+            Keeper::Thaw => self.layout().init_pid(),
         }
     }
 }
