@@ -16,7 +16,7 @@ use thaw_protocol::{
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::unix::pipe;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::error::ApiError;
@@ -61,6 +61,8 @@ struct Worker {
     stderr: Arc<Mutex<StderrHub>>,
     /// The stderr drain task; `None` once it has finished (and been awaited).
     drain: Option<JoinHandle<()>>,
+    /// Asks the drain task to empty the pipe and acknowledge (see [`Worker::sync_stderr`]).
+    flush: mpsc::UnboundedSender<oneshot::Sender<()>>,
 }
 
 impl Worker {
@@ -72,6 +74,20 @@ impl Worker {
             d.abort();
         }
         tail_of(&self.stderr)
+    }
+
+    /// Returns once every byte the worker wrote to stderr so far has reached the hub.
+    ///
+    /// The worker writes stderr straight into the pipe, so whatever it wrote before its
+    /// answer line is, by the time that line is read, either in the pipe or already taken
+    /// by the drain task. The drain empties the pipe before acknowledging: no guessing with
+    /// a grace period, which cost every invocation its full length.
+    async fn sync_stderr(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.flush.send(tx).is_ok() {
+            // A drain that has ended drops the request, which ends the wait too.
+            let _ = tokio::time::timeout(Duration::from_millis(500), rx).await;
+        }
     }
 
     /// The drain ends at EOF once the supervisor exits; give it a moment so the tail
@@ -94,17 +110,49 @@ fn tail_of(hub: &Mutex<StderrHub>) -> String {
         .unwrap_or_default()
 }
 
-async fn drain_stderr(mut rx: pipe::Receiver, hub: Arc<Mutex<StderrHub>>) {
+async fn drain_stderr(
+    rx: pipe::Receiver,
+    hub: Arc<Mutex<StderrHub>>,
+    mut flushes: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+) {
+    enum Event {
+        Read(std::io::Result<usize>),
+        Flush(oneshot::Sender<()>),
+    }
+    let deliver = |data: &[u8]| {
+        if let Ok(mut h) = hub.lock() {
+            push_tail(&mut h.tail, data);
+            if let Some(l) = &h.listener {
+                let _ = l.send(data.to_vec());
+            }
+        }
+    };
+    let mut rx = rx;
     let mut buf = vec![0u8; 16384];
     loop {
-        match rx.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if let Ok(mut h) = hub.lock() {
-                    push_tail(&mut h.tail, &buf[..n]);
-                    if let Some(l) = &h.listener {
-                        let _ = l.send(buf[..n].to_vec());
+        let event = tokio::select! {
+            r = rx.read(&mut buf) => Event::Read(r),
+            Some(ack) = flushes.recv() => Event::Flush(ack),
+        };
+        match event {
+            Event::Read(Ok(0) | Err(_)) => return,
+            Event::Read(Ok(n)) => deliver(&buf[..n]),
+            Event::Flush(ack) => {
+                let mut eof = false;
+                loop {
+                    match rx.try_read(&mut buf) {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(n) => deliver(&buf[..n]),
+                        // WouldBlock: the pipe is empty.
+                        Err(_) => break,
                     }
+                }
+                let _ = ack.send(());
+                if eof {
+                    return;
                 }
             }
         }
@@ -239,13 +287,15 @@ async fn start_worker(
         ));
     };
     let hub = Arc::new(Mutex::new(StderrHub::default()));
-    let drain = tokio::spawn(drain_stderr(stderr, hub.clone()));
+    let (flush, flushes) = mpsc::unbounded_channel();
+    let drain = tokio::spawn(drain_stderr(stderr, hub.clone(), flushes));
     let mut worker = Worker {
         task,
         stdin,
         stdout: LineReader::new(stdout),
         stderr: hub,
         drain: Some(drain),
+        flush,
     };
     let limit = config
         .start_timeout_ms
@@ -446,8 +496,8 @@ async fn invoke_persistent(
     // Forward stderr the worker wrote just before answering: the drain task may not have
     // handed it over yet.
     if matches!(end, End::Line { .. }) {
-        while let Ok(Some(chunk)) = tokio::time::timeout(Duration::from_millis(5), rx.recv()).await
-        {
+        worker.sync_stderr().await;
+        while let Ok(chunk) = rx.try_recv() {
             if forward_stderr(out, &mut cap, &chunk).await.is_err() {
                 break;
             }

@@ -485,6 +485,15 @@ for line in sys.stdin:
     if isinstance(p, dict) and p.get("hang"):
         import time
         time.sleep(1000)
+    if isinstance(p, dict) and p.get("burst"):
+        # One write of many lines, then the answer straight after it: the stderr drain
+        # has had no chance to read it when the answer arrives.
+        sys.stderr.flush()
+        burst = "".join("line %05d %s\n" % (i, "x" * 80) for i in range(p["burst"]))
+        os.write(2, (burst + "working\n").encode())
+        answer = json.dumps({"echo": p, "pid": os.getpid()}) + "\n"
+        os.write(1, answer.encode())
+        continue
     sys.stderr.write("working\n")
     sys.stderr.flush()
     print(json.dumps({"echo": p, "pid": os.getpid(), "req": env["env"].get("REQ_VAR"),
@@ -527,6 +536,20 @@ fn persistent_worker_restarts_after_a_crash() {
     let pid1 = pid_of(&first);
     // Warm: the same process serves the next invocation.
     assert_eq!(pid_of(&invoke(&g, serde_json::json!(2)).1), pid1);
+    // Everything written to stderr before the answer line is forwarded with that answer,
+    // every time: the guest syncs with its stderr drain rather than waiting a while.
+    for _ in 0..20 {
+        let (err, end) = invoke(&g, serde_json::json!({"burst": 3000}));
+        let text = String::from_utf8(err).unwrap();
+        assert_eq!(text.lines().count(), 3001, "{end:?}");
+        let last = format!("line 02999 {}\nworking\n", "x".repeat(80));
+        assert!(
+            text.ends_with(&last),
+            "{:?}",
+            &text[text.len().saturating_sub(200)..]
+        );
+        assert_eq!(pid_of(&end), pid1);
+    }
 
     match invoke(&g, serde_json::json!({"crash": true})).1 {
         Response::InvokeResult {
