@@ -208,19 +208,19 @@ impl Engine {
     pub fn templates(&self) -> Result<Vec<TemplateRecord>> {
         let prefix = format!("{}/", self.owner);
         self.meta
-            .with(|s| s.list_prefix(Store::templates_tree(), &prefix))
+            .read(|s| s.list_prefix(Store::templates_tree(), &prefix))
     }
 
     /// Every owner's templates (for server housekeeping and metrics, not for callers).
     pub fn all_templates(&self) -> Result<Vec<TemplateRecord>> {
-        self.meta.with(|s| s.list(Store::templates_tree()))
+        self.meta.read(|s| s.list(Store::templates_tree()))
     }
 
     pub fn template(&self, name: &str) -> Result<TemplateRecord> {
         let key = self.template_key(name);
         match self
             .meta
-            .with(|s| s.get::<TemplateRecord>(Store::templates_tree(), &key))?
+            .get_cached::<TemplateRecord>(Store::templates_tree(), &key)?
         {
             Some(t) => Ok(t),
             None => Err(Error::UnknownTemplate {
@@ -273,7 +273,7 @@ impl Engine {
             let key = self.template_key(&spec.name);
             let previous = self
                 .meta
-                .with(|s| s.get::<TemplateRecord>(Store::templates_tree(), &key))?;
+                .read(|s| s.get::<TemplateRecord>(Store::templates_tree(), &key))?;
             let record = TemplateRecord {
                 name: spec.name.clone(),
                 source_dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),

@@ -136,7 +136,7 @@ pub fn create(meta: &Meta, name: &str, max_sandboxes: u32) -> Result<(KeyRecord,
 /// Every key, revoked ones included, oldest first.
 pub fn list(meta: &Meta) -> Result<Vec<KeyRecord>> {
     let mut keys: Vec<KeyRecord> = meta
-        .with(|s| s.list::<StoredKey>(Store::keys_tree()))?
+        .read(|s| s.list::<StoredKey>(Store::keys_tree()))?
         .into_iter()
         .map(|k| k.record)
         .collect();
@@ -164,7 +164,7 @@ pub fn verify(meta: &Meta, secret: &str) -> Result<Option<KeyRecord>> {
     let Some(id) = parse_secret(secret) else {
         return Ok(None);
     };
-    let Some(stored) = meta.with(|s| s.get::<StoredKey>(Store::keys_tree(), id))? else {
+    let Some(stored) = meta.get_cached::<StoredKey>(Store::keys_tree(), id)? else {
         return Ok(None);
     };
     let Ok(expected) = blake3::Hash::from_hex(&stored.secret_blake3) else {

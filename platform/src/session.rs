@@ -243,7 +243,7 @@ impl Engine {
     fn session_record(&self, id: &str) -> Result<SessionRecord> {
         let rec = self
             .meta
-            .with(|s| s.get::<SessionRecord>(Store::sessions_tree(), id))?;
+            .read(|s| s.get::<SessionRecord>(Store::sessions_tree(), id))?;
         match rec {
             // Another owner's session does not exist, as far as this owner can tell.
             Some(r) if r.session.owner == self.owner() => Ok(r),
@@ -277,7 +277,7 @@ impl Engine {
 
     /// This owner's sessions.
     pub fn sessions(&self) -> Result<Vec<Session>> {
-        let all: Vec<SessionRecord> = self.meta.with(|s| s.list(Store::sessions_tree()))?;
+        let all: Vec<SessionRecord> = self.meta.read(|s| s.list(Store::sessions_tree()))?;
         Ok(all
             .into_iter()
             .map(|r| r.session)
@@ -287,7 +287,7 @@ impl Engine {
 
     /// Every owner's sessions (for server housekeeping and metrics, not for callers).
     pub fn all_sessions(&self) -> Result<Vec<Session>> {
-        let all: Vec<SessionRecord> = self.meta.with(|s| s.list(Store::sessions_tree()))?;
+        let all: Vec<SessionRecord> = self.meta.read(|s| s.list(Store::sessions_tree()))?;
         Ok(all.into_iter().map(|r| r.session).collect())
     }
 
@@ -854,7 +854,7 @@ impl Engine {
     /// lifetime, as each session's creator chose. Returns the sessions it changed.
     /// `thaw serve` calls this periodically; the embedded CLI before session commands.
     pub async fn enforce_session_timeouts(&self) -> Result<Vec<Session>> {
-        let all: Vec<SessionRecord> = self.meta.with(|s| s.list(Store::sessions_tree()))?;
+        let all: Vec<SessionRecord> = self.meta.read(|s| s.list(Store::sessions_tree()))?;
         let now = now_secs();
         let mut changed = Vec::new();
         for rec in all {
@@ -894,7 +894,7 @@ impl Engine {
     /// Finishes or rolls back every session transition whose process died, and fails
     /// running sessions whose sandbox is gone. Runs when the engine opens.
     pub(crate) async fn recover_sessions(&self) -> Result<()> {
-        let all: Vec<SessionRecord> = self.meta.with(|s| s.list(Store::sessions_tree()))?;
+        let all: Vec<SessionRecord> = self.meta.read(|s| s.list(Store::sessions_tree()))?;
         let mut with_sandbox = std::collections::HashSet::new();
         for rec in all {
             let id = rec.session.id.clone();
@@ -1007,7 +1007,7 @@ impl Engine {
     fn session_needs_sandbox(&self, id: &str) -> bool {
         let rec = self
             .meta
-            .with(|s| s.get::<SessionRecord>(Store::sessions_tree(), id));
+            .read(|s| s.get::<SessionRecord>(Store::sessions_tree(), id));
         match rec {
             Ok(Some(r)) => {
                 r.op.as_ref().map(|o| alive(&o.by)).unwrap_or(false)
