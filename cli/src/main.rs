@@ -323,7 +323,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         (Some(url), None) => Backend::Remote(thaw_api::Client::new(url, cli.api_key.clone())?),
         (None, _) => Backend::Local(Engine::open(Paths::from_env()).await?),
     };
-    match cli.cmd {
+    // Sandboxes are discarded after their answer is printed; this process waits for those
+    // teardowns before it exits.
+    let local = match &backend {
+        Backend::Local(e) => Some(e.clone()),
+        Backend::Remote(_) => None,
+    };
+    let r = run_cmd(cli.cmd, backend, json).await;
+    if let Some(engine) = local {
+        engine.settle().await;
+    }
+    r
+}
+
+async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
+    match cmd {
         Cmd::Doctor => unreachable!("handled above"),
         Cmd::Bench {
             template,

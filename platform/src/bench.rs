@@ -147,6 +147,7 @@ pub async fn run(engine: Arc<Engine>, cfg: &BenchConfig, log: &dyn Fn(&str)) -> 
         rtt.push(inv.timings.start_ms + inv.timings.run_ms);
         let _ = started;
     }
+    engine.settle().await;
 
     let mut throughput = Vec::new();
     for conc in [1usize, 4, 16] {
@@ -262,6 +263,8 @@ async fn measure_throughput(
             errors += 1;
         }
     }
+    // The last answers are out, but their sandboxes' teardowns are work this rate must pay.
+    engine.settle().await;
     let secs = started.elapsed().as_secs_f64();
     Throughput {
         concurrency,

@@ -136,6 +136,7 @@ pub async fn serve_on(
     }
     state.tasks.close();
     state.tasks.wait().await;
+    state.engine.settle().await;
     r
 }
 
