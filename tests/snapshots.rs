@@ -2,10 +2,11 @@
 //! isolated clones, a corrupted chunk, and crash recovery after `kill -9`.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use thaw_e2e::{repo_root, Home};
+use thaw_e2e::{repo_root, thaw_bin, Home};
 
 fn write_template(dir: &Path, toml: &str) {
     std::fs::create_dir_all(dir).unwrap();
@@ -544,4 +545,68 @@ fn a_clone_sees_the_same_dev_and_cgroup_nodes_as_a_cold_boot() {
         clone.destroy().await;
     });
     home.assert_clean();
+}
+
+/// The guest-init this test run's thaw uses.
+fn current_guest_init() -> PathBuf {
+    std::env::var_os("THAW_GUEST_INIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| thaw_bin().with_file_name("thaw-guest-init"))
+}
+
+/// Upgrading thaw brings another guest-init binary. CRIU maps a restored PID 1's code back
+/// from the file it came from and refuses one of another size, so templates and paused
+/// sessions would stop restoring: a snapshot carries the guest-init its processes run.
+#[test]
+fn snapshots_outlive_a_guest_init_upgrade() {
+    let mut h = Home::new();
+    h.deploy("shell");
+    let sid = h.run(&["--json", "session", "new", "shell"]).ok().json()["id"]
+        .as_str()
+        .expect("session id")
+        .to_string();
+    h.run(&[
+        "session",
+        "exec",
+        &sid,
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /tmp/f",
+    ])
+    .ok();
+    h.run(&["session", "pause", &sid]).ok();
+
+    // The upgrade: a guest-init of another size (a trailing byte keeps it runnable).
+    let upgraded = h.path().join("guest-init-upgraded");
+    let mut bytes = std::fs::read(current_guest_init()).expect("read guest-init");
+    bytes.extend_from_slice(b"\0upgraded");
+    std::fs::write(&upgraded, bytes).unwrap();
+    std::fs::set_permissions(&upgraded, std::fs::Permissions::from_mode(0o755)).unwrap();
+    h.env.push((
+        "THAW_GUEST_INIT".into(),
+        upgraded.to_string_lossy().into_owned(),
+    ));
+
+    let v = h
+        .run(&["--json", "invoke", "shell", "--payload", "2"])
+        .ok()
+        .json();
+    assert_eq!(v["start"], "restore", "{v}");
+    assert_eq!(v["result"]["payload"], 2, "{v}");
+    // The paused session resumes, and pausing it again keeps the binary it runs.
+    for _ in 0..2 {
+        h.run(&["session", "resume", &sid]).ok();
+        let out = h
+            .run(&["session", "exec", &sid, "--", "cat", "/tmp/f"])
+            .ok()
+            .stdout();
+        assert_eq!(out, "kept\n");
+        h.run(&["session", "pause", &sid]).ok();
+    }
+    h.run(&["session", "rm", &sid]).ok();
+    // Cold boots use the new binary.
+    h.deploy("shell");
+    h.run(&["invoke", "shell", "--payload", "3"]).ok();
+    h.assert_clean();
 }

@@ -8,6 +8,10 @@
 //! - `criu/`      CRIU images (`pages-*.img` hold the memory)
 //! - `upper.tar`  the overlay upper directory at checkpoint time (GNU tar, xattrs kept so
 //!   overlayfs whiteouts and opaque directories survive)
+//! - `guest-init` the binary the sandbox's PID 1 runs. CRIU maps it back from the file it
+//!   was mapped from and refuses one of another size, so a snapshot that carried only a
+//!   path would stop restoring the day thaw (and its guest-init) is upgraded. Snapshots
+//!   from before this file restore with the current binary.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -38,6 +42,7 @@ pub const CRIU_CONFIG: &str = "network-lock skip\n";
 /// [`CRIU_CONFIG`] for restoring a clone with [`super::CloneMemory::Shared`] memory.
 pub const CRIU_CONFIG_SHARED: &str = "network-lock skip\nmmap-pages\n";
 pub const UPPER_TAR: &str = "upper.tar";
+pub const GUEST_INIT: &str = "guest-init";
 
 /// Timings of one restore, for `thaw bench` and tracing.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -96,6 +101,11 @@ impl ContainerTier {
             std::fs::create_dir_all(&images).ctx("creating checkpoint directory", &images)?;
             let work = sb.dir.join("criu-work");
             std::fs::create_dir_all(&work).ctx("creating CRIU work directory", &work)?;
+            // The binary PID 1 really runs, which is the snapshot's own for a restored
+            // sandbox, whatever this thaw's guest-init is now.
+            let exe = PathBuf::from(format!("/proc/{}/exe", sb.init_pid().await?));
+            let init = dest.join(GUEST_INIT);
+            std::fs::copy(&exe, &init).ctx("keeping the sandbox's guest-init", &init)?;
             let mut cmd = Command::new("runc");
             cmd.arg("--root")
                 .arg(self.paths.runc_root())
@@ -155,7 +165,8 @@ impl ContainerTier {
             let mut timings = RestoreTimings::default();
             let r = async {
                 self.prepare_restore_dir(&d, spec, snapshot).await?;
-                let cfg = self.container_config(spec, &d);
+                let guest_init = self.guest_init_of(snapshot, spec, &d)?;
+                let cfg = self.container_config(spec, &d, &guest_init);
                 let cgroup = if direct {
                     Some(SandboxCgroup::create(&spec.id, &spec.limits)?)
                 } else {
@@ -178,7 +189,7 @@ impl ContainerTier {
                             cgroup,
                             binds: vec![
                                 (thaw_protocol::CONTAINER_SOCKET_DIR, d.agent_dir()),
-                                (oci::GUEST_INIT_PATH, self.guest_init.clone()),
+                                (oci::GUEST_INIT_PATH, guest_init.clone()),
                             ],
                             pid_file: &d.pid_file(),
                             log: &d.log(),
@@ -225,6 +236,32 @@ impl ContainerTier {
         }
         .instrument(span)
         .await
+    }
+
+    /// The guest-init a snapshot's processes run: the copy it carries, else (a snapshot
+    /// from before snapshots carried one) this thaw's.
+    ///
+    /// A sandbox that may be checkpointed again (`Copied` memory: a session) gets its own
+    /// link to it in its directory: its snapshot directory is a private copy deleted once
+    /// restored, and CRIU would find PID 1 running a deleted file at the next dump.
+    fn guest_init_of(
+        &self,
+        snapshot: &Path,
+        spec: &SandboxSpec,
+        d: &SandboxDir,
+    ) -> Result<PathBuf> {
+        let carried = snapshot.join(GUEST_INIT);
+        if !carried.is_file() {
+            return Ok(self.guest_init.clone());
+        }
+        if spec.memory == CloneMemory::Shared {
+            return Ok(carried);
+        }
+        let own = d.root.join(GUEST_INIT);
+        if std::fs::hard_link(&carried, &own).is_err() {
+            std::fs::copy(&carried, &own).ctx("keeping the snapshot's guest-init", &own)?;
+        }
+        Ok(own)
     }
 
     async fn prepare_restore_dir(

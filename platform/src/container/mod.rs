@@ -155,7 +155,13 @@ impl ContainerTier {
         Ok(d)
     }
 
-    pub fn container_config(&self, spec: &SandboxSpec, d: &SandboxDir) -> ContainerConfig {
+    /// The container runc would run for `spec` in `d`, with `guest_init` as its PID 1.
+    pub fn container_config(
+        &self,
+        spec: &SandboxSpec,
+        d: &SandboxDir,
+        guest_init: &Path,
+    ) -> ContainerConfig {
         ContainerConfig {
             rootfs: d.rootfs(),
             hostname: spec.hostname.clone(),
@@ -171,7 +177,7 @@ impl ContainerTier {
             cpu_quota_us: Some(spec.limits.vcpus as u64 * 100_000),
             pids: Some(spec.limits.pids),
             agent_dir: Some(d.agent_dir()),
-            guest_init: Some(self.guest_init.clone()),
+            guest_init: Some(guest_init.to_path_buf()),
             cgroup_path: format!("/thaw/{}", spec.id),
             criu_config: Some(self.criu_config_for(spec.memory)),
         }
@@ -206,7 +212,7 @@ impl ContainerTier {
                 keeper: Keeper::Runc,
             };
             let result = async {
-                let cfg = oci::render(&self.container_config(spec, &d));
+                let cfg = oci::render(&self.container_config(spec, &d, &self.guest_init));
                 write_json(&d.root.join("config.json"), &cfg)?;
                 self.runc.run_detached(&spec.id, &d.root, &d.log()).await?;
                 debug!(
