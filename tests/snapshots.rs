@@ -610,3 +610,63 @@ fn snapshots_outlive_a_guest_init_upgrade() {
     h.run(&["invoke", "shell", "--payload", "3"]).ok();
     h.assert_clean();
 }
+
+fn sandbox_ids(home: &Home) -> HashSet<String> {
+    std::fs::read_dir(home.path().join("sandboxes"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A long-lived engine keeps sandboxes prepared ahead of their restore (directory, disk,
+/// overlay root, cgroups): the next clone is restored into one and named after it, is
+/// confined and fresh like any clone, and closing the engine leaves nothing behind.
+#[test]
+fn clones_restore_into_sandboxes_prepared_ahead() {
+    let home = Home::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("counter");
+    let limits = "[limits]\nmemory_mib = 96\nvcpus = 1\npids = 40\n";
+    write_template(&dir, &format!("{COUNTER}{limits}"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut all = Vec::new();
+    rt.block_on(async {
+        let engine = deployed_engine(&home, &dir).await;
+        engine.keep_prepared(2);
+        let opts = thaw_platform::engine::RunOptions::default();
+        let first = engine.spawn("counter", &opts).await.unwrap();
+        let first_id = first.id().to_string();
+        // The first restore found none prepared, and asked for two.
+        wait_for("two prepared sandboxes", Duration::from_secs(20), || {
+            sandbox_ids(&home).len() == 3
+        });
+        let mut prepared = sandbox_ids(&home);
+        prepared.remove(&first_id);
+        let second = engine.spawn("counter", &opts).await.unwrap();
+        let second_id = second.id().to_string();
+        assert!(
+            prepared.contains(&second_id),
+            "{second_id} is not one of the prepared {prepared:?}"
+        );
+        assert_eq!(confinement_of(&second_id), confinement_of(&first_id));
+        for clone in [&first, &second] {
+            let done = clone.invoke(serde_json::json!(null), &opts).await.unwrap();
+            assert_eq!(done.result, Some(serde_json::json!({"n": 1})), "{done:?}");
+        }
+        let (done, out, _) = second
+            .exec_collect(vec!["hostname".into()], &opts)
+            .await
+            .unwrap();
+        assert_eq!(done.outcome.exit_code(), 0);
+        assert_eq!(String::from_utf8_lossy(&out).trim(), second_id);
+        all.extend(sandbox_ids(&home));
+        first.destroy().await;
+        second.destroy().await;
+        engine.close().await;
+    });
+    assert_eq!(thaw_e2e::leaked_cgroups(&all), Vec::<String>::new());
+    home.assert_clean();
+}

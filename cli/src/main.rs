@@ -88,6 +88,10 @@ enum Cmd {
         /// Largest template upload (a tar), in bytes.
         #[arg(long, default_value_t = thaw_server::ServerConfig::default().max_upload_bytes)]
         max_upload_bytes: u64,
+        /// Sandboxes kept prepared (directory, disk, overlay root, cgroups) per template
+        /// snapshot in use, so a restore does not wait for them. 0 turns this off.
+        #[arg(long, default_value_t = thaw_server::ServerConfig::default().prepared)]
+        prepared: usize,
     },
     /// Manage the API keys `thaw serve` accepts (on the server's machine).
     Keys {
@@ -113,6 +117,10 @@ enum Cmd {
         /// Payload of the trivial invocation.
         #[arg(long, default_value = "{\"op\": \"info\"}")]
         payload: String,
+        /// Sandboxes kept prepared per snapshot, as `thaw serve --prepared` (0: measure
+        /// restores that prepare their sandbox themselves).
+        #[arg(long, default_value_t = thaw_server::ServerConfig::default().prepared)]
+        prepared: usize,
     },
 }
 
@@ -323,15 +331,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         (Some(url), None) => Backend::Remote(thaw_api::Client::new(url, cli.api_key.clone())?),
         (None, _) => Backend::Local(Engine::open(Paths::from_env()).await?),
     };
-    // Sandboxes are discarded after their answer is printed; this process waits for those
-    // teardowns before it exits.
+    // Sandboxes are discarded after their answer is printed, and a server or a benchmark
+    // keeps some prepared: this process tears them down before it exits.
     let local = match &backend {
         Backend::Local(e) => Some(e.clone()),
         Backend::Remote(_) => None,
     };
     let r = run_cmd(cli.cmd, backend, json).await;
     if let Some(engine) = local {
-        engine.settle().await;
+        engine.close().await;
     }
     r
 }
@@ -345,6 +353,7 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
             clones,
             cold_cache,
             payload,
+            prepared,
         } => {
             let Backend::Local(engine) = backend else {
                 unreachable!("local only")
@@ -355,6 +364,7 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
                 payload: parse_payload(payload.as_bytes())?,
                 idle_clones: clones,
                 drop_caches: cold_cache,
+                prepared,
             };
             let log = |m: &str| eprintln!("bench: {m}");
             let report = thaw_platform::bench::run(std::sync::Arc::new(engine), &cfg, &log).await?;
@@ -369,6 +379,7 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
             listen,
             max_body_bytes,
             max_upload_bytes,
+            prepared,
         } => {
             let Backend::Local(engine) = backend else {
                 unreachable!("local only")
@@ -377,6 +388,7 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
                 listen,
                 max_body_bytes,
                 max_upload_bytes,
+                prepared,
                 ..thaw_server::ServerConfig::default()
             };
             if !listen.ip().is_loopback() {

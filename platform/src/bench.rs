@@ -21,6 +21,8 @@ pub struct BenchConfig {
     pub idle_clones: usize,
     /// Drop the page cache for the cold-cache restore figure (root only; affects the host).
     pub drop_caches: bool,
+    /// Sandboxes kept prepared per snapshot, as `thaw serve` keeps them.
+    pub prepared: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -81,6 +83,9 @@ pub struct Memory {
 pub struct Report {
     pub template: String,
     pub machine: String,
+    /// Sandboxes kept prepared per snapshot during the run (0: every restore prepared its
+    /// own directory, disk and cgroups).
+    pub prepared_per_snapshot: usize,
     pub cold_start: Dist,
     pub restore_to_ready: Dist,
     pub invoke_round_trip: Dist,
@@ -117,6 +122,7 @@ pub async fn run(engine: Arc<Engine>, cfg: &BenchConfig, log: &dyn Fn(&str)) -> 
     }
     let opts = RunOptions::default();
     let n = cfg.iterations.max(3);
+    engine.keep_prepared(cfg.prepared);
 
     log(&format!("cold start x{}", n.min(5)));
     let mut cold = Vec::new();
@@ -139,13 +145,11 @@ pub async fn run(engine: Arc<Engine>, cfg: &BenchConfig, log: &dyn Fn(&str)) -> 
     log(&format!("invoke round trip x{n}"));
     let mut rtt = Vec::new();
     for _ in 0..n {
-        let started = Instant::now();
         let inv = engine
             .invoke(&cfg.template, cfg.payload.clone(), opts.clone(), |_| {})
             .await?;
         // The round trip a caller sees ends when the answer is back; teardown follows.
         rtt.push(inv.timings.start_ms + inv.timings.run_ms);
-        let _ = started;
     }
     engine.settle().await;
 
@@ -184,6 +188,7 @@ pub async fn run(engine: Arc<Engine>, cfg: &BenchConfig, log: &dyn Fn(&str)) -> 
     Ok(Report {
         template: cfg.template.clone(),
         machine: machine(),
+        prepared_per_snapshot: cfg.prepared,
         restore_vs_cold_speedup: round(cold_d.p50_ms / restore_d.p50_ms.max(0.001)),
         cold_start: cold_d,
         restore_to_ready: restore_d.clone(),
@@ -357,7 +362,10 @@ pub fn table(r: &Report) -> String {
             d.p50_ms, d.p99_ms, d.n
         )
     };
-    s += &format!("thaw bench: template `{}` on {}\n", r.template, r.machine);
+    s += &format!(
+        "thaw bench: template `{}` on {}, {} prepared sandboxes per snapshot\n",
+        r.template, r.machine, r.prepared_per_snapshot
+    );
     s += &d("cold start (boot + warm-up)", &r.cold_start);
     s += &d("restore to ready", &r.restore_to_ready);
     s += &d("invoke round trip (trivial)", &r.invoke_round_trip);

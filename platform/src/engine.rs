@@ -653,12 +653,25 @@ impl Engine {
             .spawn(async move { sb.destroy().await }.instrument(span));
     }
 
-    /// Waits until every sandbox this engine (or any clone of it) discarded is gone. Call
-    /// it before the process exits.
+    /// Waits until every sandbox this engine (or any clone of it) discarded is gone.
     pub async fn settle(&self) {
         self.teardowns.close();
         self.teardowns.wait().await;
         self.teardowns.reopen();
+    }
+
+    /// Keeps `n` sandboxes prepared ahead of their restore per snapshot restored (see
+    /// [`crate::container::pool`]). For long-lived engines; 0 (the default) keeps none.
+    pub fn keep_prepared(&self, n: usize) {
+        self.container.pool.set_target(n);
+    }
+
+    /// Ends this process's use of the engine: tears down discarded and prepared sandboxes.
+    /// Call it before the process exits.
+    pub async fn close(&self) {
+        self.container.pool.set_target(0);
+        self.settle().await;
+        self.container.close_pool().await;
     }
 
     /// Runs the template's handler on one payload in a fresh sandbox, then discards it.

@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub max_upload_bytes: u64,
     /// How often session timeouts are enforced.
     pub reaper_interval: Duration,
+    /// Sandboxes kept prepared per snapshot in use ([`Engine::keep_prepared`]).
+    pub prepared: usize,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +62,7 @@ impl Default for ServerConfig {
             max_body_bytes: thaw_platform::engine::MAX_PAYLOAD as usize + (64 << 10),
             max_upload_bytes: 256 << 20,
             reaper_interval: Duration::from_secs(15),
+            prepared: 2,
         }
     }
 }
@@ -120,6 +123,7 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     upload::sweep_sources(&engine);
+    engine.keep_prepared(cfg.prepared);
     let (app, state) = app(engine, cfg)?;
     let addr = listener.local_addr().map_err(Error::Serve)?;
     info!(%addr, "thaw API listening");
@@ -136,7 +140,7 @@ pub async fn serve_on(
     }
     state.tasks.close();
     state.tasks.wait().await;
-    state.engine.settle().await;
+    state.engine.close().await;
     r
 }
 

@@ -148,13 +148,25 @@ impl ContainerTier {
         spec: &SandboxSpec,
         snapshot: &Path,
     ) -> Result<(ContainerSandbox, RestoreTimings)> {
-        let span = info_span!("sandbox.restore", sandbox = %spec.id);
+        let t0 = Instant::now();
+        let direct = spec.memory == CloneMemory::Shared && self.direct_restore;
+        // A sandbox prepared ahead brings its name: the clone is called after it.
+        let prepared = if direct {
+            self.take_prepared(spec, snapshot)
+        } else {
+            None
+        };
+        let spec = &match &prepared {
+            Some(p) => SandboxSpec {
+                id: p.id.clone(),
+                hostname: p.id.clone(),
+                ..spec.clone()
+            },
+            None => spec.clone(),
+        };
+        let span = info_span!("sandbox.restore", sandbox = %spec.id, prepared = prepared.is_some());
         async {
-            let t0 = Instant::now();
-            let d = SandboxDir {
-                root: self.paths.sandbox(&spec.id),
-            };
-            let direct = spec.memory == CloneMemory::Shared && self.direct_restore;
+            let d = self.sandbox_dir(&spec.id);
             let sb = ContainerSandbox {
                 id: spec.id.clone(),
                 dir: d.root.clone(),
@@ -164,15 +176,21 @@ impl ContainerTier {
             };
             let mut timings = RestoreTimings::default();
             let r = async {
-                self.prepare_restore_dir(&d, spec, snapshot).await?;
+                let cgroup = match prepared {
+                    Some(p) => Some(p.cgroup),
+                    None => {
+                        self.prepare_restore_dir(&d, spec, snapshot).await?;
+                        match direct {
+                            true => Some(SandboxCgroup::create(&spec.id, &spec.limits)?),
+                            false => None,
+                        }
+                    }
+                };
                 let guest_init = self.guest_init_of(snapshot, spec, &d)?;
                 let cfg = self.container_config(spec, &d, &guest_init);
-                let cgroup = if direct {
-                    Some(SandboxCgroup::create(&spec.id, &spec.limits)?)
-                } else {
+                if cgroup.is_none() {
                     write_json(&d.root.join("config.json"), &oci::render(&cfg))?;
-                    None
-                };
+                }
                 timings.prepare_ms = ms(t0);
                 let t1 = Instant::now();
                 let work = d.root.join("criu-work");
@@ -264,7 +282,7 @@ impl ContainerTier {
         Ok(own)
     }
 
-    async fn prepare_restore_dir(
+    pub(super) async fn prepare_restore_dir(
         &self,
         d: &SandboxDir,
         spec: &SandboxSpec,

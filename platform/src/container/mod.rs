@@ -8,6 +8,7 @@ pub mod criu;
 pub mod criu_restore;
 pub mod mounts;
 pub mod oci;
+pub mod pool;
 pub mod runc;
 pub mod seccomp;
 
@@ -62,6 +63,8 @@ pub struct ContainerTier {
     /// Clones restored [`CloneMemory::Shared`] skip runc ([`criu_restore`]): where thaw can
     /// confine them as runc would (see [`cgroups::can_confine_devices`]).
     pub direct_restore: bool,
+    /// Sandboxes prepared ahead of their restore ([`pool`]); off unless turned on.
+    pub pool: std::sync::Arc<pool::Pool>,
 }
 
 /// Who keeps a container sandbox's processes and cgroups, and so who ends them.
@@ -139,6 +142,14 @@ impl ContainerTier {
             guest_init,
             mmap_pages,
             direct_restore: cgroups::can_confine_devices(),
+            pool: Default::default(),
+        }
+    }
+
+    /// Where sandbox `id` lives.
+    pub fn sandbox_dir(&self, id: &str) -> SandboxDir {
+        SandboxDir {
+            root: self.paths.sandbox(id),
         }
     }
 
