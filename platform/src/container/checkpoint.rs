@@ -241,6 +241,9 @@ impl ContainerTier {
                 Ok(())
             }
             .await;
+            if direct {
+                self.refill(spec, snapshot);
+            }
             match r {
                 Ok(()) => {
                     debug!(?timings, "restored");

@@ -190,26 +190,28 @@ impl ContainerTier {
         .await
     }
 
-    /// Takes a prepared sandbox for a clone of `spec` from `snapshot`, and starts making
-    /// the next ones in the background.
+    /// Takes a prepared sandbox for a clone of `spec` from `snapshot`, if one is ready.
     pub(crate) fn take_prepared(&self, spec: &SandboxSpec, snapshot: &Path) -> Option<Prepared> {
-        let key = Key::of(spec, snapshot);
-        let (taken, stale) = self.pool.take(&key);
+        let (taken, stale) = self.pool.take(&Key::of(spec, snapshot));
         for p in stale {
             let tier = self.clone();
             self.pool
                 .tasks
                 .spawn(async move { tier.discard_prepared(p.id).await });
         }
-        self.refill(key, spec.clone(), snapshot.to_path_buf());
         taken
     }
 
-    fn refill(&self, key: Key, spec: SandboxSpec, snapshot: PathBuf) {
+    /// Makes prepared sandboxes for clones of `spec` from `snapshot` in the background, up
+    /// to the pool's target. Called once a restore is over, not when it starts: mounts and
+    /// cgroup changes take the same kernel locks CRIU's restore takes, and a refill racing
+    /// the restore it serves only slows that restore down (measured).
+    pub(crate) fn refill(&self, spec: &SandboxSpec, snapshot: &Path) {
+        let key = Key::of(spec, snapshot);
         if !self.pool.begin_refill(&key) {
             return;
         }
-        let tier = self.clone();
+        let (tier, spec, snapshot) = (self.clone(), spec.clone(), snapshot.to_path_buf());
         let span = info_span!("pool.refill", snapshot = %snapshot.display());
         self.pool.tasks.spawn(
             async move {
