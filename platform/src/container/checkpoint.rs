@@ -180,9 +180,10 @@ impl ContainerTier {
                     Some(p) => Some(p.cgroup),
                     None => {
                         self.prepare_restore_dir(&d, spec, snapshot).await?;
-                        match direct {
-                            true => Some(SandboxCgroup::create(&spec.id, &spec.limits)?),
-                            false => None,
+                        if direct {
+                            Some(SandboxCgroup::create(&spec.id, &spec.limits)?)
+                        } else {
+                            None
                         }
                     }
                 };

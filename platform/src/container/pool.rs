@@ -24,7 +24,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use super::cgroups::SandboxCgroup;
 use super::{ContainerSandbox, ContainerTier, Keeper, SandboxSpec};
 use crate::agent::{Agent, Endpoint};
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 
 /// Prepared sandboxes of a snapshot nobody restored for this long are torn down.
 pub const IDLE: Duration = Duration::from_secs(300);
@@ -159,8 +159,6 @@ impl ContainerTier {
         let d = self.sandbox_dir(&spec.id);
         let r = async {
             self.prepare_restore_dir(&d, spec, snapshot).await?;
-            let work = d.root.join("criu-work");
-            std::fs::create_dir_all(&work).ctx("creating CRIU work directory", &work)?;
             SandboxCgroup::create(&spec.id, &spec.limits)
         }
         .await;
