@@ -163,19 +163,15 @@ fn kill_9_mid_invocation_and_mid_publish_is_cleaned_up_on_next_start() {
         .unwrap();
     let sandboxes = h.path().join("sandboxes");
     wait_for("a live sandbox", Duration::from_secs(20), || {
-        std::fs::read_dir(&sandboxes)
-            .map(|rd| rd.count() > 0)
-            .unwrap_or(false)
-            && std::fs::read_dir(&sandboxes)
-                .unwrap()
-                .flatten()
-                .any(|e| e.path().join("run/agent.sock").exists())
+        sandbox_ids(&h)
+            .iter()
+            .any(|id| sandboxes.join(id).join("run/agent.sock").exists())
     });
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(
-        std::fs::read_dir(&sandboxes).unwrap().count() > 0,
+        !sandbox_ids(&h).is_empty(),
         "the crash left something to clean"
     );
 
@@ -326,6 +322,16 @@ fn disk_full_during_publish_keeps_the_previous_snapshot() {
 /// state under test.
 const COUNTER: &str = "name = \"counter\"\nbase = { kind = \"busybox\" }\n[handler]\nmode = \"persistent\"\ncommand = [\"/bin/sh\", \"-c\", \"n=0; echo '{\\\"ready\\\":true}'; while read l; do n=$((n+1)); echo \\\"{\\\\\\\"n\\\\\\\":$n}\\\"; done\"]\n";
 
+/// Limits small enough to tell a sandbox confined by them from one under any default.
+const COUNTER_LIMITS: &str = "[limits]\nmemory_mib = 96\nvcpus = 1\npids = 40\n";
+
+/// Writes the counter template, with `limits` appended, under `tmp`; returns its directory.
+fn counter_template(tmp: &Path, limits: &str) -> PathBuf {
+    let dir = tmp.join("counter");
+    write_template(&dir, &format!("{COUNTER}{limits}"));
+    dir
+}
+
 /// The lines of `/proc/<pid>/maps` of every process in a sandbox's memory cgroup.
 fn maps_of(sandbox: &str) -> Vec<String> {
     let pids = thaw_platform::container::cgroup_pids(sandbox);
@@ -349,8 +355,7 @@ fn maps_of(sandbox: &str) -> Vec<String> {
 fn clones_map_the_snapshot_memory_copy_on_write_and_sessions_copy_it() {
     let home = Home::new();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("counter");
-    write_template(&dir, COUNTER);
+    let dir = counter_template(tmp.path(), "");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let engine = deployed_engine(&home, &dir).await;
@@ -441,9 +446,7 @@ fn confinement_of(sandbox: &str) -> Vec<String> {
 fn clones_restored_without_runc_are_confined_as_runc_confines_sessions() {
     let home = Home::new();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("counter");
-    let limits = "[limits]\nmemory_mib = 96\nvcpus = 1\npids = 40\n";
-    write_template(&dir, &format!("{COUNTER}{limits}"));
+    let dir = counter_template(tmp.path(), COUNTER_LIMITS);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let engine = deployed_engine(&home, &dir).await;
@@ -520,8 +523,7 @@ async fn device_tree(live: &thaw_platform::engine::Live) -> String {
 fn a_clone_sees_the_same_dev_and_cgroup_nodes_as_a_cold_boot() {
     let home = Home::new();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("counter");
-    write_template(&dir, COUNTER);
+    let dir = counter_template(tmp.path(), "");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let engine = deployed_engine(&home, &dir).await;
@@ -628,9 +630,7 @@ fn sandbox_ids(home: &Home) -> HashSet<String> {
 fn clones_restore_into_sandboxes_prepared_ahead() {
     let home = Home::new();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("counter");
-    let limits = "[limits]\nmemory_mib = 96\nvcpus = 1\npids = 40\n";
-    write_template(&dir, &format!("{COUNTER}{limits}"));
+    let dir = counter_template(tmp.path(), COUNTER_LIMITS);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut all = Vec::new();
     rt.block_on(async {
