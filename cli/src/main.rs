@@ -22,6 +22,8 @@ use output::print_json;
 use thaw_platform::engine::{parse_payload, RunOptions, MAX_PAYLOAD};
 use thaw_platform::session::{SessionOptions, TimeoutAction};
 use thaw_platform::{Engine, Paths};
+use tokio::signal::unix::SignalKind;
+use tracing::info;
 
 #[derive(Parser)]
 #[command(
@@ -92,6 +94,23 @@ enum Cmd {
         /// snapshot in use, so a restore does not wait for them. 0 turns this off.
         #[arg(long, default_value_t = thaw_server::ServerConfig::default().prepared)]
         prepared: usize,
+        /// Seconds a connection may take to send a whole request head (new or idle
+        /// keep-alive connections); slower ones are closed.
+        #[arg(long, value_name = "SECS", default_value_t = thaw_server::ServerConfig::default().header_read_timeout.as_secs_f64(), value_parser = parse_secs)]
+        header_read_timeout: f64,
+        /// Open connections at most; over it, the oldest idle one is closed.
+        #[arg(long, default_value_t = thaw_server::ServerConfig::default().max_connections as u64, value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections: u64,
+        /// Largest `timeout_ms` a call may ask for, in seconds (a template's
+        /// limits.timeout_s caps it too).
+        #[arg(long, value_name = "SECS", default_value_t = thaw_server::ServerConfig::default().max_call_timeout.as_secs_f64(), value_parser = parse_secs)]
+        max_call_timeout: f64,
+        /// Largest session idle timeout a caller may ask for, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = thaw_server::ServerConfig::default().max_session_idle.as_secs_f64(), value_parser = parse_secs)]
+        max_session_idle: f64,
+        /// Largest session lifetime a caller may ask for, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = thaw_server::ServerConfig::default().max_session_lifetime.as_secs_f64(), value_parser = parse_secs)]
+        max_session_lifetime: f64,
     },
     /// Manage the API keys `thaw serve` accepts (on the server's machine).
     Keys {
@@ -242,6 +261,14 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("`{s}` is not an octal file mode such as 644"))
 }
 
+/// A positive, finite number of seconds (a duration flag).
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v < 1e12 => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -264,6 +291,7 @@ impl RunArgs {
         Ok(RunOptions {
             env: self.env.iter().cloned().collect::<BTreeMap<_, _>>(),
             timeout,
+            cancel: None,
         })
     }
 }
@@ -380,6 +408,11 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
             max_body_bytes,
             max_upload_bytes,
             prepared,
+            header_read_timeout,
+            max_connections,
+            max_call_timeout,
+            max_session_idle,
+            max_session_lifetime,
         } => {
             let Backend::Local(engine) = backend else {
                 unreachable!("local only")
@@ -389,13 +422,25 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
                 max_body_bytes,
                 max_upload_bytes,
                 prepared,
+                header_read_timeout: Duration::from_secs_f64(header_read_timeout),
+                max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+                max_call_timeout: Duration::from_secs_f64(max_call_timeout),
+                max_session_idle: Duration::from_secs_f64(max_session_idle),
+                max_session_lifetime: Duration::from_secs_f64(max_session_lifetime),
                 ..thaw_server::ServerConfig::default()
             };
             if !listen.ip().is_loopback() {
                 eprintln!("thaw: warning: listening on {listen}, reachable from the network; every route but /healthz needs an API key");
             }
-            let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
+            // SIGTERM (service managers, `kill`) shuts down exactly as SIGINT does: in-flight
+            // calls finish, prepared sandboxes are torn down.
+            let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
+            let shutdown = async move {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+                    _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+                }
             };
             thaw_server::serve(engine, cfg, shutdown).await?;
             Ok(ExitCode::SUCCESS)

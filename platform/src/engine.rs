@@ -1,6 +1,7 @@
 //! The invocation engine: publish templates, run invocations and execs in fresh sandboxes.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -74,6 +75,30 @@ pub struct TemplateRecord {
 pub struct RunOptions {
     pub env: BTreeMap<String, String>,
     pub timeout: Option<Duration>,
+    /// Ends the call early with [`Error::Cancelled`] when cancelled (its caller went away):
+    /// the task is killed (its agent exchange is dropped, which guest-init treats as
+    /// cancel) and a fresh sandbox is discarded as on every other path. A restore in
+    /// progress is finished first, never abandoned.
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl RunOptions {
+    /// Whether the call was cancelled already.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
+    }
+
+    /// Runs `work` until it ends or the call is cancelled, whichever comes first.
+    pub(crate) async fn cancellable<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
+        match &self.cancel {
+            None => work.await,
+            Some(c) => tokio::select! {
+                biased;
+                _ = c.cancelled() => Err(Error::Cancelled),
+                r = work => r,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -627,10 +652,13 @@ impl Engine {
         opts: &RunOptions,
         work: impl AsyncFnOnce(&Sandbox) -> Result<T>,
     ) -> Result<(T, String, StartKind, Timings)> {
+        if opts.cancelled() {
+            return Err(Error::Cancelled);
+        }
         let started = Instant::now();
         let (sb, kind, ready, warm) = self.start(t, opts).await?;
         let run_started = Instant::now();
-        let r = work(&sb).await;
+        let r = opts.cancellable(work(&sb)).await;
         let run_ms = ms(run_started.elapsed());
         let id = sb.id.clone();
         self.discard(sb);

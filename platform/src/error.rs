@@ -111,6 +111,11 @@ pub enum Error {
     #[error("disk full while {context}: free space under {} and retry", path.display())]
     DiskFull { context: String, path: PathBuf },
 
+    /// The call's [`crate::engine::RunOptions::cancel`] fired (its HTTP client went away):
+    /// the task was killed and a fresh sandbox discarded.
+    #[error("cancelled: its caller went away")]
+    Cancelled,
+
     #[error("{0}")]
     Other(String),
 }

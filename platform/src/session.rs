@@ -275,6 +275,21 @@ impl Engine {
         Ok(self.session_record(id)?.session)
     }
 
+    /// The limits of a call into a running session: its template's as the session was
+    /// created (a later redeploy does not change them). Refuses a session that is not
+    /// running, as the call itself would, so a caller can check before it answers.
+    pub fn session_call_limits(
+        &self,
+        id: &str,
+        action: &str,
+    ) -> Result<crate::template::spec::Limits> {
+        let r = self.session_record(id)?;
+        if r.session.state != SessionState::Running {
+            return Err(conflict(&r.session, action));
+        }
+        Ok(r.spec.limits)
+    }
+
     /// This owner's sessions.
     pub fn sessions(&self) -> Result<Vec<Session>> {
         let all: Vec<SessionRecord> = self.meta.read(|s| s.list(Store::sessions_tree()))?;
@@ -340,7 +355,7 @@ impl Engine {
         async {
             let run = RunOptions {
                 env: opts.env.clone(),
-                timeout: None,
+                ..RunOptions::default()
             };
             let started = self.start_as(&t, &run, &id, CloneMemory::Copied).await;
             let sb = match started {
@@ -434,7 +449,7 @@ impl Engine {
                 stdin: stdin.map(Bytes),
                 limits: Engine::limits(&rec.spec, &opts),
             };
-            let mut d = sb.agent.exec(req, on_output).await?;
+            let mut d = opts.cancellable(sb.agent.exec(req, on_output)).await?;
             if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && sb.oom_killed() {
                 d.outcome = Outcome::Oom;
             }
@@ -467,7 +482,7 @@ impl Engine {
                 env: opts.env.clone(),
                 limits: Engine::limits(&rec.spec, &opts),
             };
-            let mut done = sb.agent.invoke(req, on_stderr).await?;
+            let mut done = opts.cancellable(sb.agent.invoke(req, on_stderr)).await?;
             if sb.oom_killed() && done.status != InvokeStatus::Ok {
                 done.status = InvokeStatus::Oom;
                 done.outcome = Some(Outcome::Oom);
@@ -725,7 +740,7 @@ impl Engine {
             let sb = self.restore_sandbox(rec.tier, &spec, &dir, true).await?;
             let opts = RunOptions {
                 env: rec.session.env.clone(),
-                timeout: None,
+                ..RunOptions::default()
             };
             let ready = async {
                 self.hygiene(&sb, &rec.spec, &opts).await?;

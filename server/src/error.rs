@@ -15,6 +15,8 @@ pub struct ApiError {
     pub message: String,
     /// The bad field of a request body.
     pub path: Option<String>,
+    /// Seconds after which a retry may succeed (`Retry-After`, with 429 and 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -24,6 +26,7 @@ impl ApiError {
             code,
             message: message.into(),
             path: None,
+            retry_after: None,
         }
     }
 
@@ -33,6 +36,11 @@ impl ApiError {
 
     pub fn with_path(mut self, path: impl Into<String>) -> ApiError {
         self.path = Some(path.into());
+        self
+    }
+
+    pub fn retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds);
         self
     }
 
@@ -75,6 +83,10 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             // RFC 6750: tells the client which scheme to use.
             resp.headers_mut().insert(
@@ -138,6 +150,8 @@ pub fn classify(e: &E) -> (StatusCode, &'static str) {
         E::Store { .. } => (S::INTERNAL_SERVER_ERROR, "metadata_store"),
         E::Io { .. } => (S::INTERNAL_SERVER_ERROR, "io"),
         E::Other(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
+        // Nobody reads it (the client is gone); 499 as nginx logs a client that left.
+        E::Cancelled => (S::from_u16(499).unwrap_or(S::REQUEST_TIMEOUT), "cancelled"),
     }
 }
 

@@ -27,8 +27,10 @@ use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+mod conn;
 mod error;
 mod extract;
+mod limits;
 mod metrics;
 mod routes;
 mod sessions;
@@ -53,6 +55,17 @@ pub struct ServerConfig {
     pub reaper_interval: Duration,
     /// Sandboxes kept prepared per snapshot in use ([`Engine::keep_prepared`]).
     pub prepared: usize,
+    /// How long a connection may take to send a whole request head, counted from when the
+    /// server starts waiting for one (a new or an idle keep-alive connection).
+    pub header_read_timeout: Duration,
+    /// Open connections at most; over it, the oldest idle one is closed (see `conn`).
+    pub max_connections: usize,
+    /// Largest `timeout_ms` a call may ask for (a template's `limits.timeout_s` caps it too).
+    pub max_call_timeout: Duration,
+    /// Largest session `idle_timeout_s`.
+    pub max_session_idle: Duration,
+    /// Largest session `max_lifetime_s`.
+    pub max_session_lifetime: Duration,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +76,11 @@ impl Default for ServerConfig {
             max_upload_bytes: 256 << 20,
             reaper_interval: Duration::from_secs(15),
             prepared: 2,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 512,
+            max_call_timeout: Duration::from_secs(3600),
+            max_session_idle: Duration::from_secs(24 * 3600),
+            max_session_lifetime: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -90,6 +108,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub cfg: Arc<ServerConfig>,
     slots: Arc<slots::Slots>,
+    conns: Arc<conn::Conns>,
     tasks: TaskTracker,
     openapi: Arc<utoipa::openapi::OpenApi>,
 }
@@ -129,10 +148,7 @@ pub async fn serve_on(
     info!(%addr, "thaw API listening");
     let stop = tokio_util::sync::CancellationToken::new();
     let reaper = tokio::spawn(reaper(state.clone(), stop.clone()));
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(Error::Serve);
+    conn::accept_loop(listener, app, &state.cfg, state.conns.clone(), shutdown).await;
     info!("shutting down: waiting for in-flight calls");
     stop.cancel();
     if let Err(e) = reaper.await {
@@ -141,7 +157,8 @@ pub async fn serve_on(
     state.tasks.close();
     state.tasks.wait().await;
     state.engine.close().await;
-    r
+    info!("shut down");
+    Ok(())
 }
 
 /// The application router and its state.
@@ -155,6 +172,7 @@ pub fn app(engine: Engine, cfg: ServerConfig) -> Result<(Router, AppState)> {
     let state = AppState {
         engine,
         metrics: metrics.clone(),
+        conns: Arc::new(conn::Conns::new(cfg.max_connections)),
         cfg: Arc::new(cfg),
         slots: Arc::default(),
         tasks: TaskTracker::new(),

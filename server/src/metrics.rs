@@ -17,6 +17,7 @@ pub struct Metrics {
     pub live_sandboxes: IntGauge,
     pub paused_sessions: IntGauge,
     pub store_bytes: IntGauge,
+    pub open_connections: IntGauge,
     pub http_requests: IntCounterVec,
 }
 
@@ -48,6 +49,10 @@ impl Metrics {
             "thaw_store_bytes",
             "Bytes of compressed chunks in the snapshot store",
         )?;
+        let open_connections = IntGauge::new(
+            "thaw_open_connections",
+            "Open HTTP connections (at most thaw serve --max-connections)",
+        )?;
         let http_requests = IntCounterVec::new(
             Opts::new(
                 "thaw_http_requests_total",
@@ -60,6 +65,7 @@ impl Metrics {
         registry.register(Box::new(live_sandboxes.clone()))?;
         registry.register(Box::new(paused_sessions.clone()))?;
         registry.register(Box::new(store_bytes.clone()))?;
+        registry.register(Box::new(open_connections.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         Ok(Metrics {
             registry,
@@ -68,6 +74,7 @@ impl Metrics {
             live_sandboxes,
             paused_sessions,
             store_bytes,
+            open_connections,
             http_requests,
         })
     }

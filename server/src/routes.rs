@@ -2,6 +2,7 @@
 //! limits, run the engine call (tracked, see the crate docs), shape the answer.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,10 +24,11 @@ use thaw_platform::template::spec::TemplateSpec;
 use thaw_protocol::Stream;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::ApiError;
 use crate::extract::{declared_len, JsonBody, Owner, PathParam, QueryParams};
-use crate::{blocking, run_tracked, AppState};
+use crate::{blocking, limits, run_tracked, AppState};
 
 /// `?stream=true` asks for an NDJSON stream, like `Accept: application/x-ndjson`.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -47,9 +49,10 @@ pub fn wants_stream(headers: &HeaderMap, q: &StreamQuery) -> bool {
             .any(|v| v.split(';').next().unwrap_or_default().trim() == NDJSON)
 }
 
-/// An NDJSON response fed by `rx`; it ends when every sender is gone.
-pub fn ndjson(rx: mpsc::UnboundedReceiver<StreamEvent>) -> Response {
-    let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+/// An NDJSON response fed by `rx`; it ends when every sender is gone. `cancel` fires when
+/// the response is dropped: hyper drops it when the client disconnects.
+pub fn ndjson(rx: mpsc::UnboundedReceiver<StreamEvent>, cancel: DropGuard) -> Response {
+    let lines = futures_util::stream::unfold((rx, cancel), |(mut rx, cancel)| async move {
         let ev = rx.recv().await?;
         let mut line = serde_json::to_vec(&ev).unwrap_or_else(|e| {
             // Only a result with a non-string map key could fail; say so instead of
@@ -60,7 +63,7 @@ pub fn ndjson(rx: mpsc::UnboundedReceiver<StreamEvent>) -> Response {
             .unwrap_or_default()
         });
         line.push(b'\n');
-        Some((Ok::<_, Infallible>(line), rx))
+        Some((Ok::<_, Infallible>(line), (rx, cancel)))
     });
     let mut resp = Body::from_stream(lines).into_response();
     resp.headers_mut()
@@ -83,14 +86,31 @@ pub fn forward(tx: mpsc::UnboundedSender<StreamEvent>) -> impl FnMut(Stream, &[u
     }
 }
 
+/// A call's options; `cancel` is the token that ends it when its client goes away (see
+/// [`ndjson`] and [`until_disconnect`]).
 pub fn run_options(
     env: std::collections::BTreeMap<String, String>,
     timeout_ms: Option<u64>,
+    cancel: &CancellationToken,
 ) -> RunOptions {
     RunOptions {
         env,
         timeout: timeout_ms.map(Duration::from_millis),
+        cancel: Some(cancel.clone()),
     }
+}
+
+/// Awaits a tracked engine call on behalf of a buffered (non-streamed) response. hyper
+/// drops the request's future when its client disconnects; the call's task is not dropped
+/// (see the crate docs), but `cancel` fires, which kills the task and frees its sandbox.
+pub async fn until_disconnect<T>(
+    cancel: &CancellationToken,
+    call: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    let guard = cancel.clone().drop_guard();
+    let r = call.await;
+    guard.disarm();
+    r
 }
 
 pub fn decode_stdin(body: &ExecBody) -> Result<Option<Vec<u8>>, ApiError> {
@@ -145,7 +165,8 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         // Sessions of every owner: each key's, and the embedded CLI's.
         let (mut running, mut paused) = (0i64, 0i64);
         for s in engine.all_sessions()? {
-            if s.state.holds_sandbox() {
+            // A session being created or resumed is counted by its call's slot below.
+            if crate::slots::counted_by_state(s.state) {
                 running += 1;
             } else if s.state == SessionState::Paused {
                 paused += 1;
@@ -159,6 +180,8 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     m.live_sandboxes
         .set(running + i64::try_from(state.slots.total()).unwrap_or(i64::MAX));
     m.paused_sessions.set(paused);
+    m.open_connections
+        .set(i64::try_from(state.conns.len()).unwrap_or(i64::MAX));
     m.store_bytes
         .set(i64::try_from(store_bytes).unwrap_or(i64::MAX));
     let text = m
@@ -425,12 +448,15 @@ pub async fn invoke(
     headers: HeaderMap,
     JsonBody(body): JsonBody<InvokeBody>,
 ) -> Result<Response, ApiError> {
-    // Refuse unknown templates before taking a slot or starting a stream, so the status
-    // says so (a stream has already answered 200).
+    // Refuse bad bodies and unknown templates before taking a slot or starting a stream,
+    // so the status says so (a stream has already answered 200).
+    limits::env(&body.env)?;
     let (e, n) = (owner.engine.clone(), name.clone());
-    blocking(move || e.ready_template(&n)).await?;
+    let t = blocking(move || e.ready_template(&n)).await?;
+    limits::call_timeout(body.timeout_ms, &t.spec.limits, &state.cfg)?;
     let slot = state.slots.acquire(&owner).await?;
-    let opts = run_options(body.env, body.timeout_ms);
+    let cancel = CancellationToken::new();
+    let opts = run_options(body.env, body.timeout_ms, &cancel);
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -451,15 +477,15 @@ pub async fn invoke(
                 },
             });
         });
-        return Ok(ndjson(rx));
+        return Ok(ndjson(rx, cancel.drop_guard()));
     }
-    let r = run_tracked(&state, async move {
+    let call = run_tracked(&state, async move {
         let _slot = slot;
         let r = engine.invoke(&name, body.payload, opts, |_| {}).await;
         metrics.invocation(&r);
         r
-    })
-    .await??;
+    });
+    let r = until_disconnect(&cancel, call).await??;
     Ok(Json(r).into_response())
 }
 
@@ -490,10 +516,14 @@ pub async fn exec(
     JsonBody(body): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     let stdin = decode_stdin(&body)?;
+    limits::argv(&body.argv)?;
+    limits::env(&body.env)?;
     let (e, n) = (owner.engine.clone(), name.clone());
-    blocking(move || e.ready_template(&n)).await?;
+    let t = blocking(move || e.ready_template(&n)).await?;
+    limits::call_timeout(body.timeout_ms, &t.spec.limits, &state.cfg)?;
     let slot = state.slots.acquire(&owner).await?;
-    let opts = run_options(body.env, body.timeout_ms);
+    let cancel = CancellationToken::new();
+    let opts = run_options(body.env, body.timeout_ms, &cancel);
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -512,9 +542,9 @@ pub async fn exec(
                 },
             });
         });
-        return Ok(ndjson(rx));
+        return Ok(ndjson(rx, cancel.drop_guard()));
     }
-    let (result, out, err) = run_tracked(&state, async move {
+    let call = run_tracked(&state, async move {
         let _slot = slot;
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let r = engine
@@ -524,8 +554,8 @@ pub async fn exec(
             })
             .await;
         r.map(|r| (r, out, err))
-    })
-    .await??;
+    });
+    let (result, out, err) = until_disconnect(&cancel, call).await??;
     state.metrics.exec(&result);
     Ok(Json(exec_response(result, &out, &err)).into_response())
 }

@@ -19,13 +19,15 @@ use thaw_platform::engine::Invocation;
 use thaw_platform::session::{Session, SessionOptions, MAX_FILE};
 use thaw_protocol::Stream;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::extract::{read_body, JsonBody, Owner, PathParam, QueryParams};
 use crate::routes::{
-    decode_stdin, exec_response, forward, ndjson, run_options, wants_stream, StreamQuery,
+    decode_stdin, exec_response, forward, ndjson, run_options, until_disconnect, wants_stream,
+    StreamQuery,
 };
-use crate::{blocking, run_tracked, AppState};
+use crate::{blocking, limits, run_tracked, AppState};
 
 /// Starts a session from a template's snapshot.
 #[utoipa::path(
@@ -46,19 +48,22 @@ pub async fn create(
     owner: Owner,
     JsonBody(body): JsonBody<SessionCreateBody>,
 ) -> Result<(StatusCode, Json<Session>), ApiError> {
+    limits::env(&body.env)?;
+    limits::session_times(body.idle_timeout_s, body.max_lifetime_s, &state.cfg)?;
     let (e, t) = (owner.engine.clone(), body.template.clone());
     blocking(move || e.ready_template(&t)).await?;
     let slot = state.slots.acquire(&owner).await?;
+    // A default over the server's maximum is lowered to it: the caller asked for nothing.
     let defaults = SessionOptions::default();
     let opts = SessionOptions {
         idle_timeout: body
             .idle_timeout_s
             .map(Duration::from_secs)
-            .unwrap_or(defaults.idle_timeout),
+            .unwrap_or(defaults.idle_timeout.min(state.cfg.max_session_idle)),
         max_lifetime: body
             .max_lifetime_s
             .map(Duration::from_secs)
-            .unwrap_or(defaults.max_lifetime),
+            .unwrap_or(defaults.max_lifetime.min(state.cfg.max_session_lifetime)),
         on_timeout: body.on_timeout.unwrap_or(defaults.on_timeout),
         env: body.env,
     };
@@ -151,10 +156,15 @@ pub async fn exec(
     JsonBody(body): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     let stdin = decode_stdin(&body)?;
-    // Unknown sessions are refused before a stream starts (it would have answered 200).
+    limits::argv(&body.argv)?;
+    limits::env(&body.env)?;
+    // Unknown (404) and not running (409) sessions are refused before a stream starts (it
+    // would have answered 200).
     let (e, i) = (owner.engine.clone(), id.clone());
-    blocking(move || e.session(&i)).await?;
-    let opts = run_options(body.env, body.timeout_ms);
+    let lim = blocking(move || e.session_call_limits(&i, "exec")).await?;
+    limits::call_timeout(body.timeout_ms, &lim, &state.cfg)?;
+    let cancel = CancellationToken::new();
+    let opts = run_options(body.env, body.timeout_ms, &cancel);
     let engine = owner.engine.clone();
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -168,9 +178,9 @@ pub async fn exec(
                 },
             });
         });
-        return Ok(ndjson(rx));
+        return Ok(ndjson(rx, cancel.drop_guard()));
     }
-    let (result, out, err) = run_tracked(&state, async move {
+    let call = run_tracked(&state, async move {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let r = engine
             .session_exec(&id, body.argv, stdin, opts, |s, d| match s {
@@ -179,8 +189,8 @@ pub async fn exec(
             })
             .await;
         r.map(|r| (r, out, err))
-    })
-    .await??;
+    });
+    let (result, out, err) = until_disconnect(&cancel, call).await??;
     Ok(Json(exec_response(result, &out, &err)).into_response())
 }
 
@@ -209,9 +219,12 @@ pub async fn invoke(
     headers: HeaderMap,
     JsonBody(body): JsonBody<InvokeBody>,
 ) -> Result<Response, ApiError> {
+    limits::env(&body.env)?;
     let (e, i) = (owner.engine.clone(), id.clone());
-    blocking(move || e.session(&i)).await?;
-    let opts = run_options(body.env, body.timeout_ms);
+    let lim = blocking(move || e.session_call_limits(&i, "invoke")).await?;
+    limits::call_timeout(body.timeout_ms, &lim, &state.cfg)?;
+    let cancel = CancellationToken::new();
+    let opts = run_options(body.env, body.timeout_ms, &cancel);
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -228,14 +241,14 @@ pub async fn invoke(
                 },
             });
         });
-        return Ok(ndjson(rx));
+        return Ok(ndjson(rx, cancel.drop_guard()));
     }
-    let r: Invocation = run_tracked(&state, async move {
+    let call = run_tracked(&state, async move {
         let r = engine.session_invoke(&id, body.payload, opts, |_| {}).await;
         metrics.invocation(&r);
         r
-    })
-    .await??;
+    });
+    let r: Invocation = until_disconnect(&cancel, call).await??;
     Ok(Json(r).into_response())
 }
 
@@ -412,10 +425,12 @@ pub async fn resume(
     )
 )]
 pub async fn extend(
+    State(state): State<AppState>,
     owner: Owner,
     PathParam(id): PathParam<String>,
     JsonBody(body): JsonBody<ExtendBody>,
 ) -> Result<Json<Session>, ApiError> {
+    limits::session_times(body.idle_timeout_s, body.max_lifetime_s, &state.cfg)?;
     let s = blocking(move || {
         owner.engine.session_extend(
             &id,

@@ -1,11 +1,18 @@
 //! Per-key sandbox limits: a key may hold at most `max_sandboxes` sandboxes at once, counting
-//! its in-flight invokes and execs (tracked here) and its running sessions (asked of the
-//! engine). A call that would start one more is refused with 429 before any work starts.
+//! its in-flight calls that start a sandbox (invokes, execs, deploys, session creates and
+//! resumes: tracked here) and its sessions that hold one (asked of the engine). A call that
+//! would start one more is refused with 429 and `Retry-After` before any work starts.
+//!
+//! Each sandbox counts once: a session being created or resumed holds a slot here for its
+//! whole call, so its record (`creating`, `resuming`) is not counted again. Once the engine
+//! has recorded it `running`, the call returns and drops its slot at once; a limit check
+//! that lands in between sees the session twice and refuses (the safe side of a race).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use axum::http::StatusCode;
+use thaw_platform::session::SessionState;
 
 use crate::blocking;
 use crate::error::ApiError;
@@ -37,7 +44,14 @@ impl Slots {
     /// Takes a slot for `owner`'s key, or refuses with 429 naming the limit.
     pub async fn acquire(self: &Arc<Self>, owner: &Owner) -> Result<Slot, ApiError> {
         let engine = owner.engine.clone();
-        let running = blocking(move || engine.count_running_sessions()).await?;
+        let running = blocking(move || {
+            Ok(engine
+                .sessions()?
+                .iter()
+                .filter(|s| counted_by_state(s.state))
+                .count())
+        })
+        .await?;
         let running = u32::try_from(running).unwrap_or(u32::MAX);
         let max = owner.key.max_sandboxes;
         let mut map = self.lock();
@@ -50,7 +64,8 @@ impl Slots {
                     "API key `{}` is at its limit of {max} concurrent sandboxes (max_sandboxes): {in_flight} in-flight invoke/exec calls and {running} running sessions; retry when one finishes, or pause or delete a session",
                     owner.key.id,
                 ),
-            ));
+            )
+            .retry_after(RETRY_AFTER_S));
         }
         *in_flight += 1;
         Ok(Slot {
@@ -58,6 +73,16 @@ impl Slots {
             key: owner.key.id.clone(),
         })
     }
+}
+
+/// What a refused caller is told to wait (`Retry-After`), in seconds: most calls take
+/// about a second, and a caller that retries sooner is refused again cheaply.
+pub const RETRY_AFTER_S: u64 = 1;
+
+/// Whether a session in this state counts against its key by its record. A session being
+/// created or resumed does not: the call doing it holds a slot (see the module docs).
+pub fn counted_by_state(state: SessionState) -> bool {
+    state.holds_sandbox() && !matches!(state, SessionState::Creating | SessionState::Resuming)
 }
 
 impl Drop for Slot {
