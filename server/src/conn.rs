@@ -79,6 +79,20 @@ impl Conns {
         self.lock().len()
     }
 
+    /// Closes every connection that is not inside a request (shutdown: a connection that
+    /// sends its request head slowly must not hold the server up until its timeout).
+    fn close_idle(&self) {
+        let mut open = self.lock();
+        open.retain(|id, c| {
+            let idle = c.busy.load(Ordering::Acquire) == 0;
+            if idle {
+                debug!(conn = id, "shutting down: closing an idle connection");
+                c.close.cancel();
+            }
+            !idle
+        });
+    }
+
     /// Admits a new connection, evicting the oldest idle one if at the cap; `None` when
     /// every open connection is inside a request.
     fn admit(self: &Arc<Self>) -> Option<Admitted> {
@@ -157,7 +171,8 @@ impl http_body::Body for BusyBody {
 }
 
 /// Accepts and serves connections until `shutdown`, then lets every connection finish its
-/// request in progress (idle ones are closed at once).
+/// request in progress; idle ones, and ones still sending a request head, are closed at
+/// once.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     router: Router,
@@ -215,6 +230,7 @@ pub(crate) async fn accept_loop(
         });
     }
     drop(listener);
+    conns.close_idle();
     graceful.shutdown().await;
 }
 
