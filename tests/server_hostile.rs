@@ -311,11 +311,9 @@ async fn idle_and_slow_connections_are_capped_and_cannot_starve_the_server() {
 
     // The header-read timeout: an idle connection and a slowloris one (sending a byte
     // every 200 ms, so never idle) are both closed about 1 s after they connect.
-    let s = Serve::start(
-        Home::new(),
-        &["--header-read-timeout", "1", "--prepared", "0"],
-    )
-    .await;
+    let home = Home::new();
+    let secret = key(&home, 1);
+    let s = Serve::start(home, &["--header-read-timeout", "1", "--prepared", "0"]).await;
     let started = Instant::now();
     let mut silent = idle(&s.addr).await;
     let mut slow = slowloris(&s.addr, Duration::from_millis(200)).await;
@@ -333,6 +331,24 @@ async fn idle_and_slow_connections_are_capped_and_cannot_starve_the_server() {
         "closed after {took:?}, not about 1 s"
     );
     healthz_in(&s, Duration::from_secs(2)).await;
+
+    // A body that stalls (10 of 100 bytes, then nothing) is refused with 408 after the
+    // same timeout, and its connection closed.
+    let mut conn = TcpStream::connect(&s.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/templates/shell/invoke HTTP/1.1\r\nHost: thaw\r\nAuthorization: Bearer {secret}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"payload\""
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(4), conn.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok() && answer.starts_with("HTTP/1.1 408"),
+        "a stalled body after {:?}: {answer}",
+        started.elapsed()
+    );
+    assert!(answer.contains("stalled"), "{answer}");
     s.finish().await;
 }
 

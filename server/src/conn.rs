@@ -246,3 +246,36 @@ async fn refuse(mut stream: TcpStream, max: usize) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(resp.as_bytes())).await;
     let _ = stream.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn over_the_cap_the_oldest_idle_connection_is_closed() {
+        let conns = Arc::new(Conns::new(2));
+        let a = conns.admit().unwrap();
+        let b = conns.admit().unwrap();
+        let busy_a = Busy::new(a.busy.clone());
+        // a is inside a request: b, the oldest idle one, makes room.
+        let c = conns.admit().unwrap();
+        assert!(!a.close.is_cancelled());
+        assert!(b.close.is_cancelled());
+        assert_eq!(conns.len(), 2);
+        // Every open connection inside a request: the new one is refused.
+        let busy_c = Busy::new(c.busy.clone());
+        assert!(conns.admit().is_none());
+        drop(b);
+        assert_eq!(conns.len(), 2);
+        // Shutdown closes the idle ones only.
+        drop(busy_c);
+        conns.close_idle();
+        assert!(c.close.is_cancelled());
+        assert!(!a.close.is_cancelled());
+        assert_eq!(conns.len(), 1);
+        drop(busy_a);
+        drop(c);
+        drop(a);
+        assert_eq!(conns.len(), 0);
+    }
+}

@@ -1,6 +1,8 @@
 //! Request extractors whose every rejection is an [`ApiError`] (JSON body, right status),
 //! and the bearer-key authentication middleware.
 
+use std::time::Duration;
+
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
@@ -37,7 +39,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         }
         let limit = state.cfg.max_body_bytes as u64;
         let (parts, body) = req.into_parts();
-        let bytes = read_body(&parts.headers, body, limit, "request body").await?;
+        let stall = state.cfg.header_read_timeout;
+        let bytes = read_body(&parts.headers, body, limit, stall, "request body").await?;
         parse_json(&bytes).map(JsonBody)
     }
 }
@@ -68,11 +71,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// Reads a whole body of at most `limit` bytes: a declared or actual size over it is a 413.
+/// Reads a whole body of at most `limit` bytes: a declared or actual size over it is a 413,
+/// a body that stalls for `stall` a 408.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: u64,
+    stall: Duration,
     what: &str,
 ) -> Result<Bytes, ApiError> {
     if declared_len(headers).is_some_and(|n| n > limit) {
@@ -80,7 +85,7 @@ pub async fn read_body(
     }
     let mut stream = body.into_data_stream();
     let mut buf = Vec::new();
-    while let Some(chunk) = stream.next().await {
+    while let Some(chunk) = next_chunk(&mut stream, stall, what).await? {
         let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading {what}: {e}")))?;
         if (buf.len() + chunk.len()) as u64 > limit {
             return Err(ApiError::too_large(what, limit));
@@ -88,6 +93,25 @@ pub async fn read_body(
         buf.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(buf))
+}
+
+/// The next chunk of a body; a 408 when none comes within `stall` (a client that sends its
+/// headers, then trickles or withholds its body, must not hold a connection for ever).
+pub async fn next_chunk<S: futures_util::Stream + Unpin>(
+    stream: &mut S,
+    stall: Duration,
+    what: &str,
+) -> Result<Option<S::Item>, ApiError> {
+    tokio::time::timeout(stall, stream.next()).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the {what} stalled: no data came for {} s (thaw serve --header-read-timeout); send the whole body without pausing",
+                stall.as_secs_f64()
+            ),
+        )
+    })
 }
 
 pub fn declared_len(headers: &HeaderMap) -> Option<u64> {

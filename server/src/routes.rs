@@ -12,7 +12,6 @@ use axum::http::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::StreamExt as _;
 use serde::Deserialize;
 use thaw_api::{
     b64, unb64, Chunk, ErrorBody, ExecBody, ExecResponse, Health, InvokeBody, StreamEvent,
@@ -27,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::ApiError;
-use crate::extract::{declared_len, JsonBody, Owner, PathParam, QueryParams};
+use crate::extract::{declared_len, next_chunk, JsonBody, Owner, PathParam, QueryParams};
 use crate::{blocking, limits, run_tracked, AppState};
 
 /// `?stream=true` asks for an NDJSON stream, like `Accept: application/x-ndjson`.
@@ -252,7 +251,8 @@ pub async fn deploy_template(
     let id = uuid::Uuid::new_v4().simple().to_string();
     let dir = sources.join(&id);
     let tar_path = sources.join(format!(".upload-{id}.tar"));
-    let unpacked = receive(&tar_path, &dir, body, limit).await;
+    let stall = state.cfg.header_read_timeout;
+    let unpacked = receive(&tar_path, &dir, body, limit, stall).await;
     let _ = tokio::fs::remove_file(&tar_path).await;
     if let Err(e) = unpacked {
         let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -278,7 +278,13 @@ fn sources_dir(state: &AppState, owner: &Owner) -> PathBuf {
 }
 
 /// Streams the upload to `tar_path` (bounded by `limit`), then unpacks it into `dir`.
-async fn receive(tar_path: &Path, dir: &Path, body: Body, limit: u64) -> Result<(), ApiError> {
+async fn receive(
+    tar_path: &Path,
+    dir: &Path,
+    body: Body,
+    limit: u64,
+    stall: Duration,
+) -> Result<(), ApiError> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         ApiError::from(thaw_platform::Error::io(what, p, e))
     };
@@ -290,7 +296,7 @@ async fn receive(tar_path: &Path, dir: &Path, body: Body, limit: u64) -> Result<
         .map_err(|e| io("storing the upload", tar_path, e))?;
     let mut stream = body.into_data_stream();
     let mut size = 0u64;
-    while let Some(chunk) = stream.next().await {
+    while let Some(chunk) = next_chunk(&mut stream, stall, "template archive").await? {
         let chunk = chunk
             .map_err(|e| ApiError::bad_request(format!("reading the template archive: {e}")))?;
         size += chunk.len() as u64;

@@ -310,7 +310,8 @@ pub async fn write_file(
 ) -> Result<StatusCode, ApiError> {
     check_path(&q.path)?;
     let mode = q.mode.as_deref().map(parse_mode).transpose()?;
-    let data = read_body(&headers, body, MAX_FILE, "file").await?;
+    let stall = state.cfg.header_read_timeout;
+    let data = read_body(&headers, body, MAX_FILE, stall, "file").await?;
     let engine = owner.engine.clone();
     run_tracked(&state, async move {
         engine
