@@ -219,7 +219,7 @@ pub async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi
         (status = 413, description = "Archive over the upload limit", body = ErrorBody),
         (status = 415, description = "Not application/x-tar", body = ErrorBody),
         (status = 422, description = "The template's setup or warm-up failed", body = ErrorBody),
-        (status = 429, description = "The key's sandbox limit is reached", body = ErrorBody),
+        (status = 429, description = "The key's sandbox limit is reached; `Retry-After` gives the seconds to wait", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )
 )]
 pub async fn deploy_template(
@@ -438,12 +438,12 @@ pub async fn delete_template(
     responses(
         (status = 200, description = "The invocation; with `Accept: application/x-ndjson` or `?stream=true`, `stderr` events as they come then one `result` event",
             content((Invocation = "application/json"), (StreamEvent = "application/x-ndjson"))),
-        (status = 400, description = "Bad body; `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such template for this key", body = ErrorBody),
         (status = 409, description = "The template needs a rebuild", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 429, description = "The key's sandbox limit is reached", body = ErrorBody),
+        (status = 429, description = "The key's sandbox limit is reached; `Retry-After` gives the seconds to wait", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )
 )]
 pub async fn invoke(
@@ -505,12 +505,12 @@ pub async fn invoke(
     responses(
         (status = 200, description = "The result with the whole output (base64); with `Accept: application/x-ndjson` or `?stream=true`, `stdout`/`stderr` events as they come then one `exit` event",
             content((ExecResponse = "application/json"), (StreamEvent = "application/x-ndjson"))),
-        (status = 400, description = "Bad body; `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such template for this key", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 422, description = "The command could not be started", body = ErrorBody),
-        (status = 429, description = "The key's sandbox limit is reached", body = ErrorBody),
+        (status = 429, description = "The key's sandbox limit is reached; `Retry-After` gives the seconds to wait", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )
 )]
 pub async fn exec(

@@ -37,10 +37,10 @@ use crate::{blocking, limits, run_tracked, AppState};
     request_body = SessionCreateBody,
     responses(
         (status = 201, description = "The running session", body = Session),
-        (status = 400, description = "Bad body; `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such template for this key", body = ErrorBody),
-        (status = 429, description = "The key's sandbox limit is reached", body = ErrorBody),
+        (status = 429, description = "The key's sandbox limit is reached; `Retry-After` gives the seconds to wait", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )
 )]
 pub async fn create(
@@ -141,7 +141,7 @@ pub async fn delete(
     responses(
         (status = 200, description = "The result with the whole output (base64); with `Accept: application/x-ndjson` or `?stream=true`, `stdout`/`stderr` events then one `exit` event",
             content((ExecResponse = "application/json"), (StreamEvent = "application/x-ndjson"))),
-        (status = 400, description = "Bad body; `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such session for this key", body = ErrorBody),
         (status = 409, description = "The session is not running", body = ErrorBody),
@@ -205,7 +205,7 @@ pub async fn exec(
     responses(
         (status = 200, description = "The invocation; with `Accept: application/x-ndjson` or `?stream=true`, `stderr` events then one `result` event",
             content((Invocation = "application/json"), (StreamEvent = "application/x-ndjson"))),
-        (status = 400, description = "Bad body; `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such session for this key", body = ErrorBody),
         (status = 409, description = "The session is not running", body = ErrorBody),
@@ -385,7 +385,7 @@ pub async fn pause(
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such session for this key", body = ErrorBody),
         (status = 409, description = "Not paused, or busy", body = ErrorBody),
-        (status = 429, description = "The key's sandbox limit is reached", body = ErrorBody),
+        (status = 429, description = "The key's sandbox limit is reached; `Retry-After` gives the seconds to wait", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     )
 )]
 pub async fn resume(
@@ -419,7 +419,7 @@ pub async fn resume(
     request_body = ExtendBody,
     responses(
         (status = 200, description = "The session", body = Session),
-        (status = 400, description = "Bad body; `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such session for this key", body = ErrorBody),
         (status = 409, description = "Neither running nor paused", body = ErrorBody),
