@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use thaw_api::{Client, ExecBody, InvokeBody, SessionCreateBody};
-use thaw_e2e::{repo_root, Home};
+use thaw_e2e::{leaked_cgroups, repo_root, Home};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -179,6 +179,17 @@ fn sandbox_dirs(home: &Path) -> usize {
     std::fs::read_dir(home.join("sandboxes"))
         .map(|rd| rd.count())
         .unwrap_or(0)
+}
+
+/// Names (ids) of this home's sandbox directories.
+fn sandbox_ids(home: &Path) -> Vec<String> {
+    std::fs::read_dir(home.join("sandboxes"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Polls `cond` every 20 ms until it holds; the time it took, or `None` after `within`.
@@ -381,6 +392,9 @@ async fn sigterm_shuts_down_gracefully_like_sigint() {
         !sandbox_procs(s.home.path(), "sleep 3").is_empty()
     });
     assert!(started.await.is_some(), "the exec never started");
+    // The exec's sandbox and the prepared ones: none may keep a cgroup.
+    let ids = sandbox_ids(s.home.path());
+    assert!(ids.len() >= 2, "{ids:?}");
     s.signal(nix::sys::signal::Signal::SIGTERM);
     let text = resp.text().await.expect("the stream ends normally");
     assert!(text.contains("settled"), "{text}");
@@ -394,6 +408,8 @@ async fn sigterm_shuts_down_gracefully_like_sigint() {
     let log = s.log();
     assert!(log.contains("SIGTERM"), "{log}");
     assert!(log.contains("shut down"), "{log}");
+    assert_eq!(leaked_cgroups(&ids), Vec::<String>::new());
+    assert_eq!(sandbox_procs(s.home.path(), ""), Vec::<u32>::new());
     s.home.assert_clean();
 }
 
@@ -442,10 +458,13 @@ async fn a_client_that_disconnects_cancels_its_call_and_frees_its_sandbox() {
             .is_some(),
             "the exec never started ({accept})"
         );
+        let ids = sandbox_ids(&h);
         drop(conn);
         // The task is killed and its sandbox torn down within a second...
         let gone = within(Duration::from_secs(5), || {
-            sandbox_procs(&h, "sleep 8").is_empty() && sandbox_dirs(&h) == 0
+            sandbox_procs(&h, "sleep 8").is_empty()
+                && sandbox_dirs(&h) == 0
+                && leaked_cgroups(&ids).is_empty()
         })
         .await;
         assert!(
