@@ -330,3 +330,20 @@ fn setup_over_its_memory_is_reported_as_out_of_memory() {
     );
     h.assert_clean();
 }
+
+#[test]
+fn setup_writes_are_capped_by_the_build_disk() {
+    let h = home();
+    let dir = template(
+        &h,
+        &["head -c 40000000 /dev/zero > /big"],
+        "[build]\ndisk_mib = 16\n",
+    );
+    let err = assert_failed_one_line(&deploy(&h, &dir));
+    assert!(
+        err.contains("exceeded [build] disk_mib = 16; raise it"),
+        "{err}"
+    );
+    assert!(layers(&h).is_empty());
+    h.assert_clean();
+}

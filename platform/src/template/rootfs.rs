@@ -427,8 +427,9 @@ fn disk_full(e: Error, disk: &Path, spec: &TemplateSpec) -> Error {
 fn tmpfs_full(disk: &Path) -> bool {
     match nix::sys::statvfs::statvfs(disk) {
         Ok(v) => {
+            // fsblkcnt_t and c_ulong are u64 on the 64-bit targets thaw runs on.
             let block = v.fragment_size().max(1);
-            (v.blocks_available() as u64) * (block as u64) < (1 << 20)
+            v.blocks_available().saturating_mul(block) < (1 << 20)
                 || (v.files() > 0 && v.files_available() == 0)
         }
         Err(_) => false,
