@@ -62,6 +62,15 @@ const DENIED: &[&str] = &[
     "uselib",
     "userfaultfd",
     "vhangup",
+    // Obsolete calls Docker's profile also refuses; runc skips a name the kernel's
+    // architecture lacks, so listing 32-bit-only ones is harmless.
+    "_sysctl",
+    "query_module",
+    "stime",
+    "sysfs",
+    "ustat",
+    "vm86",
+    "vm86old",
 ];
 
 const CLONE_NEWUSER: u64 = 0x1000_0000;
@@ -126,4 +135,52 @@ pub fn profile() -> Value {
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
         "syscalls": rules,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules_for(name: &str) -> Vec<Value> {
+        profile()["syscalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["names"] == json!([name]))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn sockets_of_vsock_and_of_netlink_but_route_are_refused() {
+        let socket = rules_for("socket");
+        let vsock = socket
+            .iter()
+            .find(|r| r["args"][0]["value"] == json!(AF_VSOCK))
+            .unwrap();
+        assert_eq!(vsock["errnoRet"], json!(libc::EAFNOSUPPORT));
+        // The domain is an int: only its low 32 bits may count.
+        assert_eq!(vsock["args"][0]["op"], "SCMP_CMP_MASKED_EQ");
+        assert_eq!(vsock["args"][0]["valueTwo"], json!(0xffff_ffffu64));
+        let netlink = socket
+            .iter()
+            .find(|r| r["args"][0]["value"] == json!(AF_NETLINK))
+            .unwrap();
+        assert_eq!(netlink["errnoRet"], json!(libc::EPROTONOSUPPORT));
+        assert_eq!(
+            netlink["args"][1],
+            json!({"index": 2, "value": 0, "op": "SCMP_CMP_NE"})
+        );
+    }
+
+    #[test]
+    fn device_mknod_is_refused_on_the_mode_argument() {
+        let at = rules_for("mknodat");
+        assert_eq!(at.len(), 2);
+        for r in &at {
+            assert_eq!(r["args"][0]["index"], json!(2));
+            assert_eq!(r["args"][0]["valueTwo"], json!(0o170_000));
+        }
+        assert_eq!(rules_for("mknod")[0]["args"][0]["index"], json!(1));
+    }
 }
