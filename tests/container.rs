@@ -403,3 +403,60 @@ fn python_template_answers_with_warm_libraries() {
     assert_eq!(r.stdout().trim(), "numpy");
     h.assert_clean();
 }
+
+#[test]
+fn a_task_cannot_open_the_memory_of_guest_init_or_its_supervisor() {
+    let h = shell_home();
+    // Same uid as guest-init, no capabilities: with PID 1 dumpable the kernel would open
+    // its memory read-write (ptrace's access check, not the ptrace syscall, guards it).
+    let r = h
+        .run(&[
+            "exec",
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "for p in 1 $PPID; do dd if=/proc/$p/mem of=/dev/null bs=1 count=1 2>&1; \
+             (exec 3<>/proc/$p/mem) 2>&1; ls -ln /proc/$p/mem; done; true",
+        ])
+        .ok();
+    let out = r.stdout();
+    assert_eq!(
+        out.matches("Permission denied").count(),
+        4,
+        "expected EACCES for reading and writing both: {out}"
+    );
+    h.assert_clean();
+}
+
+#[test]
+fn python_tasks_cannot_open_vsock_or_netlink_audit_sockets() {
+    let h = Home::new();
+    h.deploy("python");
+    let probe = r#"
+import errno, socket
+def probe(*args):
+    try:
+        socket.socket(*args).close()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+print("vsock", probe(socket.AF_VSOCK, socket.SOCK_STREAM))
+print("audit", probe(socket.AF_NETLINK, socket.SOCK_RAW, 9))
+print("route", probe(socket.AF_NETLINK, socket.SOCK_RAW, 0))
+print("pair", len(socket.socketpair()))
+"#;
+    let r = h
+        .run(&["exec", "python", "--", "python3", "-c", probe])
+        .ok();
+    let out = r.stdout();
+    for want in [
+        "vsock EAFNOSUPPORT",
+        "audit EPROTONOSUPPORT",
+        "route ok",
+        "pair 2",
+    ] {
+        assert!(out.contains(want), "{want} missing: {out}");
+    }
+    h.assert_clean();
+}

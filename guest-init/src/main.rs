@@ -77,6 +77,15 @@ fn parse_args(args: &[String]) -> Result<Args, ArgsError> {
 }
 
 fn main() {
+    // First thing, in every role (PID 1 and `--supervise`, which is exec'd and so starts
+    // dumpable again): not dumpable. A task runs as the same uid as guest-init, and the
+    // kernel lets a same-uid process open a *dumpable* process's /proc/<pid>/mem read-write
+    // without ptrace (the seccomp filter denies only the ptrace syscall), which would let a
+    // task rewrite guest-init's memory. Non-dumpable makes that open need CAP_SYS_PTRACE,
+    // which no task has. Children inherit the flag only until their execve, which resets
+    // it for an ordinary binary, so tasks themselves are unaffected. CRIU (host root,
+    // CAP_SYS_PTRACE) still dumps us and restores the flag.
+    set_not_dumpable();
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().map(String::as_str) == Some("--supervise") {
         std::process::exit(supervisor::main(&argv[1..]));
@@ -114,6 +123,18 @@ fn main() {
         Err(e) => fatal(&format!("cannot start the async runtime: {e}")),
     };
     rt.block_on(run(args, pid1));
+}
+
+fn set_not_dumpable() {
+    // SAFETY: prctl with integer arguments only; it changes this process's own flag.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        // Logging is not set up yet; stderr reaches the sandbox's log.
+        eprintln!(
+            "guest-init: prctl(PR_SET_DUMPABLE, 0): {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// PID 1 must not exit (the kernel panics); anything else exits with an error.

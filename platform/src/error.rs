@@ -29,6 +29,11 @@ pub enum Error {
         tail: String,
     },
 
+    /// A template build went over one of its `[build]` limits, or produced something thaw
+    /// refuses to publish (a device node). The message names the limit and the fix.
+    #[error("{0}")]
+    BuildRefused(String),
+
     #[error("warm-up failed: {0}")]
     WarmupFailed(String),
 

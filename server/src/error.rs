@@ -124,6 +124,7 @@ pub fn classify(e: &E) -> (StatusCode, &'static str) {
         E::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "too_large"),
         // The uploaded template is well-formed but its own build or warm-up fails.
         E::SetupFailed { .. } => (S::UNPROCESSABLE_ENTITY, "setup_failed"),
+        E::BuildRefused(_) => (S::UNPROCESSABLE_ENTITY, "build_refused"),
         E::WarmupFailed(_) => (S::UNPROCESSABLE_ENTITY, "warmup_failed"),
         E::Guest { code, .. } => match code {
             ErrorCode::BadRequest => (S::BAD_REQUEST, "guest_bad_request"),

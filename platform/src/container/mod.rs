@@ -183,7 +183,7 @@ impl ContainerTier {
             ],
             cwd: "/".into(),
             network: Network::Loopback,
-            privileged_build: false,
+            build_caps: false,
             memory_bytes: Some(spec.limits.memory_mib << 20),
             cpu_quota_us: Some(spec.limits.vcpus as u64 * 100_000),
             pids: Some(spec.limits.pids),

@@ -13,10 +13,10 @@ use super::seccomp;
 /// Which network a container sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Network {
-    /// A fresh network namespace with loopback only (every sandbox).
+    /// A fresh network namespace with loopback only (every sandbox, and every template
+    /// build: a build runs a tenant's commands, and the host's network would hand them
+    /// the host's loopback services and its whole LAN).
     Loopback,
-    /// The host's network (build-time `setup` commands only, which fetch packages).
-    Host,
 }
 
 #[derive(Debug, Clone)]
@@ -27,8 +27,8 @@ pub struct ContainerConfig {
     pub env: Vec<String>,
     pub cwd: String,
     pub network: Network,
-    /// Build containers get the default capability set; sandboxes get none.
-    pub privileged_build: bool,
+    /// Build containers (template `setup`) get [`BUILD_CAPS`]; sandboxes get none.
+    pub build_caps: bool,
     pub memory_bytes: Option<u64>,
     pub cpu_quota_us: Option<u64>,
     pub pids: Option<u64>,
@@ -46,20 +46,19 @@ pub struct ContainerConfig {
 /// Where guest-init appears inside a container sandbox.
 pub const GUEST_INIT_PATH: &str = "/.thaw/init";
 
-const DEFAULT_CAPS: &[&str] = &[
+/// What a template build's root keeps: what package managers acting as root on the
+/// rootfs's own files need (dpkg chowns and chmods what it unpacks, keeps setgid bits,
+/// reads root-only files, and apt drops to its `_apt` user), and nothing that reaches
+/// beyond the build's files. Not CAP_MKNOD (device nodes), CAP_SETFCAP (file
+/// capabilities), CAP_SETPCAP, CAP_KILL, CAP_SYS_* (chroot, admin, ptrace, ...), CAP_NET_*
+/// or CAP_AUDIT_*. The setuid and setgid files these allow are stripped after the build.
+pub const BUILD_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
     "CAP_FOWNER",
-    "CAP_MKNOD",
+    "CAP_FSETID",
     "CAP_SETGID",
     "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
 ];
 
 /// True when the v1 memory controller accounts swap (memsw), so `memory.swap` may be set.
@@ -70,8 +69,8 @@ fn memsw_available() -> bool {
 }
 
 pub fn render(c: &ContainerConfig) -> Value {
-    let caps: Vec<&str> = if c.privileged_build {
-        DEFAULT_CAPS.to_vec()
+    let caps: Vec<&str> = if c.build_caps {
+        BUILD_CAPS.to_vec()
     } else {
         Vec::new()
     };
@@ -101,11 +100,6 @@ pub fn render(c: &ContainerConfig) -> Value {
         mounts.push(json!({"destination": GUEST_INIT_PATH, "type": "bind",
             "source": init, "options": ["bind", "ro", "nosuid", "nodev"]}));
     }
-    if c.network == Network::Host && Path::new("/etc/resolv.conf").exists() {
-        mounts.push(json!({"destination": "/etc/resolv.conf", "type": "bind",
-            "source": "/etc/resolv.conf", "options": ["bind", "ro"]}));
-    }
-
     let mut namespaces = vec![
         json!({"type": "pid"}),
         json!({"type": "ipc"}),
@@ -113,8 +107,8 @@ pub fn render(c: &ContainerConfig) -> Value {
         json!({"type": "mount"}),
         json!({"type": "cgroup"}),
     ];
-    if c.network == Network::Loopback {
-        namespaces.push(json!({"type": "network"}));
+    match c.network {
+        Network::Loopback => namespaces.push(json!({"type": "network"})),
     }
 
     let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
@@ -146,7 +140,7 @@ pub fn render(c: &ContainerConfig) -> Value {
             "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
         ],
     });
-    linux["seccomp"] = seccomp::profile(c.privileged_build);
+    linux["seccomp"] = seccomp::profile();
 
     let annotations = match &c.criu_config {
         Some(p) => json!({"org.criu.config": p}),
@@ -187,7 +181,7 @@ mod tests {
             env: vec!["PATH=/bin".into()],
             cwd: "/".into(),
             network: Network::Loopback,
-            privileged_build: false,
+            build_caps: false,
             memory_bytes: Some(64 << 20),
             cpu_quota_us: Some(100_000),
             pids: Some(64),
@@ -243,19 +237,26 @@ mod tests {
     }
 
     #[test]
-    fn build_container_shares_host_network() {
+    fn build_container_keeps_a_few_file_capabilities_and_no_network() {
         let mut c = cfg();
-        c.network = Network::Host;
-        c.privileged_build = true;
+        c.build_caps = true;
         let v = render(&c);
-        assert!(!v["linux"]["namespaces"]
+        assert!(v["linux"]["namespaces"]
             .as_array()
             .unwrap()
             .iter()
             .any(|n| n["type"] == "network"));
-        assert!(!v["process"]["capabilities"]["bounding"]
+        let caps = v["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(caps.contains(&json!("CAP_CHOWN")), "{caps:?}");
+        for never in ["CAP_MKNOD", "CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETFCAP"] {
+            assert!(!caps.contains(&json!(never)), "{never} in {caps:?}");
+        }
+        assert_eq!(v["process"]["noNewPrivileges"], json!(true));
+        assert_eq!(v["linux"]["seccomp"], seccomp::profile());
+        assert!(!v["mounts"]
             .as_array()
             .unwrap()
-            .is_empty());
+            .iter()
+            .any(|m| m["destination"] == "/etc/resolv.conf"));
     }
 }

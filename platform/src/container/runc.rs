@@ -21,6 +21,49 @@ pub struct Runc {
     pub root: PathBuf,
 }
 
+/// How a build container's command ended ([`Runc::run_build`]).
+#[derive(Debug)]
+pub struct BuildRun {
+    /// runc's exit status, which is the command's (a signal death shows as 128+N).
+    pub status: std::process::ExitStatus,
+    /// The host killed it at the time limit.
+    pub timed_out: bool,
+    /// The last bytes of stdout and stderr, interleaved as written.
+    pub output: Vec<u8>,
+    /// Bytes read and dropped before those.
+    pub dropped: u64,
+}
+
+/// The last `cap` bytes of a stream.
+pub struct TailBuffer {
+    cap: usize,
+    buf: std::collections::VecDeque<u8>,
+    pub dropped: u64,
+}
+
+impl TailBuffer {
+    pub fn new(cap: usize) -> TailBuffer {
+        TailBuffer {
+            cap,
+            buf: std::collections::VecDeque::new(),
+            dropped: 0,
+        }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        let keep = &bytes[bytes.len().saturating_sub(self.cap)..];
+        self.dropped += (bytes.len() - keep.len()) as u64;
+        let over = (self.buf.len() + keep.len()).saturating_sub(self.cap);
+        self.dropped += over as u64;
+        self.buf.drain(..over);
+        self.buf.extend(keep);
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf.into()
+    }
+}
+
 /// Output of a finished runc (or container) process.
 #[derive(Debug)]
 pub struct Finished {
@@ -103,39 +146,91 @@ impl Runc {
         Ok(())
     }
 
-    /// `runc run` in the foreground, collecting output (build-time setup commands).
-    pub async fn run_foreground(
+    /// `runc run --keep` in the foreground for a build-time setup command. The container's
+    /// stdout and stderr share one pipe, of which the host keeps only the last `output_cap`
+    /// bytes (the rest is read and dropped, so a chatty or hostile command cannot grow
+    /// thaw's memory). Past `timeout`, the host kills every process of the container; the
+    /// command gets no say. `--keep` leaves the stopped container, and with it its cgroups,
+    /// so the caller can read why it died (OOM, pids) before [`Self::delete`], which the
+    /// caller must call whatever this returns.
+    pub async fn run_build(
         &self,
         id: &str,
         bundle: &Path,
         timeout: Duration,
-    ) -> Result<Finished> {
-        let child = self
+        output_cap: usize,
+    ) -> Result<BuildRun> {
+        let pipe_err = |e: nix::errno::Errno| Error::Runtime {
+            command: "pipe".into(),
+            message: e.to_string(),
+        };
+        let (out_read, out_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(pipe_err)?;
+        let dup = |fd: &std::os::fd::OwnedFd| {
+            fd.try_clone().map_err(|e| Error::Runtime {
+                command: "dup".into(),
+                message: e.to_string(),
+            })
+        };
+        let mut child = self
             .cmd()
-            .args(["run", "--bundle"])
+            .args(["run", "--keep", "--bundle"])
             .arg(bundle)
             .arg(id)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(dup(&out_write)?))
+            .stderr(Stdio::from(dup(&out_write)?))
             .spawn()
             .map_err(|e| spawn_error(e, "run"))?;
-        match tokio::time::timeout(timeout, child.wait_with_output()).await {
-            Ok(Ok(out)) => Ok(Finished {
-                status: out.status,
-                stdout: out.stdout,
-                stderr: out.stderr,
-            }),
-            Ok(Err(e)) => Err(Error::io("waiting for runc", bundle, e)),
-            Err(_) => {
-                let _ = self.kill(id).await;
-                let _ = self.delete(id).await;
-                Err(Error::Runtime {
-                    command: format!("runc run {id}"),
-                    message: format!("did not finish within {} s", timeout.as_secs()),
-                })
+        // Only runc and the container hold the write end now: EOF means they are all gone.
+        drop(out_write);
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut tail = TailBuffer::new(output_cap);
+            let mut r = std::fs::File::from(out_read);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match std::io::Read::read(&mut r, &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => tail.push(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
             }
-        }
+            tail
+        });
+        let timed_out = match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => return Err(Error::io("waiting for runc", bundle, e)),
+            Err(_) => {
+                tracing::info!(container = id, "build step over its time limit: killing it");
+                // Every process of the container (its pid namespace dies with its init).
+                let _ = self.kill(id).await;
+                if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+                true
+            }
+        };
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| Error::io("waiting for runc", bundle, e))?;
+        // The container's processes are dead, so the pipe reaches EOF promptly; the bound is
+        // for a process that escaped into another pid namespace and kept the pipe.
+        let tail = match tokio::time::timeout(Duration::from_secs(10), reader).await {
+            Ok(Ok(t)) => t,
+            _ => TailBuffer::new(0),
+        };
+        Ok(BuildRun {
+            status,
+            timed_out,
+            dropped: tail.dropped,
+            output: tail.into_bytes(),
+        })
     }
 
     pub async fn kill(&self, id: &str) -> Result<()> {
@@ -271,5 +366,24 @@ impl StdioPipes {
             let mut r = std::fs::File::from(out_read);
             let _ = std::io::copy(&mut r, &mut log);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_buffer_keeps_the_last_bytes_and_counts_the_rest() {
+        let mut t = TailBuffer::new(4);
+        t.push(b"ab");
+        t.push(b"cdef");
+        assert_eq!(t.dropped, 2);
+        t.push(b"0123456789");
+        assert_eq!(t.dropped, 12);
+        assert_eq!(t.into_bytes(), b"6789");
+        let mut z = TailBuffer::new(0);
+        z.push(b"xyz");
+        assert_eq!((z.dropped, z.into_bytes().len()), (3, 0));
     }
 }

@@ -34,6 +34,9 @@ pub struct TemplateSpec {
     pub handler: HandlerSpec,
     #[serde(default)]
     pub limits: Limits,
+    /// Limits of the template build (`setup`), which runs in a sandbox of its own.
+    #[serde(default)]
+    pub build: BuildLimits,
     /// Isolation tier: `auto` (microvm where Cloud Hypervisor and hardware KVM work, else
     /// container), `container` or `microvm`.
     #[serde(default)]
@@ -158,6 +161,98 @@ impl Default for Limits {
     }
 }
 
+/// Limits of a template build: the `setup` commands run in a sandbox under these. The
+/// defaults fit a package install; a tenant may lower them, and raise them up to the ranges
+/// in [`TemplateSpec::validate`] (the timeout up to [`MAX_BUILD_TIMEOUT_S`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BuildLimits {
+    /// Memory of setup's processes (no swap), MiB. The build's writes live in a tmpfs
+    /// charged to the same cgroup, so the cgroup's limit is `memory_mib + disk_mib`.
+    #[serde(default = "b_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "b_pids")]
+    pub pids: u64,
+    #[serde(default = "b_vcpus")]
+    pub vcpus: u32,
+    /// Size of the tmpfs that holds everything setup writes (the layer), MiB.
+    #[serde(default = "b_disk")]
+    pub disk_mib: u64,
+    /// Output of each setup command the host keeps (the tail), KiB.
+    #[serde(default = "b_output")]
+    pub output_kib: u64,
+    /// Wall-clock limit of each setup command, seconds.
+    #[serde(default = "b_timeout")]
+    pub timeout_s: u64,
+}
+
+/// The longest a single setup command may be allowed to run, whatever a template asks.
+pub const MAX_BUILD_TIMEOUT_S: u64 = 3600;
+
+fn b_memory() -> u64 {
+    2048
+}
+fn b_pids() -> u64 {
+    512
+}
+fn b_vcpus() -> u32 {
+    2
+}
+fn b_disk() -> u64 {
+    4096
+}
+fn b_output() -> u64 {
+    1024
+}
+fn b_timeout() -> u64 {
+    600
+}
+
+impl Default for BuildLimits {
+    fn default() -> Self {
+        BuildLimits {
+            memory_mib: b_memory(),
+            pids: b_pids(),
+            vcpus: b_vcpus(),
+            disk_mib: b_disk(),
+            output_kib: b_output(),
+            timeout_s: b_timeout(),
+        }
+    }
+}
+
+/// Parses a `files[].mode` ("0755", "755" or "0o755") into permission bits. Only the nine
+/// rwx bits are accepted: setuid and setgid files would be privilege escalation waiting for
+/// a sandbox that honours them, and sticky is meaningless on what `files` copies.
+pub fn parse_file_mode(m: &str) -> std::result::Result<u32, String> {
+    let digits = m.strip_prefix("0o").unwrap_or(m);
+    let mode = if !digits.is_empty()
+        && digits.len() <= 6
+        && digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        u32::from_str_radix(digits, 8).ok()
+    } else {
+        None
+    };
+    let Some(mode) = mode else {
+        return Err(format!("mode `{m}` is not an octal mode, e.g. \"0755\""));
+    };
+    for (bit, name) in [(0o4000, "setuid"), (0o2000, "setgid"), (0o1000, "sticky")] {
+        if mode & bit != 0 {
+            return Err(format!(
+                "mode {m} has the {name} bit; thaw refuses setuid, setgid and sticky modes"
+            ));
+        }
+    }
+    if mode > 0o777 {
+        return Err(format!(
+            "mode `{m}` is not a permission mode (at most 0777)"
+        ));
+    }
+    Ok(mode)
+}
+
 impl TemplateSpec {
     /// Reads and validates `<dir>/template.toml`.
     pub fn load(dir: &Path) -> Result<TemplateSpec> {
@@ -225,11 +320,9 @@ impl TemplateSpec {
                 ));
             }
             if let Some(m) = &f.mode {
-                u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
-                    bad(
-                        &format!("files[{i}].mode"),
-                        format!("`{m}` is not octal, e.g. \"0755\""),
-                    )
+                parse_file_mode(m).map_err(|why| Error::BadTemplate {
+                    file: file.to_path_buf(),
+                    message: format!("files[{i}] (dest {}): {why}", f.dest),
                 })?;
             }
         }
@@ -250,6 +343,32 @@ impl TemplateSpec {
         range("disk_mib", l.disk_mib, 8, 1 << 20)?;
         range("timeout_s", l.timeout_s, 1, 24 * 3600)?;
         range("output_kib", l.output_kib, 1, 64 * 1024)?;
+        let b = &self.build;
+        let brange = |field: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                Err(bad(
+                    &format!("build.{field}"),
+                    format!("{v} is outside {lo}..={hi}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        brange("memory_mib", b.memory_mib, 64, 64 * 1024)?;
+        brange("pids", b.pids, 16, 1 << 16)?;
+        brange("vcpus", b.vcpus as u64, 1, 64)?;
+        brange("disk_mib", b.disk_mib, 16, 64 * 1024)?;
+        brange("output_kib", b.output_kib, 1, 64 * 1024)?;
+        if b.timeout_s > MAX_BUILD_TIMEOUT_S {
+            return Err(bad(
+                "build.timeout_s",
+                format!(
+                    "{} is over this server's maximum of {MAX_BUILD_TIMEOUT_S} s; split the step or make it faster",
+                    b.timeout_s
+                ),
+            ));
+        }
+        brange("timeout_s", b.timeout_s, 1, MAX_BUILD_TIMEOUT_S)?;
         for k in self.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(bad("env", format!("`{k}` is not a valid variable name")));
@@ -278,9 +397,30 @@ impl TemplateSpec {
             .unwrap_or_else(default_warmup_timeout)
     }
 
-    /// Resolves a `files[].src` against the template directory.
-    pub fn file_source(dir: &Path, f: &FileSpec) -> PathBuf {
-        dir.join(&f.src)
+    /// Resolves a `files[].src` against the template directory, following symlinks, and
+    /// refuses one that ends up outside it (an uploaded template is a stranger's tree).
+    pub fn file_source(dir: &Path, i: usize, f: &FileSpec) -> Result<PathBuf> {
+        let bad = |why: String| Error::BadTemplate {
+            file: dir.join(TEMPLATE_FILE),
+            message: format!("field `files[{i}].src`: {why}"),
+        };
+        let root = dir
+            .canonicalize()
+            .map_err(|e| bad(format!("cannot resolve {}: {e}", dir.display())))?;
+        let src = dir.join(&f.src).canonicalize().map_err(|e| {
+            bad(format!(
+                "source `{}` cannot be read in {}: {e}",
+                f.src,
+                dir.display()
+            ))
+        })?;
+        if !src.starts_with(&root) {
+            return Err(bad(format!(
+                "source `{}` resolves outside the template directory",
+                f.src
+            )));
+        }
+        Ok(src)
     }
 }
 
@@ -406,5 +546,90 @@ command = ["/bin/sh", "/app/handler.sh"]
             .unwrap_err()
             .to_string()
             .contains("base.packages"));
+    }
+
+    #[test]
+    fn file_modes_are_octal_permission_bits_only() {
+        let with_mode = |i: usize, m: &str| {
+            let mut t = MIN.to_string();
+            for k in 0..=i {
+                let mode = if k == i { m } else { "0644" };
+                t.push_str(&format!(
+                    "\n[[files]]\nsrc = \"a\"\ndest = \"/app/x{k}\"\nmode = \"{mode}\"\n"
+                ));
+            }
+            parse(&t)
+        };
+        for ok in ["0755", "644", "0o600", "0"] {
+            assert!(with_mode(0, ok).is_ok(), "{ok}");
+        }
+        let err = with_mode(2, "4755").unwrap_err().to_string();
+        assert!(
+            err.contains("files[2] (dest /app/x2): mode 4755 has the setuid bit; thaw refuses setuid, setgid and sticky modes"),
+            "{err}"
+        );
+        assert!(with_mode(0, "2755")
+            .unwrap_err()
+            .to_string()
+            .contains("setgid"));
+        assert!(with_mode(0, "1777")
+            .unwrap_err()
+            .to_string()
+            .contains("sticky"));
+        for bad in ["0799", "rwx", "", "10000", "-755", "0x1ff", "77777777"] {
+            let err = with_mode(0, bad).unwrap_err().to_string();
+            assert!(err.contains("files[0] (dest /app/x0)"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn build_limits_default_and_are_checked() {
+        let t = parse(MIN).unwrap();
+        assert_eq!(t.build, BuildLimits::default());
+        assert_eq!(t.build.timeout_s, 600);
+        let t = parse(&format!(
+            "{MIN}\n[build]\ntimeout_s = 2\nmemory_mib = 256\n"
+        ))
+        .unwrap();
+        assert_eq!((t.build.timeout_s, t.build.memory_mib), (2, 256));
+        let err = parse(&format!("{MIN}\n[build]\ntimeout_s = 7200\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("build.timeout_s") && err.contains("3600"),
+            "{err}"
+        );
+        let err = parse(&format!("{MIN}\n[build]\npids = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("build.pids"), "{err}");
+        let err = parse(&format!("{MIN}\n[build]\nnetwork = true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("network"), "{err}");
+    }
+
+    #[test]
+    fn file_sources_stay_inside_the_template_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("tpl");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/ok"), "x").unwrap();
+        std::os::unix::fs::symlink("/etc", dir.join("out")).unwrap();
+        std::os::unix::fs::symlink("sub", dir.join("in")).unwrap();
+        let f = |src: &str| FileSpec {
+            src: src.into(),
+            dest: "/x".into(),
+            mode: None,
+        };
+        assert!(TemplateSpec::file_source(&dir, 0, &f("in/ok")).is_ok());
+        let err = TemplateSpec::file_source(&dir, 3, &f("out/passwd"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("files[3].src") && err.contains("outside"),
+            "{err}"
+        );
+        assert!(TemplateSpec::file_source(&dir, 0, &f("out")).is_err());
     }
 }
