@@ -28,10 +28,11 @@ use std::time::Duration;
 use server::State;
 use transport::{ListenSpec, Listener};
 
-const USAGE: &str = "usage: guest-init [--listen unix:PATH|vsock:PORT|serial:PATH]... \
+const USAGE: &str =
+    "usage: guest-init [--listen unix:PATH|abstract:NAME|vsock:PORT|serial:PATH]... \
                      [--state-dir DIR]\n\
                      With no --listen: the virtio-serial port named org.thaw.agent if present, \
-                     else vsock if a virtio-vsock device exists, else unix:/run/thaw/agent.sock.";
+                     else vsock if a virtio-vsock device exists, else abstract:thaw-agent.";
 
 #[derive(Debug, PartialEq, Eq)]
 struct Args {
@@ -50,7 +51,7 @@ enum ArgsError {
 fn parse_args(args: &[String]) -> Result<Args, ArgsError> {
     let mut out = Args {
         listen: Vec::new(),
-        state_dir: PathBuf::from(thaw_protocol::CONTAINER_SOCKET_DIR),
+        state_dir: PathBuf::from(thaw_protocol::CONTAINER_STATE_DIR),
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {

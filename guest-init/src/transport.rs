@@ -20,13 +20,17 @@ use crate::server::{serve_connection, State};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenSpec {
     Unix(PathBuf),
+    /// An abstract Unix socket name (container tier: see `thaw_protocol::CONTAINER_AGENT_NAME`).
+    Abstract(String),
     Vsock(u32),
     Serial(PathBuf),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("bad --listen value {0:?}: expected unix:PATH, vsock:PORT or serial:PATH")]
+    #[error(
+        "bad --listen value {0:?}: expected unix:PATH, abstract:NAME, vsock:PORT or serial:PATH"
+    )]
     BadSpec(String),
     #[error("{what}: {source}")]
     Io {
@@ -49,6 +53,9 @@ impl std::str::FromStr for ListenSpec {
         let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
         match kind {
             "unix" if !rest.is_empty() => Ok(ListenSpec::Unix(rest.into())),
+            "abstract" if !rest.is_empty() && !rest.contains('\0') => {
+                Ok(ListenSpec::Abstract(rest.into()))
+            }
             "vsock" => rest.parse().map(ListenSpec::Vsock).map_err(|_| bad()),
             "serial" if !rest.is_empty() => Ok(ListenSpec::Serial(rest.into())),
             _ => Err(bad()),
@@ -60,6 +67,7 @@ impl std::fmt::Display for ListenSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ListenSpec::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenSpec::Abstract(n) => write!(f, "abstract:{n}"),
             ListenSpec::Vsock(port) => write!(f, "vsock:{port}"),
             ListenSpec::Serial(p) => write!(f, "serial:{}", p.display()),
         }
@@ -67,7 +75,7 @@ impl std::fmt::Display for ListenSpec {
 }
 
 /// The automatic choice: vsock if the device exists, else the named virtio-serial port,
-/// else the container socket.
+/// else the container tier's abstract socket.
 pub fn auto_listen() -> ListenSpec {
     // A port named for us is an explicit choice by the VMM (QEMU in CI); /dev/vsock alone is
     // not, because loading the vsock module creates it even when no virtio-vsock device is
@@ -78,9 +86,7 @@ pub fn auto_listen() -> ListenSpec {
     if Path::new("/dev/vsock").exists() && virtio_vsock_device_present() {
         return ListenSpec::Vsock(thaw_protocol::VSOCK_PORT);
     }
-    ListenSpec::Unix(
-        Path::new(thaw_protocol::CONTAINER_SOCKET_DIR).join(thaw_protocol::CONTAINER_SOCKET_NAME),
-    )
+    ListenSpec::Abstract(thaw_protocol::CONTAINER_AGENT_NAME.to_string())
 }
 
 /// A virtio device of type 19 (vsock) is bound on the virtio bus.
@@ -116,6 +122,7 @@ impl Listener {
     pub fn bind(spec: &ListenSpec) -> Result<Listener, TransportError> {
         match spec {
             ListenSpec::Unix(path) => bind_unix(path).map(Listener::Unix),
+            ListenSpec::Abstract(name) => bind_abstract(name).map(Listener::Unix),
             ListenSpec::Vsock(port) => bind_vsock(*port).map(Listener::Vsock),
             ListenSpec::Serial(path) => {
                 // Fail early (and clearly) if the device is not there.
@@ -186,6 +193,18 @@ fn bind_unix(path: &Path) -> Result<UnixListener, TransportError> {
         Err(_) => {}
     }
     UnixListener::bind(path).map_err(io_err(format!("bind {}", path.display())))
+}
+
+/// Binds an abstract Unix socket: a name in this network namespace, with no file anywhere
+/// that a task could delete or replace.
+fn bind_abstract(name: &str) -> Result<UnixListener, TransportError> {
+    use std::os::linux::net::SocketAddrExt as _;
+    let what = || format!("bind abstract:{name}");
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(io_err(what()))?;
+    let l = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(io_err(what()))?;
+    l.set_nonblocking(true).map_err(io_err(what()))?;
+    UnixListener::from_std(l).map_err(io_err(what()))
 }
 
 /// Registers an owned fd with the reactor.

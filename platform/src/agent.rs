@@ -21,7 +21,9 @@ pub type BoxStream = Pin<Box<dyn AgentStream>>;
 /// How to reach a sandbox's guest-init.
 #[derive(Debug, Clone)]
 pub enum Endpoint {
-    /// Container tier: guest-init's socket, seen from the host through the bind mount.
+    /// Container tier: guest-init's abstract socket in the sandbox's network namespace.
+    Netns(crate::container::channel::NetnsChannel),
+    /// A socket file in a directory only the host writes (a guest double in tests).
     Unix(PathBuf),
     /// microvm tier: Cloud Hypervisor's hybrid vsock socket (`CONNECT <port>` handshake).
     HybridVsock { socket: PathBuf, port: u32 },
@@ -71,6 +73,7 @@ impl Agent {
 
     pub async fn connect(&self) -> Result<BoxStream> {
         match &self.endpoint {
+            Endpoint::Netns(ch) => Ok(Box::pin(ch.connect(&self.sandbox).await?)),
             Endpoint::Unix(path) => {
                 let s = tokio::net::UnixStream::connect(path)
                     .await

@@ -12,6 +12,7 @@ use thaw_protocol::{
 use tracing::{info, info_span, Instrument};
 
 use crate::agent::{ExecDone, InvokeDone};
+use crate::container::userns::IdMap;
 use crate::container::{CloneMemory, ContainerTier, SandboxSpec};
 use crate::error::{Error, Result};
 use crate::microvm::MicrovmTier;
@@ -68,7 +69,42 @@ pub struct TemplateRecord {
     pub snapshot_size: SnapshotSize,
     #[serde(default)]
     pub note: Option<String>,
+    /// The uid/gid range its sandboxes run in. Records from before user namespaces have
+    /// none: such a template needs a rebuild.
+    #[serde(default)]
+    pub ids: Option<IdMap>,
 }
+
+impl TemplateRecord {
+    /// Its uid range, or why it cannot run until it is published again.
+    pub fn ids(&self) -> Result<IdMap> {
+        self.ids.ok_or_else(|| Error::TemplateNotReady {
+            name: self.name.clone(),
+            state: TemplateState::NeedsRebuild.as_str().to_string(),
+            hint: format!(
+                "{BEFORE_USERNS}; run `thaw deploy {}`",
+                self.source_dir.display()
+            ),
+        })
+    }
+}
+
+/// Range indexes held by sessions (records from before user namespaces hold none).
+pub(crate) fn sessions_ids(s: &Store) -> Result<Vec<u32>> {
+    #[derive(Deserialize)]
+    struct Held {
+        #[serde(default)]
+        ids: Option<IdMap>,
+    }
+    Ok(s.list::<Held>(Store::sessions_tree())?
+        .into_iter()
+        .filter_map(|h| h.ids.map(|m| m.index()))
+        .collect())
+}
+
+/// Why a template or session from before user namespaces is not restored.
+pub(crate) const BEFORE_USERNS: &str = "it was published before sandboxes ran in user \
+     namespaces (its snapshot would restore with sandbox root as host root)";
 
 /// Per-call options of invoke and exec.
 #[derive(Debug, Clone, Default)]
@@ -264,12 +300,36 @@ impl Engine {
     pub fn remove_template(&self, name: &str) -> Result<TemplateRecord> {
         let t = self.template(name)?;
         let key = self.template_key(name);
-        self.meta
-            .with(|s| s.remove(Store::templates_tree(), &key))?;
+        self.meta.with(|s| {
+            s.remove(Store::templates_tree(), &key)?;
+            // Its range is free again unless a session made from it still holds it.
+            let held = sessions_ids(s)?;
+            let reserved: Option<u32> = s.get(Store::id_ranges_tree(), &key)?;
+            if reserved.is_some_and(|i| !held.contains(&i)) {
+                s.remove(Store::id_ranges_tree(), &key)?;
+            }
+            Ok(())
+        })?;
         if let Some(snap) = &t.snapshot {
             self.drop_snapshot(snap);
         }
         Ok(t)
+    }
+
+    /// The uid range of template `key`: the one it was given at its first publish, or the
+    /// lowest one held by no template and no session. Reserved in the same unit of work, so
+    /// two publishes never get one range.
+    fn allocate_ids(&self, key: &str) -> Result<IdMap> {
+        self.meta.with(|s| {
+            if let Some(i) = s.get::<u32>(Store::id_ranges_tree(), key)? {
+                return Ok(IdMap::range(i));
+            }
+            let mut used: Vec<u32> = s.list(Store::id_ranges_tree())?;
+            used.extend(sessions_ids(s)?);
+            let i = crate::container::userns::lowest_free(&used)?;
+            s.put(Store::id_ranges_tree(), key, &i)?;
+            Ok(IdMap::range(i))
+        })
     }
 
     /// Builds the template's rootfs, boots it, warms it up and records it as ready. A failure
@@ -285,7 +345,9 @@ impl Engine {
                 std::env::var(crate::tier::TIER_ENV).ok().as_deref(),
                 || crate::microvm::availability().map(|_| ()),
             )?;
-            let built = rootfs::build(&self.paths, &spec, dir, progress).await?;
+            let key = self.template_key(&spec.name);
+            let ids = self.allocate_ids(&key)?;
+            let built = rootfs::build(&self.paths, &spec, dir, ids, progress).await?;
             if tier == Tier::Microvm {
                 progress.step("building the guest image (kernel, initramfs, ext4 rootfs)");
                 self.microvm
@@ -297,11 +359,10 @@ impl Engine {
                 tier.as_str()
             ));
             let (sb, warm) = self
-                .cold_start(&spec, &built.layers, tier, &RunOptions::default())
+                .cold_start(&spec, &built.layers, ids, tier, &RunOptions::default())
                 .await?;
             progress.step("checkpointing the warm sandbox");
             let (snapshot, snapshot_size) = self.snapshot_template(&spec.name, sb).await?;
-            let key = self.template_key(&spec.name);
             let previous = self
                 .meta
                 .read(|s| s.get::<TemplateRecord>(Store::templates_tree(), &key))?;
@@ -318,6 +379,7 @@ impl Engine {
                 warm_ms: warm.as_millis() as u64,
                 snapshot_size,
                 note: None,
+                ids: Some(ids),
                 spec,
             };
             self.meta
@@ -437,7 +499,7 @@ impl Engine {
         let started = Instant::now();
         let Some(snap) = &t.snapshot else {
             let (sb, warm) = self
-                .cold_start_as(&t.spec, &t.layers, t.tier, opts, id)
+                .cold_start_as(&t.spec, &t.layers, t.ids()?, t.tier, opts, id)
                 .await?;
             return Ok((sb, StartKind::Cold, started.elapsed() - warm, warm));
         };
@@ -461,7 +523,7 @@ impl Engine {
         };
         let spec = SandboxSpec {
             memory,
-            ..self.sandbox_spec(&t.spec, &t.layers, id)
+            ..self.sandbox_spec(&t.spec, &t.layers, t.ids()?, id)
         };
         let sb = self.restore_sandbox(t.tier, &spec, &dir, false).await?;
         if let Err(e) = self.hygiene(&sb, &t.spec, opts).await {
@@ -475,9 +537,11 @@ impl Engine {
         &self,
         spec: &TemplateSpec,
         layers: &[PathBuf],
+        ids: IdMap,
         id: &str,
     ) -> SandboxSpec {
         SandboxSpec {
+            ids,
             id: id.to_string(),
             hostname: id.to_string(),
             layers: layers.to_vec(),
@@ -521,10 +585,11 @@ impl Engine {
         &self,
         spec: &TemplateSpec,
         layers: &[PathBuf],
+        ids: IdMap,
         tier: Tier,
         opts: &RunOptions,
     ) -> Result<(Sandbox, Duration)> {
-        self.cold_start_as(spec, layers, tier, opts, &new_sandbox_id())
+        self.cold_start_as(spec, layers, ids, tier, opts, &new_sandbox_id())
             .await
     }
 
@@ -532,11 +597,12 @@ impl Engine {
         &self,
         spec: &TemplateSpec,
         layers: &[PathBuf],
+        ids: IdMap,
         tier: Tier,
         opts: &RunOptions,
         id: &str,
     ) -> Result<(Sandbox, Duration)> {
-        let sandbox_spec = self.sandbox_spec(spec, layers, id);
+        let sandbox_spec = self.sandbox_spec(spec, layers, ids, id);
         let sb: Sandbox = match tier {
             Tier::Container => self.container.boot(&sandbox_spec).await?.into(),
             Tier::Microvm => self.microvm.boot(&sandbox_spec).await?.into(),
@@ -629,7 +695,12 @@ impl Engine {
     }
 
     pub fn ready_template(&self, name: &str) -> Result<TemplateRecord> {
-        let t = self.template(name)?;
+        let mut t = self.template(name)?;
+        if t.ids.is_none() && t.state == TemplateState::Ready {
+            self.mark_needs_rebuild(&t, BEFORE_USERNS);
+            t.state = TemplateState::NeedsRebuild;
+            t.note = Some(BEFORE_USERNS.to_string());
+        }
         if t.state != TemplateState::Ready {
             return Err(Error::TemplateNotReady {
                 name: t.name.clone(),
@@ -799,7 +870,9 @@ impl Engine {
     pub async fn spawn_cold(&self, name: &str, opts: &RunOptions) -> Result<Live> {
         let t = self.ready_template(name)?;
         let started = Instant::now();
-        let (sb, warm) = self.cold_start(&t.spec, &t.layers, t.tier, opts).await?;
+        let (sb, warm) = self
+            .cold_start(&t.spec, &t.layers, t.ids()?, t.tier, opts)
+            .await?;
         Ok(Live {
             sb,
             template: t,

@@ -42,8 +42,28 @@ impl Paths {
             self.checkpoints(),
             self.cache.clone(),
             self.rootfs_cache(),
+            self.meta_db(),
         ] {
             std::fs::create_dir_all(&d).ctx("creating directory", &d)?;
+        }
+        // Snapshots hold tenants' memory, sandbox directories their files and the cache
+        // their layers: no other host user may read or list any of it, whatever mode the
+        // parent directory or an older thaw gave them. Home and `sandboxes/` only let
+        // others *through* (0711, as Docker's root is with user namespaces): a sandbox's
+        // root, host uid `R` in its user namespace, must reach its rootfs for runc to mount
+        // it, and each sandbox directory admits only its own range's group (0710 root:R).
+        use std::os::unix::fs::PermissionsExt;
+        for (d, mode) in [
+            (&self.home, 0o711),
+            (&self.sandboxes(), 0o711),
+            (&self.runc_root(), 0o700),
+            (&self.snapshots(), 0o700),
+            (&self.checkpoints(), 0o700),
+            (&self.meta_db(), 0o700),
+            (&self.cache, 0o700),
+        ] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))
+                .ctx("setting the mode of", d)?;
         }
         use crate::container::checkpoint::{CRIU_CONFIG, CRIU_CONFIG_SHARED};
         for (conf, text) in [

@@ -24,6 +24,7 @@ use tokio::sync::RwLock;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::cleanup;
+use crate::container::userns::IdMap;
 use crate::container::CloneMemory;
 use crate::engine::{
     ms, now_secs, Engine, ExecResult, Invocation, RunOptions, SnapshotSize, StartKind, Timings,
@@ -168,6 +169,11 @@ struct SessionRecord {
     /// The process doing a transition (an "-ing" state), and the snapshot a pause writes.
     #[serde(default)]
     op: Option<PendingOp>,
+    /// The template's uid range when the session was made (it keeps it across redeploys
+    /// and deletion of its template). Records from before user namespaces have none and
+    /// are not resumed.
+    #[serde(default)]
+    ids: Option<IdMap>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -348,6 +354,7 @@ impl Engine {
                 by: me(),
                 snapshot: None,
             }),
+            ids: Some(t.ids()?),
         };
         self.meta
             .with(|s| s.put(Store::sessions_tree(), &id, &rec))?;
@@ -736,7 +743,13 @@ impl Engine {
             tokio::task::spawn_blocking(move || snaps.materialize(&n, &d))
                 .await
                 .map_err(|e| Error::Other(format!("materialize task: {e}")))??;
-            let spec = self.sandbox_spec(&rec.spec, &rec.layers, id);
+            let ids = rec.ids.ok_or_else(|| {
+                Error::Conflict(format!(
+                    "session `{id}` cannot resume: {}; delete it with `thaw session rm {id}`",
+                    crate::engine::BEFORE_USERNS
+                ))
+            })?;
+            let spec = self.sandbox_spec(&rec.spec, &rec.layers, ids, id);
             let sb = self.restore_sandbox(rec.tier, &spec, &dir, true).await?;
             let opts = RunOptions {
                 env: rec.session.env.clone(),

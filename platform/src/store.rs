@@ -283,6 +283,11 @@ impl Store {
     pub fn keys_tree() -> &'static str {
         KEYS
     }
+
+    /// Template key -> the index of its uid range ([`crate::container::userns::IdMap`]).
+    pub fn id_ranges_tree() -> &'static str {
+        "id_ranges"
+    }
 }
 
 #[cfg(test)]

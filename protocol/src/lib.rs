@@ -35,10 +35,18 @@ pub const MAX_FRAME: usize = 64 << 20;
 /// vsock port guest-init listens on in the microvm tier.
 pub const VSOCK_PORT: u32 = 1024;
 
-/// Path of guest-init's listening socket inside a container-tier sandbox.
-pub const CONTAINER_SOCKET_DIR: &str = "/run/thaw";
-/// File name of the listening socket inside [`CONTAINER_SOCKET_DIR`].
-pub const CONTAINER_SOCKET_NAME: &str = "agent.sock";
+/// guest-init's state directory inside a container-tier sandbox (the sandbox id file). It is
+/// the sandbox's own, like the rest of its root: nothing on the host resolves a path in it.
+pub const CONTAINER_STATE_DIR: &str = "/run/thaw";
+
+/// The abstract Unix socket name guest-init listens on in a container-tier sandbox.
+///
+/// Abstract names live in the network namespace, not in any filesystem: the host reaches it
+/// by creating its socket inside the sandbox's network namespace (held open by descriptor),
+/// so no name the sandbox can write or replace is ever resolved on the host. A task in the
+/// sandbox cannot take the name over (guest-init binds it before any task starts, and CRIU
+/// restores the bound socket) nor reach another sandbox's (each has its own namespace).
+pub const CONTAINER_AGENT_NAME: &str = "thaw-agent";
 
 /// Name of the virtio-serial port guest-init serves on when no vsock device exists.
 pub const VIRTIO_SERIAL_NAME: &str = "org.thaw.agent";

@@ -293,6 +293,46 @@ fn configure(h: &Hierarchy, dir: &Path, limits: &Limits) -> Result<()> {
     Ok(())
 }
 
+/// A sandbox frozen in place until this is dropped: what the host reads of its files then
+/// cannot change under it (a session's upper directory while it is archived).
+pub struct Frozen {
+    file: Option<PathBuf>,
+    thawed: &'static str,
+}
+
+/// Freezes every process of sandbox `id` (v1 freezer, else v2 `cgroup.freeze`). Where
+/// neither exists nothing is frozen, and the caller's reads must not rely on it alone.
+pub fn freeze(id: &str) -> Frozen {
+    let found = hierarchies().iter().find_map(|h| {
+        let d = h.dir(id);
+        if h.has("freezer") && d.join("freezer.state").exists() {
+            Some((d.join("freezer.state"), "FROZEN", "THAWED"))
+        } else if h.v2 && d.join("cgroup.freeze").exists() {
+            Some((d.join("cgroup.freeze"), "1", "0"))
+        } else {
+            None
+        }
+    });
+    match found {
+        Some((file, frozen, thawed)) if std::fs::write(&file, frozen).is_ok() => Frozen {
+            file: Some(file),
+            thawed,
+        },
+        _ => Frozen {
+            file: None,
+            thawed: "",
+        },
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Some(f) = &self.file {
+            let _ = std::fs::write(f, self.thawed);
+        }
+    }
+}
+
 /// Kills every process in the sandbox's cgroups and removes them. Freezes first where it
 /// can, so nothing forks between the listing and the kill. Absent cgroups are fine.
 pub fn destroy(id: &str) -> Result<()> {

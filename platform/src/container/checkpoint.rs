@@ -22,11 +22,11 @@ use tracing::{debug, info_span, Instrument};
 
 use super::cgroups::SandboxCgroup;
 use super::criu_restore::DirectRestore;
+use super::userns;
 use super::{
     mounts, oci, write_json, CloneMemory, ContainerSandbox, ContainerTier, Keeper, SandboxDir,
     SandboxSpec,
 };
-use crate::agent::{Agent, Endpoint};
 use crate::error::{Error, IoContext, Result};
 
 pub const CRIU_DIR: &str = "criu";
@@ -124,6 +124,10 @@ impl ContainerTier {
             }
             debug!(ms = started.elapsed().as_millis() as u64, "criu dump done");
             let layout = sb.layout();
+            // The upper directory is the sandbox's to change. A sandbox left running goes
+            // on frozen while it is archived, so no name tar reads can be swapped under it;
+            // GNU tar archives symlinks as symlinks and never follows them.
+            let _frozen = leave_running.then(|| super::cgroups::freeze(&sb.id));
             let mut tar = Command::new("tar");
             tar.arg("--create")
                 .arg("--xattrs")
@@ -167,13 +171,12 @@ impl ContainerTier {
         let span = info_span!("sandbox.restore", sandbox = %spec.id, prepared = prepared.is_some());
         async {
             let d = self.sandbox_dir(&spec.id);
-            let sb = ContainerSandbox {
-                id: spec.id.clone(),
-                dir: d.root.clone(),
-                agent: Agent::new(spec.id.clone(), Endpoint::Unix(d.socket())),
-                runc: self.runc.clone(),
-                keeper: if direct { Keeper::Thaw } else { Keeper::Runc },
-            };
+            let sb = ContainerSandbox::new(
+                spec.id.clone(),
+                d.root.clone(),
+                self.runc.clone(),
+                if direct { Keeper::Thaw } else { Keeper::Runc },
+            );
             let mut timings = RestoreTimings::default();
             let r = async {
                 let cgroup = match prepared {
@@ -187,7 +190,7 @@ impl ContainerTier {
                         }
                     }
                 };
-                let guest_init = self.guest_init_of(snapshot, spec, &d)?;
+                let guest_init = self.guest_init_of(snapshot, &d)?;
                 let cfg = self.container_config(spec, &d, &guest_init);
                 if cgroup.is_none() {
                     write_json(&d.root.join("config.json"), &oci::render(&cfg))?;
@@ -197,6 +200,12 @@ impl ContainerTier {
                 let work = d.root.join("criu-work");
                 std::fs::create_dir_all(&work).ctx("creating CRIU work directory", &work)?;
                 let images = snapshot.join(CRIU_DIR);
+                // CRIU reads some images from inside the restored user namespace, where
+                // host root's files are nobody's: they belong to the range's root (the
+                // directories above stay host root's, 0700).
+                if !userns::owned_by(&images, spec.ids) {
+                    userns::chown_tree(&images, spec.ids)?;
+                }
                 let restored = match &cgroup {
                     Some(cgroup) => {
                         DirectRestore {
@@ -206,10 +215,7 @@ impl ContainerTier {
                             config: &self.criu_config_for(spec.memory),
                             cgroup_root: &cfg.cgroup_path,
                             cgroup,
-                            binds: vec![
-                                (thaw_protocol::CONTAINER_SOCKET_DIR, d.agent_dir()),
-                                (oci::GUEST_INIT_PATH, guest_init.clone()),
-                            ],
+                            binds: vec![(oci::GUEST_INIT_PATH, guest_init.clone())],
                             pid_file: &d.pid_file(),
                             log: &d.log(),
                         }
@@ -236,7 +242,9 @@ impl ContainerTier {
                 }
                 timings.criu_ms = ms(t1);
                 let t2 = Instant::now();
-                set_hostname(d.init_pid()?, &spec.hostname).await?;
+                let pid = d.init_pid()?;
+                sb.bind_channel(pid)?;
+                set_hostname(pid, &spec.hostname).await?;
                 sb.agent.wait_ready(spec.boot_timeout).await?;
                 timings.ready_ms = ms(t2);
                 Ok(())
@@ -263,22 +271,17 @@ impl ContainerTier {
     /// The guest-init a snapshot's processes run: the copy it carries, else (a snapshot
     /// from before snapshots carried one) this thaw's.
     ///
-    /// A sandbox that may be checkpointed again (`Copied` memory: a session) gets its own
-    /// link to it in its directory: its snapshot directory is a private copy deleted once
-    /// restored, and CRIU would find PID 1 running a deleted file at the next dump.
-    fn guest_init_of(
-        &self,
-        snapshot: &Path,
-        spec: &SandboxSpec,
-        d: &SandboxDir,
-    ) -> Result<PathBuf> {
+    /// The sandbox gets its own link to it in its directory. For a sandbox that may be
+    /// checkpointed again (`Copied` memory: a session) that matters twice: its snapshot
+    /// directory is a private copy deleted once restored, and CRIU would find PID 1 running
+    /// a deleted file at the next dump.
+    fn guest_init_of(&self, snapshot: &Path, d: &SandboxDir) -> Result<PathBuf> {
         let carried = snapshot.join(GUEST_INIT);
         if !carried.is_file() {
             return Ok(self.guest_init.clone());
         }
-        if spec.memory == CloneMemory::Shared {
-            return Ok(carried);
-        }
+        // CRIU binds it from inside the sandbox's user namespace, whose root can reach the
+        // sandbox's directory but not the snapshot store (0700): every restore links it in.
         let own = d.root.join(GUEST_INIT);
         if std::fs::hard_link(&carried, &own).is_err() {
             std::fs::copy(&carried, &own).ctx("keeping the snapshot's guest-init", &own)?;
@@ -292,8 +295,7 @@ impl ContainerTier {
         spec: &SandboxSpec,
         snapshot: &Path,
     ) -> Result<()> {
-        std::fs::create_dir_all(&d.root).ctx("creating sandbox directory", &d.root)?;
-        crate::cleanup::write_owner(&d.owner())?;
+        d.create(spec.ids)?;
         mounts::mount_tmpfs(&d.disk(), spec.limits.disk_mib)?;
         std::fs::create_dir_all(d.upper()).ctx("creating upper directory", d.upper())?;
         let mut tar = Command::new("tar");
@@ -307,8 +309,7 @@ impl ContainerTier {
             .arg("-C")
             .arg(d.upper());
         run_checked(tar, "restoring the sandbox's upper directory").await?;
-        mounts::mount_overlay(&spec.layers, &d.upper(), &d.work(), &d.rootfs())?;
-        std::fs::create_dir_all(d.agent_dir()).ctx("creating agent directory", d.agent_dir())?;
+        mounts::mount_sandbox_root(&spec.layers, &d.upper(), &d.work(), &d.rootfs(), spec.ids)?;
         Ok(())
     }
 }

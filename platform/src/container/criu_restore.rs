@@ -33,6 +33,17 @@ use crate::error::{Error, Result};
 /// of a ~50 ms CRIU run here.
 const LOG_LEVEL: &str = "-v2";
 
+/// The device nodes runc gives every container (its default device list), bound from the
+/// host's in a user namespace.
+const RUNC_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/tty",
+    "/dev/random",
+    "/dev/urandom",
+];
+
 /// Everything a direct restore needs.
 pub struct DirectRestore<'a> {
     pub images: &'a Path,
@@ -81,8 +92,12 @@ impl DirectRestore<'_> {
         for (dest, src) in &self.binds {
             external(dest, src);
         }
-        // runc dumps each masked /proc file (a bind of /dev/null) as external `/dev/null`.
-        external("/dev/null", Path::new("/dev/null"));
+        // runc dumps each masked /proc file (a bind of /dev/null) as external `/dev/null`,
+        // and, in a user namespace (where it cannot mknod), binds each of its default
+        // device nodes from the host and dumps it as external under its own path.
+        for dev in RUNC_DEVICES {
+            external(dev, Path::new(dev));
+        }
         for (fd, name) in pipes.iter().enumerate() {
             if name.starts_with("pipe:") {
                 a.push("--inherit-fd".into());

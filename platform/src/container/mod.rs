@@ -3,6 +3,7 @@
 //! directly, without runc ([`criu_restore`]).
 
 pub mod cgroups;
+pub mod channel;
 pub mod checkpoint;
 pub mod criu;
 pub mod criu_restore;
@@ -11,6 +12,7 @@ pub mod oci;
 pub mod pool;
 pub mod runc;
 pub mod seccomp;
+pub mod userns;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -36,6 +38,8 @@ pub struct SandboxSpec {
     /// Where a restore takes the clone's memory from (container tier; a microvm always maps
     /// its snapshot's memory on demand).
     pub memory: CloneMemory,
+    /// The template's uid/gid range: sandbox root is `ids.host_base` on the host.
+    pub ids: userns::IdMap,
 }
 
 /// Where a clone restored on the container tier gets its memory.
@@ -83,6 +87,8 @@ pub struct ContainerSandbox {
     pub id: String,
     pub dir: PathBuf,
     pub agent: Agent,
+    /// The agent's channel, bound once the sandbox's init is known.
+    channel: channel::NetnsChannel,
     runc: Runc,
     keeper: Keeper,
 }
@@ -105,12 +111,6 @@ impl SandboxDir {
     pub fn rootfs(&self) -> PathBuf {
         self.root.join("rootfs")
     }
-    pub fn agent_dir(&self) -> PathBuf {
-        self.root.join("run")
-    }
-    pub fn socket(&self) -> PathBuf {
-        self.agent_dir().join(thaw_protocol::CONTAINER_SOCKET_NAME)
-    }
     pub fn log(&self) -> PathBuf {
         self.root.join("init.log")
     }
@@ -121,6 +121,23 @@ impl SandboxDir {
     pub fn pid_file(&self) -> PathBuf {
         self.root.join("init.pid")
     }
+    /// Makes the directory, private to host root and the sandbox's own range (0710
+    /// root:R: the sandbox's root passes through to its rootfs, nobody else gets in), with
+    /// its owner record.
+    pub fn create(&self, ids: userns::IdMap) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&self.root).ctx("creating sandbox directory", &self.root)?;
+        nix::unistd::chown(
+            &self.root,
+            Some(nix::unistd::Uid::from_raw(0)),
+            Some(nix::unistd::Gid::from_raw(ids.root())),
+        )
+        .map_err(|e| Error::io("chown", &self.root, e.into()))?;
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o710))
+            .ctx("setting the mode of", &self.root)?;
+        crate::cleanup::write_owner(&self.owner())
+    }
+
     /// The pid in [`SandboxDir::pid_file`].
     pub fn init_pid(&self) -> Result<u32> {
         let f = self.pid_file();
@@ -153,16 +170,12 @@ impl ContainerTier {
         }
     }
 
-    /// Prepares the sandbox directory: owner record, tmpfs disk, overlay root, agent dir.
-    pub fn prepare_dir(&self, id: &str, layers: &[PathBuf], disk_mib: u64) -> Result<SandboxDir> {
-        let d = SandboxDir {
-            root: self.paths.sandbox(id),
-        };
-        std::fs::create_dir_all(&d.root).ctx("creating sandbox directory", &d.root)?;
-        crate::cleanup::write_owner(&d.owner())?;
-        mounts::mount_tmpfs(&d.disk(), disk_mib)?;
-        mounts::mount_overlay(layers, &d.upper(), &d.work(), &d.rootfs())?;
-        std::fs::create_dir_all(d.agent_dir()).ctx("creating agent directory", d.agent_dir())?;
+    /// Prepares the sandbox directory: owner record, tmpfs disk, overlay root.
+    pub fn prepare_dir(&self, spec: &SandboxSpec) -> Result<SandboxDir> {
+        let d = self.sandbox_dir(&spec.id);
+        d.create(spec.ids)?;
+        mounts::mount_tmpfs(&d.disk(), spec.limits.disk_mib)?;
+        mounts::mount_sandbox_root(&spec.layers, &d.upper(), &d.work(), &d.rootfs(), spec.ids)?;
         Ok(d)
     }
 
@@ -187,7 +200,7 @@ impl ContainerTier {
             memory_bytes: Some(spec.limits.memory_mib << 20),
             cpu_quota_us: Some(spec.limits.vcpus as u64 * 100_000),
             pids: Some(spec.limits.pids),
-            agent_dir: Some(d.agent_dir()),
+            ids: spec.ids,
             guest_init: Some(guest_init.to_path_buf()),
             cgroup_path: format!("/thaw/{}", spec.id),
             criu_config: Some(self.criu_config_for(spec.memory)),
@@ -207,7 +220,7 @@ impl ContainerTier {
         let span = info_span!("sandbox.boot", sandbox = %spec.id);
         async {
             let started = Instant::now();
-            let d = self.prepare_dir(&spec.id, &spec.layers, spec.limits.disk_mib);
+            let d = self.prepare_dir(spec);
             let d = match d {
                 Ok(d) => d,
                 Err(e) => {
@@ -215,17 +228,18 @@ impl ContainerTier {
                     return Err(e);
                 }
             };
-            let sb = ContainerSandbox {
-                id: spec.id.clone(),
-                dir: d.root.clone(),
-                agent: Agent::new(spec.id.clone(), Endpoint::Unix(d.socket())),
-                runc: self.runc.clone(),
-                keeper: Keeper::Runc,
-            };
+            let sb = ContainerSandbox::new(
+                spec.id.clone(),
+                d.root.clone(),
+                self.runc.clone(),
+                Keeper::Runc,
+            );
             let result = async {
                 let cfg = oci::render(&self.container_config(spec, &d, &self.guest_init));
                 write_json(&d.root.join("config.json"), &cfg)?;
                 self.runc.run_detached(&spec.id, &d.root, &d.log()).await?;
+                sb.channel
+                    .bind(&spec.id, self.runc.init_pid(&spec.id).await?)?;
                 debug!(
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "runc started"
@@ -251,19 +265,36 @@ impl ContainerTier {
 }
 
 impl ContainerSandbox {
+    /// A handle on a sandbox about to start: its channel is bound once its init is known.
+    pub(crate) fn new(id: String, dir: PathBuf, runc: Runc, keeper: Keeper) -> ContainerSandbox {
+        let channel = channel::NetnsChannel::default();
+        ContainerSandbox {
+            agent: Agent::new(id.clone(), Endpoint::Netns(channel.clone())),
+            id,
+            dir,
+            channel,
+            runc,
+            keeper,
+        }
+    }
+
     /// A handle on a sandbox that is already running (a session's, made by an earlier
-    /// process; sessions are always runc's).
+    /// process; sessions are always runc's): its channel asks runc for the init.
     pub fn attach(tier: &ContainerTier, id: &str) -> ContainerSandbox {
-        let d = SandboxDir {
-            root: tier.paths.sandbox(id),
-        };
+        let channel = channel::NetnsChannel::via_runc(tier.runc.clone());
         ContainerSandbox {
             id: id.to_string(),
-            agent: Agent::new(id.to_string(), Endpoint::Unix(d.socket())),
-            dir: d.root,
+            agent: Agent::new(id.to_string(), Endpoint::Netns(channel.clone())),
+            dir: tier.paths.sandbox(id),
+            channel,
             runc: tier.runc.clone(),
             keeper: Keeper::Runc,
         }
+    }
+
+    /// Binds the agent's channel to the sandbox's init, `pid`.
+    pub(crate) fn bind_channel(&self, pid: u32) -> Result<()> {
+        self.channel.bind(&self.id, pid)
     }
 
     pub fn layout(&self) -> SandboxDir {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use super::userns::{self, IdMap};
 use crate::error::{Error, IoContext, Result};
 
 /// Mounts a tmpfs of `size_mib` at `target`.
@@ -38,6 +39,59 @@ pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Pat
         work.display()
     );
     overlay(lowers, &rw, MsFlags::empty(), target)
+}
+
+/// A sandbox's root: an overlay of idmapped views of `lowers` (top first) under `upper`,
+/// mounted `nosuid,nodev` at `target`.
+///
+/// The layers are shared by every template and stay owned by uid 0 on disk; each is mounted
+/// idmapped into the sandbox's range next to `target`, stacked, and unmounted again at once
+/// (overlayfs keeps private clones of its layers), so nothing outlives the overlay. `upper`'s
+/// own directory is given to the range's root when it is new (an extracted upper brings
+/// its owner from the snapshot).
+pub fn mount_sandbox_root(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    ids: IdMap,
+) -> Result<()> {
+    for d in [upper, work] {
+        std::fs::create_dir_all(d).ctx("creating overlay directory", d)?;
+    }
+    if std::fs::read_dir(upper)
+        .ctx("reading", upper)?
+        .next()
+        .is_none()
+    {
+        let id = Some(nix::unistd::Uid::from_raw(ids.root()));
+        let gid = Some(nix::unistd::Gid::from_raw(ids.root()));
+        nix::unistd::chown(upper, id, gid).map_err(|e| Error::io("chown", upper, e.into()))?;
+    }
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    let mut mapped = Vec::with_capacity(lowers.len());
+    let mut result = Ok(());
+    for (i, lower) in lowers.iter().enumerate() {
+        let at = parent.join(format!("lower-{i}"));
+        if let Err(e) = userns::mount_idmapped(lower, &at, ids) {
+            result = Err(e);
+            break;
+        }
+        mapped.push(at);
+    }
+    if result.is_ok() {
+        let rw = format!(
+            ",upperdir={},workdir={},index=off",
+            upper.display(),
+            work.display()
+        );
+        result = overlay(&mapped, &rw, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, target);
+    }
+    for at in &mapped {
+        let _ = umount2(at, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(at);
+    }
+    result
 }
 
 /// Read-only overlay of `lowers` (top first) at `target`: the merged view of a template's

@@ -1,8 +1,11 @@
 //! OCI runtime spec (`config.json`) for a sandbox, as runc consumes it.
 //!
 //! Deny by default: every capability dropped, no_new_privs, a seccomp filter, read-only /sys,
-//! masked /proc paths, fresh pid/mount/network/ipc/uts/cgroup namespaces (the network
-//! namespace holds only loopback), and cgroup limits on memory, CPU and pids.
+//! masked /proc paths, fresh user/pid/mount/network/ipc/uts/cgroup namespaces (root inside
+//! is an unprivileged uid range outside; the network namespace holds only loopback), and
+//! cgroup limits on memory, CPU and pids. Nothing of the host's is bound in but guest-init's
+//! binary, read-only: guest-init is reached through an abstract socket in the sandbox's
+//! network namespace, not through a host directory.
 
 use std::path::{Path, PathBuf};
 
@@ -32,8 +35,8 @@ pub struct ContainerConfig {
     pub memory_bytes: Option<u64>,
     pub cpu_quota_us: Option<u64>,
     pub pids: Option<u64>,
-    /// Host directory bind-mounted at `/run/thaw` (guest-init's socket lives there).
-    pub agent_dir: Option<PathBuf>,
+    /// The user namespace's mapping: root inside is `ids.host_base` outside.
+    pub ids: super::userns::IdMap,
     /// The static guest-init binary, bind-mounted read-only at [`GUEST_INIT_PATH`].
     pub guest_init: Option<PathBuf>,
     /// cgroup path below each hierarchy root.
@@ -90,12 +93,6 @@ pub fn render(c: &ContainerConfig) -> Value {
         json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
     ];
-    if let Some(dir) = &c.agent_dir {
-        mounts.push(
-            json!({"destination": thaw_protocol::CONTAINER_SOCKET_DIR, "type": "bind",
-            "source": dir, "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]}),
-        );
-    }
     if let Some(init) = &c.guest_init {
         mounts.push(json!({"destination": GUEST_INIT_PATH, "type": "bind",
             "source": init, "options": ["bind", "ro", "nosuid", "nodev"]}));
@@ -106,6 +103,7 @@ pub fn render(c: &ContainerConfig) -> Value {
         json!({"type": "uts"}),
         json!({"type": "mount"}),
         json!({"type": "cgroup"}),
+        json!({"type": "user"}),
     ];
     match c.network {
         Network::Loopback => namespaces.push(json!({"type": "network"})),
@@ -131,6 +129,8 @@ pub fn render(c: &ContainerConfig) -> Value {
         "namespaces": namespaces,
         "resources": resources,
         "cgroupsPath": c.cgroup_path,
+        "uidMappings": [{"containerID": 0, "hostID": c.ids.host_base, "size": c.ids.size}],
+        "gidMappings": [{"containerID": 0, "hostID": c.ids.host_base, "size": c.ids.size}],
         "maskedPaths": [
             "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
             "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
@@ -185,7 +185,7 @@ mod tests {
             memory_bytes: Some(64 << 20),
             cpu_quota_us: Some(100_000),
             pids: Some(64),
-            agent_dir: Some("/a".into()),
+            ids: crate::container::userns::IdMap::range(3),
             guest_init: Some("/gi".into()),
             cgroup_path: "/thaw/x".into(),
             criu_config: Some("/c.conf".into()),
@@ -203,9 +203,30 @@ mod tests {
             .iter()
             .map(|n| n["type"].as_str().unwrap().to_string())
             .collect();
-        for want in ["pid", "mount", "network", "ipc", "uts"] {
+        for want in ["pid", "mount", "network", "ipc", "uts", "user"] {
             assert!(ns.contains(&want.to_string()), "{ns:?}");
         }
+        // Root inside is the range's first uid outside, never host root.
+        let base = crate::container::userns::IdMap::range(3).host_base;
+        for m in ["uidMappings", "gidMappings"] {
+            assert_eq!(
+                v["linux"][m],
+                json!([{"containerID": 0, "hostID": base, "size": 65536}])
+            );
+        }
+        // No host directory is bound in: only guest-init's binary, read-only.
+        let binds: Vec<&Value> = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["type"] == "bind")
+            .collect();
+        assert_eq!(binds.len(), 1, "{binds:?}");
+        assert_eq!(binds[0]["destination"], GUEST_INIT_PATH);
+        assert!(binds[0]["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ro")));
         assert_eq!(v["linux"]["resources"]["pids"]["limit"], json!(64));
         assert_eq!(
             v["linux"]["resources"]["memory"]["limit"],

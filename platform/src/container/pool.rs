@@ -23,7 +23,6 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use super::cgroups::SandboxCgroup;
 use super::{ContainerSandbox, ContainerTier, Keeper, SandboxSpec};
-use crate::agent::{Agent, Endpoint};
 use crate::error::Result;
 
 /// Prepared sandboxes of a snapshot nobody restored for this long are torn down.
@@ -36,6 +35,7 @@ pub struct Key {
     snapshot: PathBuf,
     layers: Vec<PathBuf>,
     limits: String,
+    ids: super::userns::IdMap,
 }
 
 impl Key {
@@ -44,6 +44,7 @@ impl Key {
             snapshot: snapshot.to_path_buf(),
             layers: spec.layers.clone(),
             limits: serde_json::to_string(&spec.limits).unwrap_or_default(),
+            ids: spec.ids,
         }
     }
 }
@@ -177,15 +178,9 @@ impl ContainerTier {
     /// Tears down a prepared sandbox no restore used.
     async fn discard_prepared(&self, id: String) {
         let d = self.sandbox_dir(&id);
-        ContainerSandbox {
-            agent: Agent::new(id.clone(), Endpoint::Unix(d.socket())),
-            dir: d.root,
-            id,
-            runc: self.runc.clone(),
-            keeper: Keeper::Thaw,
-        }
-        .destroy()
-        .await
+        ContainerSandbox::new(id, d.root, self.runc.clone(), Keeper::Thaw)
+            .destroy()
+            .await
     }
 
     /// Takes a prepared sandbox for a clone of `spec` from `snapshot`, if one is ready.

@@ -18,6 +18,7 @@ use tracing::{info, info_span, Instrument};
 use super::spec::{parse_file_mode, BaseSpec, TemplateSpec, MAX_BUILD_TIMEOUT_S};
 use crate::cleanup::Scratch;
 use crate::container::oci::{self, ContainerConfig, Network};
+use crate::container::userns::{self, IdMap};
 use crate::container::{mounts, runc::Runc, write_json};
 use crate::error::{Error, IoContext, Result};
 use crate::paths::Paths;
@@ -98,6 +99,7 @@ pub async fn build(
     paths: &Paths,
     spec: &TemplateSpec,
     dir: &Path,
+    ids: IdMap,
     progress: &dyn Progress,
 ) -> Result<Built> {
     let cache = paths.rootfs_cache();
@@ -121,7 +123,7 @@ pub async fn build(
         progress.step(&format!("building template layer ({lkey})"));
         let _lock = FileLock::acquire(&cache.join(format!(".{lkey}.lock")))?;
         if !layer.exists() {
-            build_layer(paths, &cache, &lkey, &base, spec, dir, progress).await?;
+            build_layer(paths, &cache, &lkey, &base, spec, dir, ids, progress).await?;
         }
     } else {
         progress.step("template layer cached");
@@ -327,6 +329,7 @@ fn common_dirs(root: &Path) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn build_layer(
     paths: &Paths,
     cache: &Path,
@@ -334,6 +337,7 @@ async fn build_layer(
     base: &Path,
     spec: &TemplateSpec,
     dir: &Path,
+    ids: IdMap,
     progress: &dyn Progress,
 ) -> Result<()> {
     let span = info_span!("rootfs.layer", key);
@@ -347,7 +351,10 @@ async fn build_layer(
         let upper = disk.join("upper");
         let work = disk.join("work");
         let merged = scratch.path.join("merged");
-        mounts::mount_overlay(&[base.to_path_buf()], &upper, &work, &merged)?;
+        // The build runs in the template's user namespace: its root is the range's first
+        // uid, the base is seen through an idmapped mount, and what the build writes is
+        // owned by range uids until it is shifted back below.
+        mounts::mount_sandbox_root(&[base.to_path_buf()], &upper, &work, &merged, ids)?;
         for (i, f) in spec.files.iter().enumerate() {
             let src = TemplateSpec::file_source(dir, i, f)?;
             progress.detail(&format!("copy {} -> {}", f.src, f.dest));
@@ -367,6 +374,9 @@ async fn build_layer(
                 }
             }
         }
+        // The template's files were copied in by host root: give them to the sandbox's root,
+        // as if it had written them.
+        userns::shift_owners(&upper, ids, true)?;
         for (i, cmd) in spec.setup.iter().enumerate() {
             progress.step(&format!("setup {}/{}: {cmd}", i + 1, spec.setup.len()));
             run_setup(
@@ -377,11 +387,15 @@ async fn build_layer(
                 i + 1,
                 cmd,
                 spec,
+                ids,
                 progress,
             )
             .await?;
         }
         mounts::unmount(&merged)?;
+        // Layers are stored with canonical owners (0 is root), shared by every template
+        // whatever its range; each sandbox sees them through its own idmapped mount.
+        userns::shift_owners(&upper, ids, false)?;
         for warning in scrub_layer(&upper)? {
             progress.step(&format!("warning: {warning}"));
         }
@@ -449,6 +463,7 @@ async fn run_setup(
     n: usize,
     cmd: &str,
     spec: &TemplateSpec,
+    ids: IdMap,
     progress: &dyn Progress,
 ) -> Result<()> {
     let b = &spec.build;
@@ -476,7 +491,7 @@ async fn run_setup(
             memory_bytes: Some((b.memory_mib + b.disk_mib) << 20),
             cpu_quota_us: Some(u64::from(b.vcpus) * 100_000),
             pids: Some(b.pids),
-            agent_dir: None,
+            ids,
             guest_init: None,
             cgroup_path: format!("/{}/{id}", crate::container::cgroups::PARENT),
             criu_config: None,
