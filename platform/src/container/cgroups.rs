@@ -352,6 +352,58 @@ pub fn destroy(id: &str) -> Result<()> {
     first_error.map_or(Ok(()), Err)
 }
 
+/// Kills every process of the sandbox but `keep` (its init, guest-init), leaving the cgroups
+/// and init alive: how the host ends a session's task when guest-init failed to (a task past
+/// its timeout or flooding output), without losing the session's files. The cgroup is frozen
+/// (v1 freezer, or v2 `cgroup.freeze`) while it is listed and killed, so nothing forks in
+/// between; a frozen task takes its SIGKILL when thawed. Returns how many were killed.
+pub fn kill_all_but(id: &str, keep: i32) -> Result<usize> {
+    let dirs: Vec<(&Hierarchy, PathBuf)> = hierarchies()
+        .iter()
+        .map(|h| (h, h.dir(id)))
+        .filter(|(_, d)| d.exists())
+        .collect();
+    let freeze = dirs
+        .iter()
+        .find(|(h, _)| h.has("freezer"))
+        .map(|(_, d)| (d.join("freezer.state"), "FROZEN", "THAWED"))
+        .or_else(|| {
+            dirs.iter()
+                .find(|(h, _)| h.v2)
+                .map(|(_, d)| (d.join("cgroup.freeze"), "1", "0"))
+                .filter(|(p, _, _)| p.exists())
+        });
+    let set = |frozen: bool| {
+        if let Some((f, on, off)) = &freeze {
+            let _ = std::fs::write(f, if frozen { on } else { off });
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut killed = std::collections::BTreeSet::new();
+    loop {
+        set(true);
+        let pids: Vec<i32> = members(&dirs).into_iter().filter(|p| *p != keep).collect();
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            killed.insert(*pid);
+        }
+        set(false);
+        if pids.is_empty() {
+            return Ok(killed.len());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Runtime {
+                command: format!("killing the tasks of sandbox {id}"),
+                message: format!("processes {pids:?} survived SIGKILL for 5 s"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn members(dirs: &[(&Hierarchy, PathBuf)]) -> Vec<i32> {
     let mut pids: Vec<i32> = dirs
         .iter()
