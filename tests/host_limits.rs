@@ -185,3 +185,18 @@ fn a_task_ignoring_sigterm_ends_at_its_timeout_and_leaves_nothing() {
     assert_eq!(sandbox_procs(h.path(), "sleep"), Vec::<u32>::new());
     h.assert_clean();
 }
+
+/// [`Home::assert_clean`] itself: a live session's processes and cgroups are seen (on the
+/// container tier `/proc/<pid>/root` reads `/`, so a check on it saw nothing).
+#[test]
+fn assert_clean_sees_a_live_sandboxs_processes_and_cgroups() {
+    let (h, _t) = flood_home();
+    let r = h.run(&["session", "new", "flood"]).ok();
+    let id = r.stdout().trim().to_string();
+    let found = h.leftovers().join("; ");
+    assert!(found.contains("sandbox processes left behind"), "{found}");
+    assert!(found.contains("sandbox cgroups left behind"), "{found}");
+    assert!(found.contains(&format!("thaw/{id}")), "{found}");
+    h.run(&["session", "rm", &id]).ok();
+    h.assert_clean();
+}

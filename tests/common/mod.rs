@@ -157,30 +157,41 @@ impl Home {
             .json()
     }
 
-    /// Nothing of this home's sandboxes may survive: no container, mount, cgroup or dir.
+    /// Nothing of this home's sandboxes may survive: no process, cgroup, container, mount or
+    /// directory. Every leftover is listed in one failure.
     #[track_caller]
     pub fn assert_clean(&self) {
+        let problems = self.leftovers();
+        assert!(problems.is_empty(), "{}", problems.join("; "));
+    }
+
+    /// What [`Home::assert_clean`] finds left behind, one line per kind.
+    pub fn leftovers(&self) -> Vec<String> {
         let home = self.path();
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let leaked: Vec<&str> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(home.to_str().unwrap_or("?")))
-            .collect();
-        assert!(leaked.is_empty(), "mounts left behind: {leaked:?}");
-        let sandboxes: Vec<_> = std::fs::read_dir(home.join("sandboxes"))
-            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        let mut problems = Vec::new();
+        let sandboxes: Vec<String> = std::fs::read_dir(home.join("sandboxes"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
             .unwrap_or_default();
-        let runc_root = home.join("runc");
-        if runc_root.exists() {
-            let out = Command::new("runc")
-                .arg("--root")
-                .arg(&runc_root)
-                .args(["list", "--quiet"])
-                .output()
-                .expect("runc list");
-            let list = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            assert!(list.is_empty(), "containers left behind: {list}");
+        // Processes of this home's sandboxes: in a thaw cgroup with a root overlay in this
+        // home (`/proc/<pid>/root` reads `/` across mount namespaces, so it tells nothing).
+        let mut stray = sandbox_procs(home, "");
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            // A microvm's VMM runs in the host's root with its sockets in the home.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("--api-socket") && cmdline.contains(&*home.to_string_lossy()) {
+                stray.push(pid);
+            }
+        }
+        if !stray.is_empty() {
+            problems.push(format!("sandbox processes left behind: {stray:?}"));
         }
         // Cgroups of this home's sandboxes: those whose directory is still there and those
         // whose ids its commands printed.
@@ -191,34 +202,37 @@ impl Home {
             .iter()
             .cloned()
             .collect();
-        ids.extend(sandboxes.iter().map(|n| n.to_string_lossy().to_string()));
+        ids.extend(sandboxes.iter().cloned());
         let cgroups = leaked_cgroups(&ids);
-        assert!(
-            cgroups.is_empty(),
-            "sandbox cgroups left behind: {cgroups:?}"
-        );
-        // Processes of this home's sandboxes: in a thaw cgroup with a root overlay in this
-        // home (`/proc/<pid>/root` reads `/` across mount namespaces, so it tells nothing).
-        let mut stray = sandbox_procs(home, "");
-        if let Ok(rd) = std::fs::read_dir("/proc") {
-            for e in rd.flatten() {
-                let name = e.file_name();
-                let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                    continue;
-                };
-                // A microvm's VMM runs in the host's root with its sockets in the home.
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains("--api-socket") && cmdline.contains(&*home.to_string_lossy()) {
-                    stray.push(pid);
-                }
+        if !cgroups.is_empty() {
+            problems.push(format!("sandbox cgroups left behind: {cgroups:?}"));
+        }
+        let runc_root = home.join("runc");
+        if runc_root.exists() {
+            let out = Command::new("runc")
+                .arg("--root")
+                .arg(&runc_root)
+                .args(["list", "--quiet"])
+                .output()
+                .expect("runc list");
+            let list = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !list.is_empty() {
+                problems.push(format!("containers left behind: {list}"));
             }
         }
-        assert!(stray.is_empty(), "sandbox processes left behind: {stray:?}");
-        assert!(
-            sandboxes.is_empty(),
-            "sandbox dirs left behind: {sandboxes:?}"
-        );
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mounts: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(home.to_str().unwrap_or("?")))
+            .collect();
+        if !mounts.is_empty() {
+            problems.push(format!("mounts left behind: {mounts:?}"));
+        }
+        if !sandboxes.is_empty() {
+            problems.push(format!("sandbox dirs left behind: {sandboxes:?}"));
+        }
+        problems
     }
 }
 

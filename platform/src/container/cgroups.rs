@@ -456,6 +456,42 @@ fn cg_error(what: &str, p: &Path, e: std::io::Error) -> Error {
 mod tests {
     use super::*;
 
+    /// Real cgroups (root only; skipped elsewhere): the sandbox's init survives, every
+    /// other member is killed, and the cgroup is left thawed and in place.
+    #[test]
+    fn kill_all_but_spares_only_the_init() {
+        if !nix::unistd::geteuid().is_root() || hierarchies().is_empty() {
+            eprintln!("skipped: needs root and cgroups");
+            return;
+        }
+        let id = format!("test-kill-all-but-{}", std::process::id());
+        let cg = SandboxCgroup::create(&id, &Limits::default()).unwrap();
+        let spawn = || {
+            let procs = cg.procs_files();
+            let mut c = std::process::Command::new("sleep");
+            c.arg("100");
+            // SAFETY: `join` only makes async-signal-safe calls.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut c, move || join(&procs));
+            }
+            c.spawn().unwrap()
+        };
+        let mut init = spawn();
+        let mut task = spawn();
+        let killed = kill_all_but(&id, init.id() as i32).unwrap();
+        assert_eq!(killed, 1);
+        let st = task.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+        assert!(init.try_wait().unwrap().is_none(), "the init survives");
+        let frozen = hierarchies()
+            .iter()
+            .find(|h| h.has("freezer"))
+            .map(|h| read_trim(&h.dir(&id).join("freezer.state")));
+        assert!(matches!(frozen.as_deref(), None | Some("THAWED")), "{frozen:?}");
+        destroy(&id).unwrap();
+        let _ = init.wait();
+    }
+
     const HYBRID: &str = "\
 25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw
 30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
