@@ -119,7 +119,8 @@ fn a_task_flooding_output_is_cut_at_the_cap_and_thaw_stays_small() {
     // The same through the handler (stderr streamed, result after it).
     let (code, out, err, hwm_kib, _) =
         run_watched(&h, &["--json", "invoke", "flood", "--payload", "{}"], || {});
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {err}"));
     assert_eq!(v["truncated"], true, "{v}");
     assert!(code == 0 || code == 1, "{code}: {err}");
     assert!(hwm_kib < 200 << 10, "thaw's peak RSS was {hwm_kib} KiB");
@@ -143,7 +144,11 @@ fn a_task_writing_into_guest_inits_stdout_cannot_grow_the_host_log() {
             "head -c 1000000000 /dev/zero > /proc/1/fd/1; echo done",
         ],
         || {
-            for e in std::fs::read_dir(&sandboxes).into_iter().flatten().flatten() {
+            for e in std::fs::read_dir(&sandboxes)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 if let Ok(m) = std::fs::metadata(e.path().join("init.log")) {
                     biggest = biggest.max(m.len());
                 }
@@ -160,7 +165,10 @@ fn a_task_writing_into_guest_inits_stdout_cannot_grow_the_host_log() {
         biggest <= (1 << 20) + 4096,
         "init.log reached {biggest} bytes"
     );
-    assert!(biggest >= 1 << 20, "the watcher saw the log ({biggest} bytes)");
+    assert!(
+        biggest >= 1 << 20,
+        "the watcher saw the log ({biggest} bytes)"
+    );
     assert!(took < Duration::from_secs(60), "{took:?}");
     h.assert_clean();
 }

@@ -487,7 +487,10 @@ mod tests {
             .iter()
             .find(|h| h.has("freezer"))
             .map(|h| read_trim(&h.dir(&id).join("freezer.state")));
-        assert!(matches!(frozen.as_deref(), None | Some("THAWED")), "{frozen:?}");
+        assert!(
+            matches!(frozen.as_deref(), None | Some("THAWED")),
+            "{frozen:?}"
+        );
         destroy(&id).unwrap();
         let _ = init.wait();
     }
