@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use thaw_api::{Client, ExecBody, InvokeBody, SessionCreateBody};
-use thaw_e2e::{leaked_cgroups, repo_root, Home};
+use thaw_e2e::{leaked_cgroups, repo_root, sandbox_procs, Home};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -146,32 +146,6 @@ impl Drop for Serve {
             let _ = self.child.wait();
         }
     }
-}
-
-/// Pids of processes running inside this home's sandboxes whose command line contains
-/// `needle`.
-fn sandbox_procs(home: &Path, needle: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        // A sandbox's process is in a thaw cgroup, and its root is an overlay whose upper
-        // directory is in this home (`/proc/<pid>/root` reads `/` across mount namespaces).
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
-        let upper = format!("upperdir={}/", home.display());
-        let in_home = cgroup.contains("/thaw/")
-            && mounts
-                .lines()
-                .any(|l| l.split(' ').nth(4) == Some("/") && l.contains(&upper));
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if in_home && cmdline.contains(needle) {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// Sandbox directories of this home (live, discarded-but-not-yet-removed, or prepared).

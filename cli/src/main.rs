@@ -319,7 +319,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
-            ExitCode::from(1)
+            // A timeout the host had to enforce itself is still a timeout to a script.
+            match e.downcast_ref::<thaw_platform::Error>() {
+                Some(thaw_platform::Error::HostTimeout { .. }) => ExitCode::from(124),
+                _ => ExitCode::from(1),
+            }
         }
     }
 }

@@ -61,6 +61,20 @@ pub enum Error {
     #[error("sandbox {sandbox}: agent connection failed: {message}")]
     Agent { sandbox: String, message: String },
 
+    /// The host's own deadline on a guest call passed (guest-init did not enforce the task's
+    /// timeout, or did not answer): the host stopped waiting and killed the task.
+    #[error("sandbox {sandbox}: {what}; the host enforced the timeout: the call was ended and the sandbox's processes killed")]
+    HostTimeout { sandbox: String, what: String },
+
+    /// The guest sent far more than its output cap allows (or one frame over the call's
+    /// budget): the host cut the call off and killed the task.
+    #[error("sandbox {sandbox} sent {bytes} bytes of output past its output_kib limit ({output_kib} KiB); the call was cut off and the sandbox's processes killed")]
+    OutputFlood {
+        sandbox: String,
+        bytes: u64,
+        output_kib: u64,
+    },
+
     #[error("sandbox {sandbox}: guest-init answered {code:?}: {message}")]
     Guest {
         sandbox: String,

@@ -93,6 +93,32 @@ impl Sandbox {
         }
     }
 
+    /// Kills every process of the sandbox but its init (guest-init), through its cgroups:
+    /// how the host ends a task that guest-init did not end by its deadline or that flooded
+    /// output, keeping the sandbox (a session's files) alive. Only the container tier can:
+    /// a VM's processes are the guest kernel's, out of the host's reach, so a microvm
+    /// answers an error and its caller destroys the VM instead.
+    pub async fn kill_tasks(&self) -> crate::error::Result<usize> {
+        match &self.inner {
+            Inner::Container(c) => {
+                let init = c.init_pid().await?;
+                let init = i32::try_from(init).map_err(|_| {
+                    crate::error::Error::Other(format!("sandbox {}: init pid {init}", c.id))
+                })?;
+                let id = c.id.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::container::cgroups::kill_all_but(&id, init)
+                })
+                .await
+                .map_err(|e| crate::error::Error::Other(format!("cgroup kill task: {e}")))?
+            }
+            Inner::Vm(v) => Err(crate::error::Error::Other(format!(
+                "sandbox {}: a microvm's processes can only be ended with the VM",
+                v.id
+            ))),
+        }
+    }
+
     /// Whether the kernel's OOM killer fired in the sandbox's memory cgroup. A VM's memory
     /// is its own: an out-of-memory guest kills inside, and the task reports the signal.
     pub fn oom_killed(&self) -> bool {

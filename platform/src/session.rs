@@ -434,7 +434,45 @@ impl Engine {
             .instrument(info_span!("session.call", session = %id, action))
             .await;
         self.touch(id);
-        r.map_err(|e| self.lost_if_dead(id, e))
+        match r {
+            Err(e @ (Error::HostTimeout { .. } | Error::OutputFlood { .. })) => {
+                Err(self.contain(id, sb, e).await)
+            }
+            r => r.map_err(|e| self.lost_if_dead(id, e)),
+        }
+    }
+
+    /// A call into the session broke the host's limits, so its guest-init did not enforce
+    /// them and its task may still run: the host kills every process of the sandbox but
+    /// guest-init (the session keeps its files; a persistent handler is killed too, as any
+    /// task is). Where that is impossible (a microvm, or processes that survive SIGKILL) the
+    /// sandbox is destroyed and the session failed, with the reason.
+    async fn contain(&self, id: &str, sb: Sandbox, e: Error) -> Error {
+        match sb.kill_tasks().await {
+            Ok(killed) => {
+                warn!(session = %id, killed, error = %e,
+                    "the host killed the session's tasks; the session keeps running");
+                e
+            }
+            Err(kill) => {
+                let why = format!(
+                    "{e}; its tasks could not be killed alone ({kill}), so its sandbox was destroyed and the state since the last pause is lost"
+                );
+                warn!(session = %id, %why, "destroying the session's sandbox");
+                sb.destroy().await;
+                let _ = self.transition(id, |r| {
+                    r.session.state = SessionState::Failed;
+                    r.session.error = Some(why.clone());
+                    Ok(())
+                });
+                Error::SessionConflict {
+                    id: id.to_string(),
+                    state: "failed".into(),
+                    action: "continue".into(),
+                    hint: format!(": {why}; remove it with `thaw session rm {id}`"),
+                }
+            }
+        }
     }
 
     /// Runs a command in a running session, streaming its output. State carries over

@@ -12,6 +12,9 @@ pub enum FrameError {
     Closed,
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
     TooLarge(usize),
+    /// Over the reader's own, smaller limit (see [`read_frame_async_max`]).
+    #[error("frame of {len} bytes exceeds this exchange's {max}-byte limit")]
+    OverLimit { len: usize, max: usize },
     #[error("malformed frame: {0}")]
     Malformed(#[from] serde_json::Error),
     #[error("i/o: {0}")]
@@ -50,6 +53,17 @@ fn check_len(header: [u8; 4]) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(header) as usize;
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// [`check_len`] against a reader-chosen limit as well: the host reads a guest's frames
+/// with the call's own budget, so a guest cannot make it allocate up to [`MAX_FRAME`].
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+fn check_len_max(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
+    let len = check_len(header)?;
+    if len > max {
+        return Err(FrameError::OverLimit { len, max });
     }
     Ok(len)
 }
@@ -93,21 +107,46 @@ mod async_io {
         R: AsyncRead + Unpin,
         T: DeserializeOwned,
     {
+        read_frame_async_max(r, MAX_FRAME).await
+    }
+
+    /// Reads one frame of at most `max` bytes (and never more than [`MAX_FRAME`]). The length
+    /// is checked before the body is allocated, so `max` bounds this read's memory whatever
+    /// the peer claims. Returns the message with the frame's length (its body's bytes).
+    pub async fn read_frame_async_sized<R, T>(
+        r: &mut R,
+        max: usize,
+    ) -> Result<(T, usize), FrameError>
+    where
+        R: AsyncRead + Unpin,
+        T: DeserializeOwned,
+    {
         let mut header = [0u8; 4];
         match r.read_exact(&mut header).await {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
             Err(e) => return Err(e.into()),
         }
-        let len = check_len(header)?;
+        let len = check_len_max(header, max)?;
         let mut body = vec![0u8; len];
         r.read_exact(&mut body).await?;
-        Ok(serde_json::from_slice(&body)?)
+        Ok((serde_json::from_slice(&body)?, len))
+    }
+
+    /// [`read_frame_async_sized`] without the length.
+    pub async fn read_frame_async_max<R, T>(r: &mut R, max: usize) -> Result<T, FrameError>
+    where
+        R: AsyncRead + Unpin,
+        T: DeserializeOwned,
+    {
+        Ok(read_frame_async_sized(r, max).await?.0)
     }
 }
 
 #[cfg(feature = "tokio")]
-pub use async_io::{read_frame_async, write_frame_async};
+pub use async_io::{
+    read_frame_async, read_frame_async_max, read_frame_async_sized, write_frame_async,
+};
 
 #[cfg(test)]
 mod tests {
@@ -149,6 +188,34 @@ mod tests {
         buf.extend_from_slice(b"{{{");
         let err = read_frame::<_, Request>(&mut &buf[..]).unwrap_err();
         assert!(matches!(err, FrameError::Malformed(_)));
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_callers_limit_is_refused_before_allocation() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        // A header claiming 1 MiB, and no body: the reader must refuse on the header alone.
+        tokio::io::AsyncWriteExt::write_all(&mut a, &(1u32 << 20).to_be_bytes())
+            .await
+            .unwrap();
+        let err = read_frame_async_max::<_, Response>(&mut b, 4096)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::OverLimit {
+                    len: 1048576,
+                    max: 4096
+                }
+            ),
+            "{err}"
+        );
+        write_frame_async(&mut a, &Response::Ok).await.unwrap();
+        let (got, len) = read_frame_async_sized::<_, Response>(&mut b, 4096)
+            .await
+            .unwrap();
+        assert_eq!(got, Response::Ok);
+        assert_eq!(len, r#"{"type":"ok"}"#.len());
     }
 
     #[tokio::test]

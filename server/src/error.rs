@@ -144,6 +144,9 @@ pub fn classify(e: &E) -> (StatusCode, &'static str) {
         E::Runtime { .. } => (S::INTERNAL_SERVER_ERROR, "runtime"),
         E::NotReady { .. } => (S::INTERNAL_SERVER_ERROR, "sandbox_not_ready"),
         E::Agent { .. } => (S::INTERNAL_SERVER_ERROR, "agent"),
+        // The sandbox broke the host's limits (its guest-init did not enforce them).
+        E::HostTimeout { .. } => (S::GATEWAY_TIMEOUT, "host_timeout"),
+        E::OutputFlood { .. } => (S::BAD_GATEWAY, "output_flood"),
         E::Snapshot(_) => (S::INTERNAL_SERVER_ERROR, "snapshot_store"),
         E::Criu(_) => (S::INTERNAL_SERVER_ERROR, "criu"),
         E::Vm(_) => (S::INTERNAL_SERVER_ERROR, "vmm"),

@@ -33,6 +33,9 @@ pub struct Home {
     pub dir: tempfile::TempDir,
     /// Extra environment of every thaw command run in this home.
     pub env: Vec<(String, String)>,
+    /// Sandbox and session ids seen in the output of this home's commands (see
+    /// [`Home::note_ids`]): [`Home::assert_clean`] checks that none keeps a cgroup.
+    ids: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 pub struct Run {
@@ -80,6 +83,7 @@ impl Home {
         Home {
             dir,
             env: Vec::new(),
+            ids: Default::default(),
         }
     }
 
@@ -122,8 +126,27 @@ impl Home {
                 Err(e) => panic!("write stdin: {e}"),
             }
         }
-        Run {
-            out: child.wait_with_output().expect("wait thaw"),
+        let out = child.wait_with_output().expect("wait thaw");
+        self.note_ids(&String::from_utf8_lossy(&out.stdout));
+        self.note_ids(&String::from_utf8_lossy(&out.stderr));
+        Run { out }
+    }
+
+    /// Records the sandbox (`sb-<16 hex>`) and session (`ses-<hex>`) ids in `text`, so that
+    /// [`Home::assert_clean`] can check their cgroups once their directories are gone.
+    pub fn note_ids(&self, text: &str) {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        for prefix in ["sb-", "ses-"] {
+            for (at, _) in text.match_indices(prefix) {
+                if at > 0 && text.as_bytes()[at - 1].is_ascii_alphanumeric() {
+                    continue;
+                }
+                let rest = &text[at + prefix.len()..];
+                let hex: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+                if hex.len() >= 8 {
+                    ids.insert(format!("{prefix}{hex}"));
+                }
+            }
         }
     }
 
@@ -134,24 +157,56 @@ impl Home {
             .json()
     }
 
-    /// Nothing of this home's sandboxes may survive: no container, mount, cgroup or dir.
+    /// Nothing of this home's sandboxes may survive: no process, cgroup, container, mount or
+    /// directory. Every leftover is listed in one failure.
     #[track_caller]
     pub fn assert_clean(&self) {
+        let problems = self.leftovers();
+        assert!(problems.is_empty(), "{}", problems.join("; "));
+    }
+
+    /// What [`Home::assert_clean`] finds left behind, one line per kind.
+    pub fn leftovers(&self) -> Vec<String> {
         let home = self.path();
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let leaked: Vec<&str> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(home.to_str().unwrap_or("?")))
-            .collect();
-        assert!(leaked.is_empty(), "mounts left behind: {leaked:?}");
-        let sandboxes: Vec<_> = std::fs::read_dir(home.join("sandboxes"))
-            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        let mut problems = Vec::new();
+        let sandboxes: Vec<String> = std::fs::read_dir(home.join("sandboxes"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
             .unwrap_or_default();
-        assert!(
-            sandboxes.is_empty(),
-            "sandbox dirs left behind: {sandboxes:?}"
-        );
+        // Processes of this home's sandboxes: in a thaw cgroup with a root overlay in this
+        // home (`/proc/<pid>/root` reads `/` across mount namespaces, so it tells nothing).
+        let mut stray = sandbox_procs(home, "");
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            // A microvm's VMM runs in the host's root with its sockets in the home.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("--api-socket") && cmdline.contains(&*home.to_string_lossy()) {
+                stray.push(pid);
+            }
+        }
+        if !stray.is_empty() {
+            problems.push(format!("sandbox processes left behind: {stray:?}"));
+        }
+        // Cgroups of this home's sandboxes: those whose directory is still there and those
+        // whose ids its commands printed.
+        let mut ids: Vec<String> = self
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        ids.extend(sandboxes.iter().cloned());
+        let cgroups = leaked_cgroups(&ids);
+        if !cgroups.is_empty() {
+            problems.push(format!("sandbox cgroups left behind: {cgroups:?}"));
+        }
         let runc_root = home.join("runc");
         if runc_root.exists() {
             let out = Command::new("runc")
@@ -161,31 +216,23 @@ impl Home {
                 .output()
                 .expect("runc list");
             let list = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            assert!(list.is_empty(), "containers left behind: {list}");
-        }
-        // Processes whose root is inside this home (a sandbox's overlay) must be gone.
-        let mut stray = Vec::new();
-        if let Ok(rd) = std::fs::read_dir("/proc") {
-            for e in rd.flatten() {
-                let name = e.file_name();
-                let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                    continue;
-                };
-                if let Ok(root) = std::fs::read_link(format!("/proc/{pid}/root")) {
-                    if root.starts_with(home) {
-                        stray.push(pid);
-                        continue;
-                    }
-                }
-                // A microvm's VMM runs in the host's root with its sockets in the home.
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains("--api-socket") && cmdline.contains(&*home.to_string_lossy()) {
-                    stray.push(pid);
-                }
+            if !list.is_empty() {
+                problems.push(format!("containers left behind: {list}"));
             }
         }
-        assert!(stray.is_empty(), "sandbox processes left behind: {stray:?}");
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mounts: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(home.to_str().unwrap_or("?")))
+            .collect();
+        if !mounts.is_empty() {
+            problems.push(format!("mounts left behind: {mounts:?}"));
+        }
+        if !sandboxes.is_empty() {
+            problems.push(format!("sandbox dirs left behind: {sandboxes:?}"));
+        }
+        problems
     }
 }
 
@@ -210,6 +257,33 @@ pub fn leaked_cgroups(ids: &[String]) -> Vec<String> {
             if p.exists() {
                 out.push(p.display().to_string());
             }
+        }
+    }
+    out
+}
+
+/// Processes of this home's sandboxes whose command line contains `needle` (`""`: all). A
+/// sandbox's process is in a thaw cgroup, and its root is an overlay whose upper directory is
+/// in this home; `/proc/<pid>/root` reads `/` across mount namespaces, so it cannot tell.
+pub fn sandbox_procs(home: &Path, needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if !cgroup.contains("/thaw/") {
+            continue;
+        }
+        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+        let upper = format!("upperdir={}/", home.display());
+        let in_home = mounts
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/") && l.contains(&upper));
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if in_home && cmdline.contains(needle) {
+            out.push(pid);
         }
     }
     out

@@ -392,6 +392,58 @@ pub fn destroy(id: &str) -> Result<()> {
     first_error.map_or(Ok(()), Err)
 }
 
+/// Kills every process of the sandbox but `keep` (its init, guest-init), leaving the cgroups
+/// and init alive: how the host ends a session's task when guest-init failed to (a task past
+/// its timeout or flooding output), without losing the session's files. The cgroup is frozen
+/// (v1 freezer, or v2 `cgroup.freeze`) while it is listed and killed, so nothing forks in
+/// between; a frozen task takes its SIGKILL when thawed. Returns how many were killed.
+pub fn kill_all_but(id: &str, keep: i32) -> Result<usize> {
+    let dirs: Vec<(&Hierarchy, PathBuf)> = hierarchies()
+        .iter()
+        .map(|h| (h, h.dir(id)))
+        .filter(|(_, d)| d.exists())
+        .collect();
+    let freeze = dirs
+        .iter()
+        .find(|(h, _)| h.has("freezer"))
+        .map(|(_, d)| (d.join("freezer.state"), "FROZEN", "THAWED"))
+        .or_else(|| {
+            dirs.iter()
+                .find(|(h, _)| h.v2)
+                .map(|(_, d)| (d.join("cgroup.freeze"), "1", "0"))
+                .filter(|(p, _, _)| p.exists())
+        });
+    let set = |frozen: bool| {
+        if let Some((f, on, off)) = &freeze {
+            let _ = std::fs::write(f, if frozen { on } else { off });
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut killed = std::collections::BTreeSet::new();
+    loop {
+        set(true);
+        let pids: Vec<i32> = members(&dirs).into_iter().filter(|p| *p != keep).collect();
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            killed.insert(*pid);
+        }
+        set(false);
+        if pids.is_empty() {
+            return Ok(killed.len());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Runtime {
+                command: format!("killing the tasks of sandbox {id}"),
+                message: format!("processes {pids:?} survived SIGKILL for 5 s"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn members(dirs: &[(&Hierarchy, PathBuf)]) -> Vec<i32> {
     let mut pids: Vec<i32> = dirs
         .iter()
@@ -443,6 +495,45 @@ fn cg_error(what: &str, p: &Path, e: std::io::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Real cgroups (root only; skipped elsewhere): the sandbox's init survives, every
+    /// other member is killed, and the cgroup is left thawed and in place.
+    #[test]
+    fn kill_all_but_spares_only_the_init() {
+        if !nix::unistd::geteuid().is_root() || hierarchies().is_empty() {
+            eprintln!("skipped: needs root and cgroups");
+            return;
+        }
+        let id = format!("test-kill-all-but-{}", std::process::id());
+        let cg = SandboxCgroup::create(&id, &Limits::default()).unwrap();
+        let spawn = || {
+            let procs = cg.procs_files();
+            let mut c = std::process::Command::new("sleep");
+            c.arg("100");
+            // SAFETY: `join` only makes async-signal-safe calls.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut c, move || join(&procs));
+            }
+            c.spawn().unwrap()
+        };
+        let mut init = spawn();
+        let mut task = spawn();
+        let killed = kill_all_but(&id, init.id() as i32).unwrap();
+        assert_eq!(killed, 1);
+        let st = task.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+        assert!(init.try_wait().unwrap().is_none(), "the init survives");
+        let frozen = hierarchies()
+            .iter()
+            .find(|h| h.has("freezer"))
+            .map(|h| read_trim(&h.dir(&id).join("freezer.state")));
+        assert!(
+            matches!(frozen.as_deref(), None | Some("THAWED")),
+            "{frozen:?}"
+        );
+        destroy(&id).unwrap();
+        let _ = init.wait();
+    }
 
     const HYBRID: &str = "\
 25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw

@@ -358,14 +358,57 @@ impl StdioPipes {
         ))
     }
 
+    /// Copies the container's stdout/stderr into its log, at most [`LOG_CAP`] bytes of log
+    /// in all (a restore appends to the boot's log). A task can write there through
+    /// guest-init's own stdout (`/proc/1/fd/1`), so the copy must be bounded; past the cap
+    /// the pipe is still read, and what comes discarded, so the sandbox never blocks on it.
     pub(crate) fn drain_in_background(self) {
-        let StdioPipes {
-            out_read, mut log, ..
-        } = self;
+        let StdioPipes { out_read, log, .. } = self;
         std::thread::spawn(move || {
-            let mut r = std::fs::File::from(out_read);
-            let _ = std::io::copy(&mut r, &mut log);
+            let already = log.metadata().map(|m| m.len()).unwrap_or(0);
+            let r = std::fs::File::from(out_read);
+            let _ = drain_capped(r, log, already, LOG_CAP);
         });
+    }
+}
+
+/// Most bytes of a container's stdout/stderr kept in its host-side log (`init.log`): plenty
+/// for guest-init's own diagnostics, which are a few lines.
+pub const LOG_CAP: u64 = 1 << 20;
+
+/// Reads `r` to its end, writing into `log` until it holds `cap` bytes (`already` are there),
+/// then one line saying the rest was discarded. Returns the bytes read in all.
+pub(crate) fn drain_capped(
+    mut r: impl std::io::Read,
+    mut log: impl std::io::Write,
+    already: u64,
+    cap: u64,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut kept = already;
+    let mut total = 0u64;
+    let mut noted = false;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        total += n as u64;
+        let room = usize::try_from(cap.saturating_sub(kept)).unwrap_or(usize::MAX);
+        let keep = n.min(room);
+        // A failing log (disk full) must not stop the draining: the sandbox would block.
+        if keep > 0 && log.write_all(&buf[..keep]).is_ok() {
+            kept += keep as u64;
+        }
+        if keep < n && !noted {
+            noted = true;
+            let _ = writeln!(
+                log,
+                "\n[thaw: this log is capped at {cap} bytes; the sandbox's further output is discarded]"
+            );
+        }
     }
 }
 
@@ -385,5 +428,31 @@ mod tests {
         let mut z = TailBuffer::new(0);
         z.push(b"xyz");
         assert_eq!((z.dropped, z.into_bytes().len()), (3, 0));
+    }
+
+    #[test]
+    fn the_log_stops_at_its_cap_but_the_pipe_is_drained_to_its_end() {
+        let input = vec![b'x'; 3 << 20];
+        let mut log = Vec::new();
+        let read = drain_capped(&input[..], &mut log, 0, 1 << 20).unwrap();
+        assert_eq!(
+            read,
+            3 << 20,
+            "everything is read, so the writer never blocks"
+        );
+        let text = String::from_utf8_lossy(&log);
+        assert!(text.starts_with(&"x".repeat(1 << 20)));
+        assert_eq!(text.matches("[thaw: this log is capped").count(), 1);
+        assert!(log.len() < (1 << 20) + 200, "{}", log.len());
+    }
+
+    #[test]
+    fn a_log_already_at_its_cap_takes_nothing_more() {
+        let mut log = Vec::new();
+        drain_capped(&b"abc"[..], &mut log, 10, 10).unwrap();
+        assert!(String::from_utf8_lossy(&log).contains("capped at 10 bytes"));
+        let mut log = Vec::new();
+        drain_capped(&b"abc"[..], &mut log, 5, 10).unwrap();
+        assert_eq!(log, b"abc");
     }
 }
