@@ -260,6 +260,7 @@ mod tests {
             snapshot: PathBuf::from(n),
             layers: Vec::new(),
             limits: String::new(),
+            ids: crate::container::userns::IdMap::range(0),
         }
     }
 
