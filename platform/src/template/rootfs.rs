@@ -350,7 +350,13 @@ async fn build_layer(
         mounts::mount_tmpfs(&disk, spec.build.disk_mib)?;
         let upper = disk.join("upper");
         let work = disk.join("work");
-        let merged = scratch.path.join("merged");
+        // The build's root is mounted where the build's own range can reach it (runc mounts
+        // it from inside the user namespace), as a sandbox's is: not in the cache (0700).
+        let root = BuildRoot(crate::container::SandboxDir {
+            root: paths.sandbox(&format!("build-{}", uuid::Uuid::new_v4().simple())),
+        });
+        root.0.create(ids)?;
+        let merged = root.0.rootfs();
         // The build runs in the template's user namespace: its root is the range's first
         // uid, the base is seen through an idmapped mount, and what the build writes is
         // owned by range uids until it is shifted back below.
@@ -423,6 +429,17 @@ async fn build_layer(
     }
     .instrument(span)
     .await
+}
+
+/// A build's root directory under `sandboxes/`, torn down (unmounted, removed) however the
+/// build ends. It has a sandbox's owner record, so the crash sweep leaves it alone while its
+/// thaw lives and removes it after.
+struct BuildRoot(crate::container::SandboxDir);
+
+impl Drop for BuildRoot {
+    fn drop(&mut self) {
+        let _ = mounts::teardown_dir(&self.0.root);
+    }
 }
 
 /// An out-of-space error while copying `files` is the build's disk limit, said so.
