@@ -399,3 +399,76 @@ fn no_writable_path_in_a_sandbox_is_backed_by_the_hosts_disk() {
     }
     home.assert_clean();
 }
+
+/// Strips the uid range from every record in `home`'s store, as a thaw from before user
+/// namespaces wrote them (the field did not exist; serde reads it as absent).
+fn forget_ranges(home: &Home) {
+    use thaw_platform::store::{Meta, Store};
+    let meta = Meta::new(home.path().join("meta.sled"));
+    meta.with(|s| {
+        for tree in [Store::templates_tree(), Store::sessions_tree()] {
+            let keys: Vec<String> = s
+                .list::<serde_json::Value>(tree)?
+                .iter()
+                .filter_map(|v| {
+                    v["name"]
+                        .as_str()
+                        .map(|n| format!("local/{n}"))
+                        .or_else(|| v["session"]["id"].as_str().map(String::from))
+                })
+                .collect();
+            for k in keys {
+                s.update::<serde_json::Value>(tree, &k, |v| {
+                    Ok(v.map(|mut v| {
+                        if let Some(o) = v.as_object_mut() {
+                            o.remove("ids");
+                        }
+                        v
+                    }))
+                })?;
+            }
+        }
+        Ok(())
+    })
+    .expect("rewriting the store");
+}
+
+/// A template or session stored by a thaw from before user namespaces would restore with
+/// sandbox root as host root. It is not restored: the template becomes `needs_rebuild` with
+/// the reason and the command that fixes it, the session refuses to resume naming its
+/// removal, and a redeploy brings the template back. Nothing else stored is lost.
+#[test]
+fn records_from_before_user_namespaces_are_not_restored_but_rebuilt() {
+    let home = Home::new();
+    home.deploy("shell");
+    let id = home
+        .run(&["session", "new", "shell"])
+        .ok()
+        .stdout()
+        .trim()
+        .to_string();
+    home.run(&["session", "pause", &id]).ok();
+    forget_ranges(&home);
+
+    let inv = home.run(&["invoke", "shell", "--payload", "{}"]);
+    assert_eq!(inv.code(), 1, "{}", inv.stdout());
+    let err = inv.stderr();
+    assert!(
+        err.contains("needs_rebuild") && err.contains("user") && err.contains("thaw deploy"),
+        "{err}"
+    );
+    let ls = home.run(&["--json", "templates", "ls"]).ok().stdout();
+    assert!(ls.contains("needs_rebuild"), "{ls}");
+    let resume = home.run(&["session", "resume", &id]);
+    assert_ne!(resume.code(), 0);
+    assert!(
+        resume.stderr().contains("thaw session rm"),
+        "{}",
+        resume.stderr()
+    );
+    // The session is still there to remove; the template publishes again and serves.
+    home.run(&["session", "rm", &id]).ok();
+    home.deploy("shell");
+    home.run(&["invoke", "shell", "--payload", "{}"]).ok();
+    home.assert_clean();
+}
