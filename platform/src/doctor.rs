@@ -162,6 +162,18 @@ pub fn run() -> Report {
             ))
         },
     ));
+    checks.push(check(
+        "user namespaces",
+        true,
+        crate::container::userns::probe().map_err(|e| {
+            (
+                format!("sandboxes cannot run in user namespaces: {e}"),
+                "use Linux 5.19 or later with user namespaces enabled \
+                 (sysctl user.max_user_namespaces > 0), and run thaw as root"
+                    .into(),
+            )
+        }),
+    ));
     let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     checks.push(check(
         "overlayfs",

@@ -253,6 +253,34 @@ pub fn mount_idmapped(src: &Path, dst: &Path, map: IdMap) -> Result<()> {
     Ok(())
 }
 
+/// Whether this host can run sandboxes in user namespaces with idmapped layers: makes an
+/// idmapped mount of a scratch directory and checks that its owner moved into the range.
+pub fn probe() -> std::result::Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let scratch = std::env::temp_dir().join(format!("thaw-idmap-probe-{}", std::process::id()));
+    let (src, dst) = (scratch.join("src"), scratch.join("dst"));
+    let map = IdMap::range(0);
+    let r = (|| {
+        std::fs::create_dir_all(&src).map_err(|e| e.to_string())?;
+        mount_idmapped(&src, &dst, map).map_err(|e| e.to_string())?;
+        let uid = std::fs::metadata(&dst).map(|m| m.uid());
+        let _ = nix::mount::umount2(&dst, nix::mount::MntFlags::MNT_DETACH);
+        match uid {
+            Ok(u) if u == map.root() => Ok(format!(
+                "idmapped mounts work; sandbox root is host uid {}+ (one range per template)",
+                map.root()
+            )),
+            Ok(u) => Err(format!(
+                "an idmapped mount showed uid {u}, not {}",
+                map.root()
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    r
+}
+
 /// Gives every entry under `dir` (itself included, symlinks not followed) to the range's
 /// root: checkpoint images that a restore reads from inside the sandbox's user namespace.
 pub fn chown_tree(dir: &Path, map: IdMap) -> Result<()> {
