@@ -123,6 +123,15 @@ fn as_nobody(script: &str) -> std::process::Output {
         .expect("su (util-linux) is installed")
 }
 
+/// A new session of the `shell` template, through the embedded engine.
+fn local_session(home: &Home) -> String {
+    home.run(&["session", "new", "shell"])
+        .ok()
+        .stdout()
+        .trim()
+        .to_string()
+}
+
 fn sandbox_dir(home: &Home, id: &str) -> PathBuf {
     home.path().join("sandboxes").join(id)
 }
@@ -241,12 +250,7 @@ fn a_sandbox_cannot_hijack_another_tenants_guest_init_nor_break_its_own_session(
 fn a_setuid_file_made_in_a_sandbox_gives_a_local_user_nothing() {
     let home = Home::new();
     home.deploy("shell");
-    let id = home
-        .run(&["session", "new", "shell"])
-        .ok()
-        .stdout()
-        .trim()
-        .to_string();
+    let id = local_session(&home);
     let sh = |script: &str| home.run(&["session", "exec", &id, "--", "sh", "-c", script]);
     sh("cp /bin/busybox /tmp/busybox-suid && chmod 4755 /tmp/busybox-suid").ok();
     let root = root_outside(&sh("cat /proc/self/uid_map").ok().stdout());
@@ -322,12 +326,7 @@ fn a_local_user_reads_nothing_of_thaws_state() {
     home.env
         .push(("THAW_CACHE".into(), cache.path().display().to_string()));
     home.deploy("shell");
-    let id = home
-        .run(&["session", "new", "shell"])
-        .ok()
-        .stdout()
-        .trim()
-        .to_string();
+    let id = local_session(&home);
     let h = home.path().display().to_string();
     let c = cache.path().display().to_string();
     for path in [
@@ -441,12 +440,7 @@ fn forget_ranges(home: &Home) {
 fn records_from_before_user_namespaces_are_not_restored_but_rebuilt() {
     let home = Home::new();
     home.deploy("shell");
-    let id = home
-        .run(&["session", "new", "shell"])
-        .ok()
-        .stdout()
-        .trim()
-        .to_string();
+    let id = local_session(&home);
     home.run(&["session", "pause", &id]).ok();
     forget_ranges(&home);
 
