@@ -523,7 +523,8 @@ async fn device_tree(live: &thaw_platform::engine::Live) -> String {
 fn a_clone_sees_the_same_dev_and_cgroup_nodes_as_a_cold_boot() {
     let home = Home::new();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = counter_template(tmp.path(), "");
+    // With the cgroup view, so that a v1 host's /sys/fs/cgroup tmpfs is restored too.
+    let dir = counter_template(tmp.path(), "[limits]\ncgroup_view = true\n");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let engine = deployed_engine(&home, &dir).await;

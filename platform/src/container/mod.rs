@@ -201,6 +201,7 @@ impl ContainerTier {
             cpu_quota_us: Some(spec.limits.vcpus as u64 * 100_000),
             pids: Some(spec.limits.pids),
             ids: spec.ids,
+            cgroup_view: spec.limits.cgroup_view,
             guest_init: Some(guest_init.to_path_buf()),
             cgroup_path: format!("/thaw/{}", spec.id),
             criu_config: Some(self.criu_config_for(spec.memory)),

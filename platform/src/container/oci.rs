@@ -37,6 +37,8 @@ pub struct ContainerConfig {
     pub pids: Option<u64>,
     /// The user namespace's mapping: root inside is `ids.host_base` outside.
     pub ids: super::userns::IdMap,
+    /// Mount the read-only `/sys/fs/cgroup` view (the template's `limits.cgroup_view`).
+    pub cgroup_view: bool,
     /// The static guest-init binary, bind-mounted read-only at [`GUEST_INIT_PATH`].
     pub guest_init: Option<PathBuf>,
     /// cgroup path below each hierarchy root.
@@ -90,9 +92,13 @@ pub fn render(c: &ContainerConfig) -> Value {
                "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
                "options": ["nosuid", "noexec", "nodev", "ro"]}),
-        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-               "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
     ];
+    if c.cgroup_view {
+        mounts.push(
+            json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+               "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
+        );
+    }
     if let Some(init) = &c.guest_init {
         mounts.push(json!({"destination": GUEST_INIT_PATH, "type": "bind",
             "source": init, "options": ["bind", "ro", "nosuid", "nodev"]}));
@@ -186,6 +192,7 @@ mod tests {
             cpu_quota_us: Some(100_000),
             pids: Some(64),
             ids: crate::container::userns::IdMap::range(3),
+            cgroup_view: false,
             guest_init: Some("/gi".into()),
             cgroup_path: "/thaw/x".into(),
             criu_config: Some("/c.conf".into()),
@@ -255,6 +262,29 @@ mod tests {
         assert!(rules
             .iter()
             .any(|r| r["names"] == json!(["clone"]) && r["args"][0]["op"] == "SCMP_CMP_MASKED_EQ"));
+    }
+
+    #[test]
+    fn the_cgroup_view_is_mounted_only_when_the_template_asks() {
+        let has_view = |v: &Value| {
+            v["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["destination"] == "/sys/fs/cgroup")
+        };
+        let mut c = cfg();
+        assert!(!has_view(&render(&c)));
+        c.cgroup_view = true;
+        let v = render(&c);
+        assert!(has_view(&v));
+        let view = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/sys/fs/cgroup")
+            .unwrap();
+        assert!(view["options"].as_array().unwrap().contains(&json!("ro")));
     }
 
     #[test]

@@ -509,6 +509,7 @@ async fn run_setup(
             cpu_quota_us: Some(u64::from(b.vcpus) * 100_000),
             pids: Some(b.pids),
             ids,
+            cgroup_view: false,
             guest_init: None,
             cgroup_path: format!("/{}/{id}", crate::container::cgroups::PARENT),
             criu_config: None,

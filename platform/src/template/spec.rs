@@ -127,6 +127,12 @@ pub struct Limits {
     pub timeout_s: u64,
     #[serde(default = "d_output")]
     pub output_kib: u64,
+    /// Mount the read-only cgroup view (`/sys/fs/cgroup`) in the sandbox, for tasks that read
+    /// their own limits there (a JVM, Go's runtime). Off by default: on a cgroup v1 host it
+    /// is nine mounts that every restore recreates, each through CRIU's user-namespace
+    /// daemon (docs/benchmarks.md), and it shows the host's controller layout.
+    #[serde(default)]
+    pub cgroup_view: bool,
 }
 
 fn d_vcpus() -> u32 {
@@ -157,6 +163,7 @@ impl Default for Limits {
             disk_mib: d_disk(),
             timeout_s: d_timeout(),
             output_kib: d_output(),
+            cgroup_view: false,
         }
     }
 }
