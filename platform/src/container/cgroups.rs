@@ -403,25 +403,10 @@ pub fn kill_all_but(id: &str, keep: i32) -> Result<usize> {
         .map(|h| (h, h.dir(id)))
         .filter(|(_, d)| d.exists())
         .collect();
-    let freeze = dirs
-        .iter()
-        .find(|(h, _)| h.has("freezer"))
-        .map(|(_, d)| (d.join("freezer.state"), "FROZEN", "THAWED"))
-        .or_else(|| {
-            dirs.iter()
-                .find(|(h, _)| h.v2)
-                .map(|(_, d)| (d.join("cgroup.freeze"), "1", "0"))
-                .filter(|(p, _, _)| p.exists())
-        });
-    let set = |frozen: bool| {
-        if let Some((f, on, off)) = &freeze {
-            let _ = std::fs::write(f, if frozen { on } else { off });
-        }
-    };
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut killed = std::collections::BTreeSet::new();
     loop {
-        set(true);
+        let frozen = freeze(id);
         let pids: Vec<i32> = members(&dirs).into_iter().filter(|p| *p != keep).collect();
         for pid in &pids {
             let _ = nix::sys::signal::kill(
@@ -430,7 +415,7 @@ pub fn kill_all_but(id: &str, keep: i32) -> Result<usize> {
             );
             killed.insert(*pid);
         }
-        set(false);
+        drop(frozen);
         if pids.is_empty() {
             return Ok(killed.len());
         }

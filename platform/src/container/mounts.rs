@@ -1,6 +1,6 @@
 //! Host-side mounts of a sandbox: a size-capped tmpfs that holds the private overlay upper
 //! directory (so the template's `disk_mib` limit is enforced by the kernel), and the overlayfs
-//! root that stacks it on the template's read-only layers.
+//! root that stacks it on idmapped views of the template's read-only layers.
 
 use std::path::{Path, PathBuf};
 
@@ -24,21 +24,6 @@ pub fn mount_tmpfs(target: &Path, size_mib: u64) -> Result<()> {
         command: format!("mount tmpfs {}", target.display()),
         message: format!("{e} (thaw must run as root)"),
     })
-}
-
-/// Mounts an overlay of `lowers` (top first) + `upper` at `target`.
-pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<()> {
-    for d in [upper, work] {
-        std::fs::create_dir_all(d).ctx("creating overlay directory", d)?;
-    }
-    // index=off: CRIU cannot dump overlay mounts that use inode indexing across restores, and
-    // we never hard-link across layers.
-    let rw = format!(
-        ",upperdir={},workdir={},index=off",
-        upper.display(),
-        work.display()
-    );
-    overlay(lowers, &rw, MsFlags::empty(), target)
 }
 
 /// A sandbox's root: an overlay of idmapped views of `lowers` (top first) under `upper`,
@@ -80,6 +65,8 @@ pub fn mount_sandbox_root(
         mapped.push(at);
     }
     if result.is_ok() {
+        // index=off: CRIU cannot dump overlay mounts that use inode indexing across
+        // restores, and we never hard-link across layers.
         let rw = format!(
             ",upperdir={},workdir={},index=off",
             upper.display(),

@@ -281,31 +281,11 @@ pub fn probe() -> std::result::Result<String, String> {
     r
 }
 
-/// Gives every entry under `dir` (itself included, symlinks not followed) to the range's
-/// root: checkpoint images that a restore reads from inside the sandbox's user namespace.
-pub fn chown_tree(dir: &Path, map: IdMap) -> Result<()> {
-    let owner = Some(nix::unistd::Uid::from_raw(map.root()));
-    let group = Some(nix::unistd::Gid::from_raw(map.root()));
-    for entry in walkdir::WalkDir::new(dir).follow_links(false) {
-        let entry = entry.map_err(|e| Error::Other(format!("walking {}: {e}", dir.display())))?;
-        nix::unistd::fchownat(
-            None,
-            entry.path(),
-            owner,
-            group,
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| Error::io("chown", entry.path(), e.into()))?;
-    }
-    Ok(())
-}
-
 /// Moves the owners of every entry under `dir` (symlinks not followed) between canonical
 /// ids (`0..size`, how layers are stored in the cache) and the range (`host_base..`, how a
 /// sandbox's upper directory holds them). Entries already on the target side are left as
 /// they are, so a second visit (a hard link) changes nothing.
 pub fn shift_owners(dir: &Path, map: IdMap, into_range: bool) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     let shift = |id: u32| -> Option<u32> {
         if into_range && id < map.size {
             Some(id + map.host_base)
@@ -315,12 +295,25 @@ pub fn shift_owners(dir: &Path, map: IdMap, into_range: bool) -> Result<()> {
             None
         }
     };
+    rechown(dir, |uid, gid| (shift(uid), shift(gid)))
+}
+
+/// Gives every entry under `dir` (itself included, symlinks not followed) to the range's
+/// root: checkpoint images that a restore reads from inside the sandbox's user namespace.
+pub fn chown_tree(dir: &Path, map: IdMap) -> Result<()> {
+    rechown(dir, |_, _| (Some(map.root()), Some(map.root())))
+}
+
+/// Walks `dir` (itself included, symlinks not followed) and gives each entry the owner and
+/// group `to(uid, gid)` names; `None` leaves that id as it is.
+fn rechown(dir: &Path, to: impl Fn(u32, u32) -> (Option<u32>, Option<u32>)) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
     for entry in walkdir::WalkDir::new(dir).follow_links(false) {
         let entry = entry.map_err(|e| Error::Other(format!("walking {}: {e}", dir.display())))?;
         let meta = entry
             .metadata()
             .map_err(|e| Error::Other(format!("{}: {e}", entry.path().display())))?;
-        let (uid, gid) = (shift(meta.uid()), shift(meta.gid()));
+        let (uid, gid) = to(meta.uid(), meta.gid());
         if uid.is_none() && gid.is_none() {
             continue;
         }
