@@ -102,8 +102,8 @@ fail "switch_root to $init failed"
     )
 }
 
-/// One archive member.
-enum Entry<'a> {
+/// One member of a newc archive (paths relative, without a leading `/`).
+pub enum Entry<'a> {
     Dir(&'a str),
     File(&'a str, u32, Vec<u8>),
     Symlink(&'a str, &'a str),
@@ -111,7 +111,7 @@ enum Entry<'a> {
 }
 
 /// Writes a newc (`070701`) cpio archive.
-fn write_newc(entries: &[Entry<'_>]) -> Vec<u8> {
+pub fn write_newc(entries: &[Entry<'_>]) -> Vec<u8> {
     fn pad4(v: &mut Vec<u8>) {
         let pad = (4 - v.len() % 4) % 4;
         v.resize(v.len() + pad, 0);

@@ -1,0 +1,246 @@
+//! The nested guest (L1): Debian's kernel with the KVM modules, a busybox initramfs, and the
+//! script that runs the tests inside it.
+//!
+//! L1's root is the host's own root, exported read-only over virtio-9p and made writable by
+//! an overlay whose upper half is a scratch ext4 disk. So every path the test binaries were
+//! built with (their `CARGO_MANIFEST_DIR`, `thaw`, guest-init, Cloud Hypervisor, GNU tar,
+//! mkfs.ext4 and their libraries) resolves inside L1 as it does on the host, with nothing
+//! copied, and nothing L1 writes reaches the host. thaw's cache inside L1 is on the scratch
+//! disk itself (ext4), because the template builds idmap their base layers and neither 9p nor
+//! overlayfs supports idmapped mounts in this kernel.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use thaw_microvm::image::initramfs::{write_newc, Entry};
+use thaw_microvm::image::{build_kernel, download_kernel_deb, ImageCache, Kernel};
+
+use crate::cargo::TestBinary;
+
+/// What L1 loads, in dependency order after resolution: KVM on AMD SVM (QEMU TCG's `-cpu max`
+/// emulates SVM with nested paging), the virtio transports for its disk and the host's root,
+/// 9p, overlayfs and ext4.
+pub const L1_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_rng",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "ext4",
+    "kvm_amd",
+];
+
+/// Inside L1: where the scratch disk is mounted, and thaw's cache on it.
+pub const SCRATCH: &str = "/scratch";
+pub const L1_CACHE: &str = "/scratch/cache";
+/// Where each test binary's full output is kept on the scratch disk.
+pub const OUT_DIR: &str = "out";
+
+/// Console markers the host reads (see [`crate::run`]).
+pub const READY: &str = "THAW-L1-READY";
+pub const BEGIN: &str = "THAW-L1-BEGIN";
+pub const RESULT: &str = "THAW-L1-RESULT";
+pub const DONE: &str = "THAW-L1-DONE";
+pub const FATAL: &str = "THAW-L1-FATAL";
+
+/// L1's kernel, built from the same Debian package as the microvm tier's guest kernel.
+pub fn kernel(cache: &ImageCache) -> Result<Kernel> {
+    let deb = download_kernel_deb(cache).context("downloading Debian's kernel package")?;
+    build_kernel(cache, &deb, L1_MODULES).context("building L1's kernel and modules")
+}
+
+/// Everything the run script needs to know.
+pub struct Plan<'a> {
+    pub binaries: &'a [TestBinary],
+    pub env: &'a [(String, String)],
+    /// Hard limit on each test binary, inside L1.
+    pub binary_timeout_s: u64,
+    pub test_threads: u32,
+    /// Extra arguments for every test binary (a name filter, `--ignored`).
+    pub test_args: &'a [String],
+}
+
+/// Writes L1's initramfs (zstd newc cpio) to `out`.
+pub fn write_initramfs(kernel: &Kernel, busybox: &Path, plan: &Plan<'_>, out: &Path) -> Result<()> {
+    let order = std::fs::read_to_string(kernel.modules_dir.join("load-order"))
+        .context("reading L1's module load order")?;
+    let modules: Vec<&str> = order.lines().filter(|l| !l.is_empty()).collect();
+    let busybox_bytes =
+        std::fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
+    let names: Vec<String> = modules
+        .iter()
+        .map(|m| format!("lib/modules/{m}.ko"))
+        .collect();
+    let mut entries = vec![
+        Entry::Dir("bin"),
+        Entry::Dir("dev"),
+        Entry::CharDev("dev/console", 5, 1),
+        Entry::Dir("proc"),
+        Entry::Dir("sys"),
+        Entry::Dir("host"),
+        Entry::Dir("scratch"),
+        Entry::Dir("newroot"),
+        Entry::Dir("lib"),
+        Entry::Dir("lib/modules"),
+        Entry::File("bin/busybox", 0o755, busybox_bytes),
+        Entry::Symlink("bin/sh", "busybox"),
+        Entry::File("init", 0o755, init_script().into_bytes()),
+        Entry::File("run.sh", 0o755, run_script(plan).into_bytes()),
+        Entry::File("lib/modules/load-order", 0o644, order.as_bytes().to_vec()),
+    ];
+    for (m, name) in modules.iter().zip(&names) {
+        let ko = kernel.modules_dir.join(format!("{m}.ko"));
+        let bytes = std::fs::read(&ko).with_context(|| format!("reading {}", ko.display()))?;
+        entries.push(Entry::File(name, 0o644, bytes));
+    }
+    let cpio = write_newc(&entries);
+    // Level 3: the archive is rebuilt every run (its script names this run's binaries).
+    let z = zstd::encode_all(&cpio[..], 3).context("compressing L1's initramfs")?;
+    std::fs::write(out, z).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+/// L1's `/init`: modules, the host's root over 9p, the scratch disk, the overlay, then the run
+/// script as PID 1 of the new root. Any failure prints [`FATAL`] and powers off, so the host
+/// sees why at once instead of waiting for its timeout.
+fn init_script() -> String {
+    format!(
+        r#"#!/bin/sh
+export PATH=/bin
+fail() {{ echo "{FATAL}: $*"; echo o > /proc/sysrq-trigger; sleep 5; exit 1; }}
+/bin/busybox --install -s /bin
+mount -t proc proc /proc || fail "mount proc"
+mount -t sysfs sysfs /sys || fail "mount sysfs"
+mount -t devtmpfs devtmpfs /dev || fail "mount devtmpfs"
+echo 1 > /proc/sys/kernel/sysrq
+while read -r m; do
+  [ -n "$m" ] && {{ insmod "/lib/modules/$m.ko" || fail "insmod $m"; }}
+done < /lib/modules/load-order
+# cache=loose: the export is read-only and nothing changes it while L1 runs.
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host \
+  || fail "mount the host's root over 9p"
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+mount -t ext4 /dev/vda {SCRATCH} || fail "mount the scratch disk /dev/vda"
+mkdir -p {SCRATCH}/upper {SCRATCH}/work
+mount -t overlay -o lowerdir=/host,upperdir={SCRATCH}/upper,workdir={SCRATCH}/work overlay /newroot \
+  || fail "overlay over the host's root"
+mount --move {SCRATCH} /newroot{SCRATCH} 2>/dev/null || {{
+  mkdir -p /newroot{SCRATCH} && mount --move {SCRATCH} /newroot{SCRATCH}; }} || fail "move {SCRATCH}"
+# The kernel file systems of the new root, mounted here by busybox (the run script's first
+# commands need /proc), on top of the host's directories of those names.
+mount -t proc proc /newroot/proc || fail "proc in the new root"
+mount -t sysfs sysfs /newroot/sys || fail "sysfs in the new root"
+mount -t devtmpfs devtmpfs /newroot/dev || fail "devtmpfs in the new root"
+mount -t tmpfs -o mode=0755 tmpfs /newroot/run || fail "tmpfs /run"
+mkdir -p /newroot/run/thaw-l1 && cp /run.sh /newroot/run/thaw-l1/run.sh || fail "copy run.sh"
+umount /proc /sys 2>/dev/null
+exec switch_root /newroot /bin/bash /run/thaw-l1/run.sh
+fail "switch_root"
+"#
+    )
+}
+
+/// Quotes a string for bash.
+fn q(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn qp(p: &Path) -> String {
+    q(&p.to_string_lossy())
+}
+
+/// The run script: PID 1 of L1 after `switch_root`. Mounts what a Linux host has, checks KVM,
+/// runs each test binary under `timeout`, prints a [`RESULT`] line per binary and [`DONE`],
+/// then powers off.
+fn run_script(plan: &Plan<'_>) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"#!/bin/bash
+set -u
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+fatal() {{ echo "{FATAL}: $*"; sync; echo o > /proc/sysrq-trigger; sleep 5; }}
+mkdir -p /dev/pts /dev/shm /dev/mqueue
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+mount -t mqueue mqueue /dev/mqueue
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+echo '+cpu +memory +pids +io' > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+hostname thaw-l1
+ip link set lo up 2>/dev/null
+ulimit -n 65536
+[ -r /proc/meminfo ] || fatal "no /proc in L1"
+[ -c /dev/kvm ] || fatal "no /dev/kvm in L1: kvm_amd did not load (does QEMU's -cpu max emulate SVM here?)"
+echo "{READY} $(uname -r) cpus=$(nproc) mem=$(awk '/MemTotal/{{print $2}}' /proc/meminfo)kB flags=$(grep -m1 -o -w -e svm -e npt /proc/cpuinfo | tr '\n' ' ')"
+mkdir -p {L1_CACHE} {SCRATCH}/{OUT_DIR}
+"#
+    );
+    for (k, v) in plan.env {
+        let _ = writeln!(s, "export {k}={}", q(v));
+    }
+    let args: Vec<String> = plan.test_args.iter().map(|a| q(a)).collect();
+    let args = args.join(" ");
+    let _ = write!(
+        s,
+        r#"run_one() {{
+  local name=$1 dir=$2 bin=$3 log="{SCRATCH}/{OUT_DIR}/$(echo "$1" | tr / _).log"
+  echo "{BEGIN} $name"
+  local t0=$(date +%s)
+  (cd "$dir" && exec timeout -k 20 {timeout} "$bin" {args} --test-threads {threads}) 2>&1 | tee "$log"
+  local rc=${{PIPESTATUS[0]}}
+  echo "{RESULT} $name rc=$rc secs=$(( $(date +%s) - t0 ))"
+  if [ "$rc" != 0 ]; then
+    # The sandboxes' own logs, for the host to print: consoles and VMM logs still on disk.
+    find /tmp /var/lib/thaw -xdev \( -name console.log -o -name 'vmm*.log' -o -name init.log \) \
+      -newer /run/thaw-l1/run.sh 2>/dev/null | head -n 20 | while read -r f; do
+        echo "== tail of $f"; tail -n 30 "$f"; done > "{SCRATCH}/{OUT_DIR}/$(echo "$name" | tr / _).sandbox-logs" 2>&1
+  fi
+}}
+"#,
+        timeout = plan.binary_timeout_s,
+        threads = plan.test_threads,
+    );
+    for b in plan.binaries {
+        let _ = writeln!(s, "run_one {} {} {}", q(&b.name), qp(&b.cwd), qp(&b.path));
+    }
+    let _ = write!(
+        s,
+        r#"echo "{DONE}"
+sync
+echo o > /proc/sysrq-trigger
+sleep 10
+"#
+    );
+    s
+}
+
+/// The scratch disk's file name for a binary's log (as the run script names it).
+pub fn log_name(binary: &str) -> String {
+    format!("{}.log", binary.replace('/', "_"))
+}
+
+pub fn sandbox_logs_name(binary: &str) -> String {
+    format!("{}.sandbox-logs", binary.replace('/', "_"))
+}
+
+/// A file of the scratch disk, read without mounting it (`debugfs`).
+pub fn read_scratch(image: &Path, rel: &str) -> Option<String> {
+    let out = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat /{rel}"))
+        .arg(image)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if out.status.success() && !out.stdout.is_empty() {
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        None
+    }
+}
+
+pub fn busybox() -> PathBuf {
+    PathBuf::from("/bin/busybox")
+}

@@ -1,0 +1,330 @@
+//! `thaw-nested`: runs thaw's real-Cloud-Hypervisor tests on real KVM.
+//!
+//! Those tests are `#[ignore]`d in a plain `cargo test` (they need hardware virtualization,
+//! and this project's CI host has only a PVM `/dev/kvm`), so they show as ignored, never as
+//! passed. This command runs exactly them (`--ignored`):
+//!
+//! * **natively**, where Cloud Hypervisor and hardware KVM work here;
+//! * else **nested**: QEMU's software emulation (TCG) emulates AMD SVM with nested paging, so
+//!   a Linux guest of it (L1) gets a real `/dev/kvm` and runs real Cloud Hypervisor, whose own
+//!   guests (L2) are the sandboxes. Speeds inside mean nothing; behaviour is the real thing.
+//!   See `guest.rs` for L1's layout and `scratch.rs` for what is pre-filled.
+//! * where neither works (no QEMU), it says so and exits 0 having run nothing: "this host
+//!   lacks X" is the only reason to skip.
+//!
+//! Every test binary has a hard timeout inside L1, and L1 as a whole one on the host. On any
+//! failure the tails of L1's console, the failed binaries' output and the sandboxes' console,
+//! VMM and init logs are printed.
+
+mod cargo;
+mod guest;
+mod run;
+mod scratch;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use thaw_microvm::image::{build_guest_image, ImageCache, DEFAULT_GUEST_INIT_PATH};
+use thaw_microvm::{cloud_hypervisor_available, Availability};
+
+/// The real-Cloud-Hypervisor tests: (package, test targets).
+const SUITES: &[(&str, &[&str])] = &[
+    ("thaw-microvm", &["cloud_hypervisor"]),
+    ("thaw-e2e", &["microvm"]),
+];
+
+/// Templates whose layers the tests deploy on the microvm tier.
+const TEMPLATES: &[&str] = &["templates/shell", "templates/python"];
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Run thaw's real Cloud Hypervisor tests on real KVM (nested under QEMU TCG where needed)"
+)]
+struct Args {
+    /// The Cloud Hypervisor binary (`scripts/build-cloud-hypervisor.sh` prints one).
+    #[arg(long, env = "THAW_CLOUD_HYPERVISOR")]
+    cloud_hypervisor: PathBuf,
+    /// A static guest-init (`make guest-init`).
+    #[arg(long, env = "THAW_GUEST_INIT")]
+    guest_init: PathBuf,
+    /// The `thaw` binary the end-to-end tests run (built with the test binaries' profile).
+    #[arg(long, default_value = "target/debug/thaw")]
+    thaw: PathBuf,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: String,
+    /// Working directory for L1's kernel, initramfs, scratch disk and console log.
+    #[arg(long, default_value = "target/nested")]
+    workdir: PathBuf,
+    /// Hard limit on the whole nested run, in minutes.
+    #[arg(long, default_value_t = 45)]
+    timeout_min: u64,
+    /// Hard limit on each test binary, in seconds.
+    #[arg(long, default_value_t = 1500)]
+    binary_timeout_s: u64,
+    /// L1's memory.
+    #[arg(long, default_value_t = 8192)]
+    memory_mib: u64,
+    /// L1's vCPUs (QEMU runs one host thread per vCPU).
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
+    /// Test threads per binary.
+    #[arg(long, default_value_t = 1)]
+    test_threads: u32,
+    /// Only tests whose name contains this (passed to each test binary).
+    #[arg(long)]
+    filter: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match real_main(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("[nested] error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(args: &Args) -> Result<bool> {
+    let workspace = std::env::current_dir().context("current directory")?;
+    if !workspace.join("Cargo.toml").is_file() {
+        bail!("run thaw-nested from the workspace root (make test-microvm does)");
+    }
+    let ch = absolute(&args.cloud_hypervisor)?;
+    let guest_init = absolute(&args.guest_init)?;
+    let thaw = absolute(&args.thaw)?;
+    for (what, p) in [
+        ("Cloud Hypervisor", &ch),
+        ("guest-init", &guest_init),
+        ("thaw", &thaw),
+    ] {
+        if !p.is_file() {
+            bail!(
+                "{what} not found at {}: build it first (make test-microvm does)",
+                p.display()
+            );
+        }
+    }
+    let mut test_args = vec!["--ignored".to_string()];
+    test_args.extend(args.filter.clone());
+
+    let mut binaries = Vec::new();
+    for (package, tests) in SUITES {
+        binaries.extend(cargo::build_tests(&workspace, package, tests)?);
+    }
+
+    // Natively where this host runs VMs for real.
+    std::env::set_var(thaw_microvm::availability::BIN_ENV, &ch);
+    if let Availability::Available { version, .. } = cloud_hypervisor_available() {
+        eprintln!("[nested] this host runs VMs ({version}): running the real tests natively");
+        return native(&binaries, &test_args, &ch, &guest_init, args);
+    }
+    if thaw_microvm::util::find_on_path(&args.qemu).is_none() {
+        println!(
+            "skipped: the real Cloud Hypervisor tests ({} binaries): this host has no hardware virtualization and no {} to nest it in (apt-get install qemu-system-x86)",
+            binaries.len(),
+            args.qemu
+        );
+        return Ok(true);
+    }
+    nested(
+        &workspace,
+        &binaries,
+        &test_args,
+        &ch,
+        &guest_init,
+        &thaw,
+        args,
+    )
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+fn native(
+    binaries: &[cargo::TestBinary],
+    test_args: &[String],
+    ch: &Path,
+    guest_init: &Path,
+    args: &Args,
+) -> Result<bool> {
+    let mut ok = true;
+    for b in binaries {
+        eprintln!("[nested] ---- {}", b.name);
+        let mut child = Command::new(&b.path)
+            .args(test_args)
+            .args(["--test-threads", &args.test_threads.to_string()])
+            .current_dir(&b.cwd)
+            .env("THAW_CLOUD_HYPERVISOR", ch)
+            .env("THAW_GUEST_INIT", guest_init)
+            .spawn()
+            .with_context(|| format!("running {}", b.path.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(args.binary_timeout_s);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => {
+                eprintln!("[nested] {} failed: {s}", b.name);
+                ok = false;
+            }
+            None => {
+                eprintln!(
+                    "[nested] {} killed after {} s",
+                    b.name, args.binary_timeout_s
+                );
+                ok = false;
+            }
+        }
+    }
+    Ok(ok)
+}
+
+fn nested(
+    workspace: &Path,
+    binaries: &[cargo::TestBinary],
+    test_args: &[String],
+    ch: &Path,
+    guest_init: &Path,
+    thaw: &Path,
+    args: &Args,
+) -> Result<bool> {
+    let t0 = Instant::now();
+    let workdir = workspace.join(&args.workdir);
+    std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+    let host_cache = thaw_platform::Paths::from_env().cache;
+    let images = ImageCache::new(host_cache.join("images")).context("the host's image cache")?;
+
+    eprintln!("[nested] preparing: L1 kernel, the sandboxes' guest image, template layers");
+    let l1_kernel = guest::kernel(&images)?;
+    build_guest_image(&images, &guest::busybox(), DEFAULT_GUEST_INIT_PATH)
+        .context("building the microvm guest image on the host")?;
+    let templates: Vec<PathBuf> = TEMPLATES.iter().map(|t| workspace.join(t)).collect();
+    let entries = scratch::entries_of(&templates)?;
+    let rootfs = host_cache.join("rootfs");
+    if !entries.iter().all(|e| rootfs.join(e).is_dir()) {
+        scratch::build_layers(thaw, &host_cache, &templates)?;
+    }
+
+    let scratch_img = workdir.join("scratch.img");
+    let staging = host_cache.with_file_name("thaw-nested-staging");
+    scratch::make(&scratch_img, 48, &host_cache, &entries, &staging)?;
+
+    let env: Vec<(String, String)> = vec![
+        ("THAW_CLOUD_HYPERVISOR".into(), ch.to_string_lossy().into()),
+        (
+            "THAW_GUEST_INIT".into(),
+            guest_init.to_string_lossy().into(),
+        ),
+        ("THAW_CACHE".into(), guest::L1_CACHE.into()),
+        (
+            "THAW_IMAGE_CACHE".into(),
+            format!("{}/images", guest::L1_CACHE),
+        ),
+        // Tests may lengthen their waits: every instruction here is emulated, twice over.
+        ("THAW_NESTED".into(), "1".into()),
+        ("RUST_BACKTRACE".into(), "1".into()),
+    ];
+    let plan = guest::Plan {
+        binaries,
+        env: &env,
+        binary_timeout_s: args.binary_timeout_s,
+        test_threads: args.test_threads,
+        test_args,
+    };
+    let initramfs = workdir.join("l1-initramfs.cpio.zst");
+    guest::write_initramfs(&l1_kernel, &guest::busybox(), &plan, &initramfs)?;
+    eprintln!(
+        "[nested] prepared in {} s; booting L1 (QEMU TCG, {} MiB, {} vCPUs, hard timeout {} min)",
+        t0.elapsed().as_secs(),
+        args.memory_mib,
+        args.cpus,
+        args.timeout_min
+    );
+
+    let console = workdir.join("console.log");
+    let qemu = run::Qemu {
+        binary: args.qemu.clone(),
+        kernel: l1_kernel.bz_image.clone(),
+        initramfs,
+        scratch: scratch_img.clone(),
+        console: console.clone(),
+        memory_mib: args.memory_mib,
+        cpus: args.cpus,
+        timeout: Duration::from_secs(args.timeout_min * 60),
+    };
+    let outcome = qemu.run()?;
+
+    let mut ok = outcome.done && !outcome.timed_out && outcome.fatal.is_none();
+    let mut failed = Vec::new();
+    for b in binaries {
+        match outcome.results.iter().find(|r| r.name == b.name) {
+            Some(r) if r.rc == 0 => {}
+            Some(r) => {
+                ok = false;
+                failed.push((b.name.clone(), format!("exit {}", r.rc)));
+            }
+            None => {
+                ok = false;
+                failed.push((b.name.clone(), "did not finish".into()));
+            }
+        }
+    }
+    println!("== real Cloud Hypervisor tests, nested under QEMU TCG (L1 wall {} s; speeds inside are not real hardware's)", outcome.wall.as_secs());
+    for s in &outcome.summaries {
+        println!("{s}");
+    }
+    for r in &outcome.results {
+        println!("{}: exit {} in {} s", r.name, r.rc, r.secs);
+    }
+    if !ok {
+        let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+        println!(
+            "== FAILED: {failed:?}{}{}",
+            if outcome.timed_out {
+                " (L1 timed out)"
+            } else {
+                ""
+            },
+            outcome
+                .fatal
+                .as_ref()
+                .map(|f| format!(" (L1: {f})"))
+                .unwrap_or_default()
+        );
+        println!("== tail of L1's console ({})", console.display());
+        println!("{}", run::tail(&console_text, 60));
+        for (name, _) in &failed {
+            if let Some(log) = guest::read_scratch(
+                &scratch_img,
+                &format!("{}/{}", guest::OUT_DIR, guest::log_name(name)),
+            ) {
+                println!("== tail of {name}'s output");
+                println!("{}", run::tail(&log, 120));
+            }
+            if let Some(logs) = guest::read_scratch(
+                &scratch_img,
+                &format!("{}/{}", guest::OUT_DIR, guest::sandbox_logs_name(name)),
+            ) {
+                println!("== sandbox console, VMM and init logs left by {name}");
+                println!("{}", run::tail(&logs, 200));
+            }
+        }
+    }
+    Ok(ok)
+}
