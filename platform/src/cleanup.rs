@@ -11,7 +11,8 @@ use std::path::Path;
 
 use tracing::{info, warn};
 
-use crate::container::{cgroups, mounts, runc::Runc};
+use crate::backend::Tiers;
+use crate::container::mounts;
 use crate::error::{IoContext, Result};
 use crate::paths::Paths;
 
@@ -101,10 +102,10 @@ pub struct SweepStats {
     pub temp_dirs: usize,
 }
 
-/// Destroys every orphaned sandbox, container and scratch directory under `paths`.
-pub async fn sweep(paths: &Paths) -> Result<SweepStats> {
+/// Destroys every orphaned sandbox, container and scratch directory under `paths`, each
+/// sandbox through the tier its directory belongs to ([`Tiers::of_dir`]).
+pub async fn sweep(paths: &Paths, tiers: &Tiers) -> Result<SweepStats> {
     let mut stats = SweepStats::default();
-    let runc = Runc::new(paths.runc_root());
     let sandboxes = paths.sandboxes();
     let mut live = std::collections::HashSet::new();
     if let Ok(rd) = std::fs::read_dir(&sandboxes) {
@@ -116,38 +117,16 @@ pub async fn sweep(paths: &Paths) -> Result<SweepStats> {
                 continue;
             }
             info!(sandbox = %id, "cleaning up orphaned sandbox");
-            match crate::microvm::tier_of_dir(&dir) {
-                crate::tier::Tier::Microvm => crate::microvm::kill_orphan_vmm(&dir),
-                crate::tier::Tier::Container => {
-                    // runc's, or thaw's own (a clone restored by CRIU directly): runc
-                    // ignores an id it does not know, and its delete leaves no cgroup.
-                    if let Err(e) = runc.delete(&id).await {
-                        warn!(sandbox = %id, error = %e, "runc delete of orphan");
-                    }
-                    let cg = id.clone();
-                    match tokio::task::spawn_blocking(move || cgroups::destroy(&cg)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!(sandbox = %id, error = %e, "cgroups of orphan"),
-                        Err(e) => warn!(sandbox = %id, error = %e, "cgroup teardown task"),
-                    }
-                }
-            }
+            tiers.of_dir(&dir).sweep_orphan(&id, &dir).await;
             if let Err(e) = mounts::teardown_dir(&dir) {
                 warn!(sandbox = %id, error = %e, "teardown of orphan");
             }
             stats.sandboxes += 1;
         }
     }
-    // Containers whose directory is already gone (a crash between the two steps).
-    if paths.runc_root().exists() {
-        if let Ok(ids) = runc.list().await {
-            for id in ids.into_iter().filter(|id| !live.contains(id)) {
-                if !sandboxes.join(&id).exists() {
-                    let _ = runc.delete(&id).await;
-                    stats.containers += 1;
-                }
-            }
-        }
+    // What tiers keep outside sandbox directories (a crash between the two steps).
+    for b in tiers.all() {
+        stats.containers += b.sweep_stray(&live).await;
     }
     // Scratch dirs (checkpoints in flight, build temp dirs) of dead owners.
     for scratch in [paths.checkpoints(), paths.rootfs_cache()] {

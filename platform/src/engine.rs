@@ -12,10 +12,10 @@ use thaw_protocol::{
 use tracing::{info, info_span, Instrument};
 
 use crate::agent::{ExecDone, InvokeDone};
+use crate::backend::{TierBackend, Tiers};
 use crate::container::userns::IdMap;
-use crate::container::{CloneMemory, ContainerTier, SandboxSpec};
+use crate::container::{CloneMemory, SandboxSpec};
 use crate::error::{Error, Result};
-use crate::microvm::MicrovmTier;
 use crate::paths::{guest_init_binary, Paths};
 use crate::progress::Progress;
 use crate::sandbox::Sandbox;
@@ -181,8 +181,8 @@ pub struct ExecResult {
 #[derive(Clone)]
 pub struct Engine {
     pub paths: Paths,
-    pub container: ContainerTier,
-    pub microvm: MicrovmTier,
+    /// Every isolation tier; [`Engine::backend`] picks one.
+    pub tiers: Tiers,
     pub snapshots: std::sync::Arc<thaw_snapshotter::Store>,
     pub(crate) meta: Meta,
     pub(crate) session_locks: std::sync::Arc<crate::session::SessionLocks>,
@@ -236,15 +236,15 @@ impl Engine {
     pub async fn open(paths: Paths) -> Result<Engine> {
         paths.ensure()?;
         let guest_init = guest_init_binary()?;
-        let stats = crate::cleanup::sweep(&paths).await?;
+        let tiers = Tiers::new(paths.clone(), guest_init);
+        let stats = crate::cleanup::sweep(&paths, &tiers).await?;
         if stats.sandboxes + stats.containers + stats.temp_dirs > 0 {
             info!(?stats, "cleaned up after a previous crash");
         }
         let snapshots = std::sync::Arc::new(thaw_snapshotter::Store::open(paths.snapshots())?);
         let meta = Meta::new(paths.meta_db());
         let engine = Engine {
-            container: ContainerTier::new(paths.clone(), guest_init.clone()),
-            microvm: MicrovmTier::new(paths.clone(), guest_init),
+            tiers,
             snapshots,
             paths,
             meta,
@@ -265,6 +265,11 @@ impl Engine {
 
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    /// The implementation of `tier`: every tier-specific step goes through it.
+    pub fn backend(&self, tier: Tier) -> &dyn TierBackend {
+        self.tiers.backend(tier)
     }
 
     /// Key of one of this owner's templates in the templates tree.
@@ -348,12 +353,9 @@ impl Engine {
             let key = self.template_key(&spec.name);
             let ids = self.allocate_ids(&key)?;
             let built = rootfs::build(&self.paths, &spec, dir, ids, progress).await?;
-            if tier == Tier::Microvm {
-                progress.step("building the guest image (kernel, initramfs, ext4 rootfs)");
-                self.microvm
-                    .image(&built.layers, spec.limits.disk_mib)
-                    .await?;
-            }
+            self.backend(tier)
+                .prepare_template(&built.layers, &spec.limits, progress)
+                .await?;
             progress.step(&format!(
                 "booting a {} sandbox and warming up",
                 tier.as_str()
@@ -425,15 +427,9 @@ impl Engine {
         let scratch = crate::cleanup::Scratch::new(&self.paths.checkpoints(), &sb.id)?;
         let images = scratch.path.join("snapshot");
         async {
-            match &sb.inner {
-                crate::sandbox::Inner::Container(c) => {
-                    require_criu()?;
-                    self.container.checkpoint(c, &images, leave_running).await?;
-                }
-                crate::sandbox::Inner::Vm(v) => {
-                    self.microvm.checkpoint(v, &images, leave_running).await?;
-                }
-            }
+            self.backend(sb.tier())
+                .checkpoint(sb, &images, leave_running)
+                .await?;
             let checkpoint_ms = started.elapsed().as_millis() as u64;
             let snaps = self.snapshots.clone();
             let (n, imgs) = (name.to_string(), images.clone());
@@ -562,21 +558,13 @@ impl Engine {
         dir: &Path,
         private: bool,
     ) -> Result<Sandbox> {
-        Ok(match tier {
-            Tier::Container => self.container.restore(spec, dir).await?.0.into(),
-            Tier::Microvm => self.microvm.restore(spec, dir, private).await?.into(),
-        })
+        self.backend(tier).restore(spec, dir, private).await
     }
 
     /// A handle on a running sandbox of `tier` (a session's, possibly made by an earlier
     /// process).
     pub(crate) fn attach(&self, tier: Tier, id: &str) -> Sandbox {
-        match tier {
-            Tier::Container => {
-                crate::container::ContainerSandbox::attach(&self.container, id).into()
-            }
-            Tier::Microvm => self.microvm.attach(id).into(),
-        }
+        self.backend(tier).attach(id)
     }
 
     /// Boots a fresh sandbox, applies clone hygiene, configures the handler and runs the
@@ -603,10 +591,7 @@ impl Engine {
         id: &str,
     ) -> Result<(Sandbox, Duration)> {
         let sandbox_spec = self.sandbox_spec(spec, layers, ids, id);
-        let sb: Sandbox = match tier {
-            Tier::Container => self.container.boot(&sandbox_spec).await?.into(),
-            Tier::Microvm => self.microvm.boot(&sandbox_spec).await?.into(),
-        };
+        let sb = self.backend(tier).boot(&sandbox_spec).await?;
         let warm_started = Instant::now();
         let r = async {
             self.hygiene(&sb, spec, opts).await?;
@@ -762,15 +747,19 @@ impl Engine {
     /// Keeps `n` sandboxes prepared ahead of their restore per snapshot restored (see
     /// [`crate::container::pool`]). For long-lived engines; 0 (the default) keeps none.
     pub fn keep_prepared(&self, n: usize) {
-        self.container.pool.set_target(n);
+        for b in self.tiers.all() {
+            b.keep_prepared(n);
+        }
     }
 
     /// Ends this process's use of the engine: tears down discarded and prepared sandboxes.
     /// Call it before the process exits.
     pub async fn close(&self) {
-        self.container.pool.set_target(0);
+        self.keep_prepared(0);
         self.settle().await;
-        self.container.close_pool().await;
+        for b in self.tiers.all() {
+            b.close().await;
+        }
     }
 
     /// Runs the template's handler on one payload in a fresh sandbox, then discards it.

@@ -2,11 +2,13 @@
 //!
 //! Module map: [`template`] parses and builds templates; [`tier`] picks where a template
 //! runs: [`container`] is the container tier (runc + CRIU), [`microvm`] the Cloud Hypervisor
-//! tier, [`sandbox`] a live sandbox of either; [`agent`] speaks the guest-init protocol; [`engine`] ties them into
+//! tier, both behind the contract in [`backend`] (the only place that maps a tier to its
+//! code), [`sandbox`] a live sandbox of any; [`agent`] speaks the guest-init protocol; [`engine`] ties them into
 //! publish/invoke/exec; [`session`] keeps clones alive, pauses and resumes them; [`store`] is durable metadata; [`cleanup`] recovers from crashes;
 //! [`doctor`] checks the host.
 
 pub mod agent;
+pub mod backend;
 pub mod bench;
 pub mod cleanup;
 pub mod container;

@@ -1057,7 +1057,7 @@ impl Engine {
                 if !with_sandbox.contains(&owner) && !self.session_needs_sandbox(&owner) {
                     let id = entry.file_name().to_string_lossy().to_string();
                     info!(sandbox = %id, session = %owner, "removing a session sandbox no session uses");
-                    let tier = crate::microvm::tier_of_dir(&entry.path());
+                    let tier = self.tiers.of_dir(&entry.path()).tier();
                     self.attach(tier, &id).destroy().await;
                 }
             }

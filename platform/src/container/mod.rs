@@ -2,6 +2,7 @@
 //! through runc; memory snapshots by CRIU. Clones that end in a discard are restored by CRIU
 //! directly, without runc ([`criu_restore`]).
 
+mod backend;
 pub mod cgroups;
 pub mod channel;
 pub mod checkpoint;

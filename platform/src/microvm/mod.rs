@@ -19,6 +19,7 @@
 //! The snapshotter stores it compressed and content-addressed, so a session's pause shares
 //! every unchanged chunk of memory and disk with its template.
 
+mod backend;
 pub mod image;
 
 use std::path::{Path, PathBuf};
@@ -310,16 +311,6 @@ impl VmSandbox {
         }
         .instrument(span)
         .await
-    }
-}
-
-/// The tier of a sandbox directory, from what is in it (for sandboxes known only by their
-/// directory: the crash sweep, sandboxes no session claims).
-pub fn tier_of_dir(dir: &Path) -> crate::tier::Tier {
-    if dir.join(VMM_RECORD).exists() || dir.join(WORKDIR).exists() {
-        crate::tier::Tier::Microvm
-    } else {
-        crate::tier::Tier::Container
     }
 }
 
