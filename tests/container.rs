@@ -386,6 +386,9 @@ fn python_template_answers_with_warm_libraries() {
         .ok()
         .json();
     assert_eq!(v["result"]["sandbox"], v["sandbox_id"], "{v}");
+    // The handler that answered imported its libraries in the template's sandbox, before
+    // the snapshot: the clone did not pay for them again.
+    assert_eq!(v["result"]["warm_from_snapshot"], true, "{v}");
     let (a, b) = (random(), random());
     for k in ["uuid", "urandom", "numpy"] {
         assert_ne!(a["result"][k], b["result"][k], "clones share {k}");

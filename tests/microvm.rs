@@ -1,8 +1,13 @@
 //! The microvm tier through the real `thaw` binary.
 //!
-//! * `real_cloud_hypervisor_*`: publish, invoke, exec and a session's pause and resume on
-//!   Cloud Hypervisor. They run where `cloud-hypervisor` and hardware KVM exist, and print
-//!   `skipping: <reason>` elsewhere (this project's CI machines have a PVM `/dev/kvm`).
+//! * `real_*`: the tier on real Cloud Hypervisor and real KVM, through the `thaw` binary:
+//!   both example templates published, clones restored from the snapshot and isolated from
+//!   each other, warm state restored, sessions paused and resumed with their memory across a
+//!   restart of `thaw serve`, a killed VMM and a killed thaw cleaned up, a hung guest timed
+//!   out with its console. They are `#[ignore]`d, so a plain `cargo test` lists them as
+//!   ignored; `make test-microvm` runs them (`--ignored`) where KVM is real: natively, or in a
+//!   QEMU TCG guest with nested SVM (`nested/`). Asked to run without KVM they fail, naming
+//!   what is missing.
 //! * `test_double_*`: the same engine code against `fake-cloud-hypervisor`
 //!   (tests/fake_ch), a TEST DOUBLE that serves Cloud Hypervisor's REST API and hybrid
 //!   vsock but runs the guest's init as a namespaced process on the loop-mounted disk
@@ -21,14 +26,39 @@ use thaw_e2e::Home;
 
 const FAKE: &str = env!("CARGO_BIN_EXE_fake-cloud-hypervisor");
 
-/// Why the real microvm tier cannot run here, if it cannot.
-fn real_tier_unavailable() -> Option<String> {
-    match thaw_platform::microvm::availability() {
-        Ok(_) if std::env::var_os("THAW_MICROVM_TEST_DOUBLE").is_none() => None,
-        Ok(_) => Some("THAW_MICROVM_TEST_DOUBLE is set".into()),
-        Err(why) => Some(why),
+/// A home whose templates run on the real microvm tier. Panics, naming the cause, where the
+/// tier cannot run: these tests run only when asked for (`--ignored`).
+fn real_home() -> Home {
+    assert!(
+        std::env::var_os("THAW_MICROVM_TEST_DOUBLE").is_none(),
+        "THAW_MICROVM_TEST_DOUBLE is set: the real tests need the real Cloud Hypervisor"
+    );
+    if let Err(why) = thaw_platform::microvm::availability() {
+        panic!("the real microvm tests cannot run on this host: {why}");
     }
+    let mut home = Home::new();
+    home.env.push(("THAW_TIER".into(), "microvm".into()));
+    home
 }
+
+/// Runs `script` in a one-shot exec of `template`; returns the result and its stdout lines.
+fn exec_lines(home: &Home, template: &str, script: &str) -> (serde_json::Value, Vec<String>) {
+    let r = home
+        .run(&["--json", "exec", template, "--", "/bin/sh", "-c", script])
+        .ok()
+        .json();
+    let lines = r["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    (r, lines)
+}
+
+/// What makes a clone itself: prints its random UUID, 16 random bytes, hostname and boot id,
+/// whether its disk was fresh, then marks its disk.
+const IDENTITY: &str = "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; cat /proc/sys/kernel/random/boot_id; test ! -e /mine && echo fresh; echo x > /mine";
 
 /// A home whose thaw runs templates on the microvm tier through the test double.
 fn double_home() -> Home {
@@ -222,44 +252,6 @@ fn microvm_template_without_cloud_hypervisor_names_the_cause() {
 }
 
 #[test]
-fn real_cloud_hypervisor_publish_invoke_and_session() {
-    if let Some(why) = real_tier_unavailable() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let mut home = Home::new();
-    home.env.push(("THAW_TIER".into(), "microvm".into()));
-    let t = home.deploy("shell");
-    assert_eq!(t["tier"], "microvm", "{t}");
-    let inv = home
-        .run(&["--json", "invoke", "shell", "--payload", r#"{"task":"vm"}"#])
-        .ok()
-        .json();
-    assert_eq!(inv["status"], "ok", "{inv}");
-    assert_eq!(inv["start"], "restore", "{inv}");
-
-    // A session's processes survive pause and resume: that is guest memory.
-    let s = home.run(&["--json", "session", "new", "shell"]).ok().json();
-    let id = s["id"].as_str().unwrap().to_string();
-    session_sh(
-        &home,
-        &id,
-        "sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid; echo on-disk > /data",
-    );
-    home.run(&["session", "pause", &id]).ok();
-    home.run(&["session", "resume", &id]).ok();
-    let text = session_sh(
-        &home,
-        &id,
-        "kill -0 $(cat /tmp/pid) && echo alive; cat /data",
-    );
-    assert!(text.contains("alive"), "{text}");
-    assert!(text.contains("on-disk"), "{text}");
-    home.run(&["session", "rm", &id]).ok();
-    home.assert_clean();
-}
-
-#[test]
 fn test_double_rootfs_over_the_disk_limit_fails_the_publish() {
     let home = double_home();
     let tpl = warm_template(home.path(), "tiny", "microvm");
@@ -275,4 +267,249 @@ fn test_double_rootfs_over_the_disk_limit_fails_the_publish() {
     assert!(err.contains("limits.disk_mib"), "{err}");
     assert!(vmm_processes(&home).is_empty());
     home.assert_clean();
+}
+
+#[test]
+#[ignore = "needs Cloud Hypervisor on hardware KVM: run `make test-microvm`"]
+fn real_shell_template_publishes_and_its_clones_are_isolated() {
+    let home = real_home();
+    let t = home.deploy("shell");
+    assert_eq!(t["tier"], "microvm", "{t}");
+    assert!(t["snapshot"].is_string(), "{t}");
+
+    let inv = home
+        .run(&["--json", "invoke", "shell", "--payload", r#"{"task":"vm"}"#])
+        .ok()
+        .json();
+    assert_eq!(inv["status"], "ok", "{inv}");
+    assert_eq!(inv["start"], "restore", "{inv}");
+    assert_eq!(inv["result"]["greeting"], "hello from thaw", "{inv}");
+    assert_eq!(inv["result"]["payload"]["task"], "vm", "{inv}");
+
+    // Two clones of one snapshot: each its own entropy, UUIDs, hostname and disk.
+    let (a, la) = exec_lines(&home, "shell", IDENTITY);
+    let (b, lb) = exec_lines(&home, "shell", IDENTITY);
+    assert_eq!(la.len(), 5, "{a}");
+    assert_eq!(lb.len(), 5, "{b}");
+    assert_eq!(a["start"], "restore", "{a}");
+    assert_ne!(la[0], lb[0], "clones share a random UUID");
+    assert_ne!(la[1], lb[1], "clones share /dev/urandom's bytes");
+    assert_eq!(la[1].len(), 32, "{a}");
+    assert_eq!(
+        la[2],
+        a["sandbox_id"].as_str().unwrap(),
+        "hostname is the sandbox id"
+    );
+    assert_eq!(
+        lb[2],
+        b["sandbox_id"].as_str().unwrap(),
+        "hostname is the sandbox id"
+    );
+    assert_ne!(la[2], lb[2]);
+    // Restored, not booted: both continue the kernel that booted before the snapshot.
+    assert_eq!(
+        la[3], lb[3],
+        "clones of one snapshot share the boot of its kernel"
+    );
+    assert_eq!(la[4], "fresh", "{a}");
+    assert_eq!(lb[4], "fresh", "a clone saw another clone's write: {b}");
+    assert!(
+        vmm_processes(&home).is_empty(),
+        "VMMs left after one-shot execs"
+    );
+
+    // A session: its own VM, paused (no VMM) and resumed with its disk and the same kernel.
+    let s = home.run(&["--json", "session", "new", "shell"]).ok().json();
+    let id = s["id"].as_str().unwrap().to_string();
+    let before = session_sh(
+        &home,
+        &id,
+        "echo on-disk > /data; cat /proc/sys/kernel/random/boot_id",
+    );
+    assert_eq!(
+        vmm_processes(&home).len(),
+        1,
+        "one VMM for the running session"
+    );
+    home.run(&["session", "pause", &id]).ok();
+    assert!(
+        vmm_processes(&home).is_empty(),
+        "a paused session holds no VMM"
+    );
+    home.run(&["session", "resume", &id]).ok();
+    let after = session_sh(&home, &id, "cat /proc/sys/kernel/random/boot_id; cat /data");
+    assert_eq!(
+        after.lines().next(),
+        before.lines().next(),
+        "resumed a different kernel: {before} / {after}"
+    );
+    assert!(after.contains("on-disk"), "{after}");
+    home.run(&["session", "rm", &id]).ok();
+    assert!(vmm_processes(&home).is_empty(), "VMM left after session rm");
+    home.assert_clean();
+}
+
+#[test]
+#[ignore = "needs Cloud Hypervisor on hardware KVM: run `make test-microvm`"]
+fn real_python_warm_state_and_session_memory_survive_a_serve_restart() {
+    use thaw_e2e::serve::{free_port, start_server, Cli};
+    let home = real_home();
+    let key = home
+        .run(&["keys", "create", "--name", "microvm"])
+        .ok()
+        .stdout()
+        .trim()
+        .to_string();
+    let port = free_port();
+    let server = start_server(&home, port);
+    let cli = Cli {
+        home: &home,
+        url: server.url.clone(),
+        key,
+    };
+    let python = thaw_e2e::repo_root().join("templates/python");
+    let t = cli.json(&["deploy", python.to_str().unwrap()]);
+    assert_eq!(t["tier"], "microvm", "{t}");
+
+    // Warm: the clone's handler is the one that imported numpy, pandas, scipy and sklearn in
+    // the template's sandbox before the snapshot.
+    let info = cli.json(&["invoke", "python", "--payload", r#"{"op":"info"}"#]);
+    assert_eq!(info["start"], "restore", "{info}");
+    assert_eq!(info["result"]["sandbox"], info["sandbox_id"], "{info}");
+    assert_eq!(info["result"]["warm_from_snapshot"], true, "{info}");
+    let random = || cli.json(&["invoke", "python", "--payload", r#"{"op":"random"}"#]);
+    let (a, b) = (random(), random());
+    for k in ["uuid", "urandom", "numpy"] {
+        assert_ne!(a["result"][k], b["result"][k], "python clones share {k}");
+    }
+
+    // A session's memory: a variable of the persistent handler, and the kernel's boot id.
+    let id = cli.ok(&["session", "new", "python"]);
+    let py = |code: &str| {
+        let payload = serde_json::json!({"op": "python", "code": code}).to_string();
+        cli.json(&["session", "invoke", &id, "--payload", &payload])
+    };
+    py("remembered = 41");
+    assert_eq!(py("remembered + 1")["result"]["value"], 42);
+    let boot_id = |cli: &Cli| {
+        cli.ok(&[
+            "session",
+            "exec",
+            &id,
+            "--",
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ])
+    };
+    let boot = boot_id(&cli);
+    cli.ok(&["session", "pause", &id]);
+    assert_eq!(cli.state(&id), "paused");
+
+    // The server dies (SIGKILL) with the session paused, and a new one takes over its home.
+    server.kill9();
+    let server = start_server(&home, port);
+    assert_eq!(cli.state(&id), "paused");
+    cli.ok(&["session", "resume", &id]);
+    assert_eq!(
+        py("remembered + 1")["result"]["value"],
+        42,
+        "the handler's variable did not survive"
+    );
+    assert_eq!(boot_id(&cli), boot, "the resumed VM booted a new kernel");
+
+    cli.ok(&["session", "rm", &id]);
+    server.kill9();
+    assert!(vmm_processes(&home).is_empty(), "VMMs left");
+    home.assert_clean();
+}
+
+#[test]
+#[ignore = "needs Cloud Hypervisor on hardware KVM: run `make test-microvm`"]
+fn real_killed_vmm_and_killed_thaw_are_cleaned_up() {
+    let home = real_home();
+    home.deploy("shell");
+
+    // 1. The VMM dies mid-invocation: the call fails saying so, nothing is left.
+    let mut c = home.cmd();
+    c.args(["exec", "shell", "--", "sleep", "600"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    let vmm = wait_for_vmm(&home);
+    std::thread::sleep(Duration::from_secs(2));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vmm as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exec survived its VMM: {err}");
+    assert!(
+        err.contains("Cloud Hypervisor") || err.contains("VMM"),
+        "the error does not say the VMM died: {err}"
+    );
+    assert!(vmm_processes(&home).is_empty(), "VMM left after its death");
+    home.assert_clean();
+
+    // 2. thaw dies mid-invocation: the VMM outlives it, and the next start sweeps it.
+    let mut c = home.cmd();
+    c.args(["exec", "shell", "--", "sleep", "600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    wait_for_vmm(&home);
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(vmm_processes(&home).len(), 1, "the VMM outlives thaw");
+    home.run(&["templates", "ls"]).ok();
+    assert!(vmm_processes(&home).is_empty(), "orphaned VMM not swept");
+    home.assert_clean();
+}
+
+#[test]
+#[ignore = "needs Cloud Hypervisor on hardware KVM: run `make test-microvm`"]
+fn real_hung_guest_times_out_with_its_console_tail() {
+    let home = real_home();
+    let tpl = warm_template(home.path(), "hang", "microvm");
+    let toml = std::fs::read_to_string(tpl.join("template.toml")).unwrap();
+    std::fs::write(
+        tpl.join("template.toml"),
+        toml.replace("timeout_s = 20", "timeout_s = 5"),
+    )
+    .unwrap();
+    home.run(&["deploy", tpl.to_str().unwrap()]).ok();
+    // The guest's kernel crashes and, told not to reboot, hangs: guest-init never answers
+    // again. The host ends the call at its own deadline and shows the guest's console.
+    let r = home.run(&[
+        "exec",
+        "hang",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo 0 > /proc/sys/kernel/panic; echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger; sleep 600",
+    ]);
+    let err = r.stderr();
+    assert_eq!(r.code(), 124, "not a host-side timeout: {err}");
+    assert!(err.contains("host enforced the timeout"), "{err}");
+    assert!(err.contains("console ends with"), "no console tail: {err}");
+    assert!(
+        err.contains("sysrq"),
+        "the console tail misses the crash: {err}"
+    );
+    assert!(vmm_processes(&home).is_empty(), "the hung VM was not ended");
+    home.assert_clean();
+}
+
+/// Waits until one VMM of this home runs; returns its pid.
+fn wait_for_vmm(home: &Home) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(p) = vmm_processes(home).first() {
+            return *p;
+        }
+        assert!(std::time::Instant::now() < deadline, "no VMM started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -4,93 +4,10 @@
 //! back (never half), and the invocation's clone is cleaned up. Driven through the `thaw`
 //! CLI with `--server`, so the CLI-over-HTTP path is exercised too.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use thaw_e2e::serve::{free_port, start_server, Cli};
 use thaw_e2e::{repo_root, thaw_bin, Home};
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn start_server(home: &Home, port: u16) -> Server {
-    let child = home
-        .cmd()
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn thaw serve");
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "thaw serve did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server { child, url }
-}
-
-impl Server {
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Cli<'a> {
-    home: &'a Home,
-    url: String,
-    key: String,
-}
-
-impl Cli<'_> {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = self.home.cmd();
-        c.env("THAW_SERVER", &self.url)
-            .env("THAW_API_KEY", &self.key)
-            .args(args)
-            .stdin(Stdio::null());
-        c
-    }
-
-    #[track_caller]
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args).output().expect("run thaw");
-        assert!(
-            out.status.success(),
-            "thaw {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&a)).expect("json output")
-    }
-
-    fn state(&self, id: &str) -> String {
-        self.json(&["session", "show", id])["state"]
-            .as_str()
-            .unwrap_or("?")
-            .to_string()
-    }
-}
 
 #[test]
 fn server_killed_at_several_points_loses_nothing_stored() {

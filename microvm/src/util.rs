@@ -26,7 +26,8 @@ pub fn file_tail(path: &Path, lines: usize) -> String {
         return format!("({} not readable)", path.display());
     }
     let mut buf = Vec::new();
-    if f.read_to_end(&mut buf).is_err() {
+    // Bounded even while the guest keeps writing: the file may grow as it is read.
+    if f.take(MAX).read_to_end(&mut buf).is_err() {
         return format!("({} not readable)", path.display());
     }
     let text = String::from_utf8_lossy(&buf);

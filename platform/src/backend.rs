@@ -162,6 +162,13 @@ pub trait TierSandbox: Debug + Send + Sync + 'static {
     /// whose guest kills inside its own kernel answers `false`: the task reports the signal.
     fn oom_killed(&self) -> bool;
 
+    /// What the tier can tell about a sandbox whose guest stopped answering (a host-side
+    /// timeout, a lost connection): a microvm's console tail, whether its VMM still runs.
+    /// Read from files the host owns, with a size cap. `None`: nothing to add.
+    fn post_mortem(&self) -> Option<String> {
+        None
+    }
+
     /// For the tier's own [`TierBackend::checkpoint`], to get its type back.
     fn as_any(&self) -> &dyn Any;
 }

@@ -714,7 +714,7 @@ impl Engine {
         let started = Instant::now();
         let (sb, kind, ready, warm) = self.start(t, opts).await?;
         let run_started = Instant::now();
-        let r = opts.cancellable(work(&sb)).await;
+        let r = opts.cancellable(work(&sb)).await.map_err(|e| sb.explain(e));
         let run_ms = ms(run_started.elapsed());
         let id = sb.id.clone();
         self.discard(sb);

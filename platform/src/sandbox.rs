@@ -31,6 +31,30 @@ impl Sandbox {
         self.dir().join("owner")
     }
 
+    /// Adds what the tier knows (a microvm's console tail) to an error that says the guest
+    /// stopped answering: a host-side timeout or a lost connection. Other errors pass as
+    /// they are.
+    pub fn explain(&self, e: crate::error::Error) -> crate::error::Error {
+        use crate::error::Error;
+        let Some(more) = (match &e {
+            Error::HostTimeout { .. } | Error::Agent { .. } => self.handle.post_mortem(),
+            _ => None,
+        }) else {
+            return e;
+        };
+        match e {
+            Error::HostTimeout { sandbox, what } => Error::HostTimeout {
+                sandbox,
+                what: format!("{what}; {more}"),
+            },
+            Error::Agent { sandbox, message } => Error::Agent {
+                sandbox,
+                message: format!("{message}; {more}"),
+            },
+            other => other,
+        }
+    }
+
     /// Ends every process and removes every file of the sandbox (best effort throughout).
     pub async fn destroy(self) {
         self.handle.destroy().await

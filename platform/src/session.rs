@@ -432,7 +432,8 @@ impl Engine {
         let sb = self.attach(rec.tier, id);
         let r = work(&rec, &sb)
             .instrument(info_span!("session.call", session = %id, action))
-            .await;
+            .await
+            .map_err(|e| sb.explain(e));
         self.touch(id);
         match r {
             Err(e @ (Error::HostTimeout { .. } | Error::OutputFlood { .. })) => {

@@ -3,6 +3,8 @@
 //! and the Debian one takes a minute to build). After each test, [`Home::assert_clean`]
 //! checks that no sandbox process, mount, cgroup or directory is left behind.
 
+pub mod serve;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

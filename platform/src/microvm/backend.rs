@@ -125,6 +125,18 @@ impl TierSandbox for VmSandbox {
         false
     }
 
+    /// Whether the VMM still runs, and the guest's serial console tail (Cloud Hypervisor
+    /// writes it into the sandbox's host-side work directory; at most the last 64 KiB is
+    /// read, and 30 lines kept).
+    fn post_mortem(&self) -> Option<String> {
+        let vmm = match VmSandbox::identity(self) {
+            Some(i) if crate::cleanup::identity_alive(&i) => "the VMM still runs",
+            _ => "the VMM (Cloud Hypervisor) has exited",
+        };
+        let console = self.console_tail(30);
+        Some(format!("{vmm}; the guest's console ends with:\n{console}"))
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -296,6 +296,14 @@ impl VmSandbox {
         Vm::attach(&self.dir.join(WORKDIR), cid, pid)
     }
 
+    /// The last `lines` lines of the guest's serial console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        thaw_microvm::util::file_tail(
+            &self.dir.join(WORKDIR).join(thaw_microvm::vm::CONSOLE_LOG),
+            lines,
+        )
+    }
+
     /// Ends the VM (shutdown, then kill), removes its files. Best effort on every step.
     pub async fn destroy(self) {
         let span = info_span!("sandbox.destroy", sandbox = %self.id, tier = "microvm");

@@ -41,7 +41,7 @@ def run_python(code):
     return {"value": _jsonable(eval(compiled, _NAMESPACE))}
 
 
-def handle(payload, import_seconds=0.0):
+def handle(payload, import_seconds=0.0, imported_in=None):
     if not isinstance(payload, dict):
         payload = {"op": "info"}
     op = payload.get("op", "info")
@@ -77,5 +77,10 @@ def handle(payload, import_seconds=0.0):
         "sandbox": os.environ.get("THAW_SANDBOX_ID"),
         "versions": {"numpy": np.__version__, "pandas": pd.__version__},
         "import_seconds_paid_before_snapshot": round(import_seconds, 3),
+        # Warm: the imports ran in another sandbox (the template's, before its snapshot) and
+        # this one inherited the process; a clone that had to import again would say False.
+        "imports_ran_in_sandbox": imported_in,
+        "warm_from_snapshot": imported_in is not None
+        and imported_in != os.environ.get("THAW_SANDBOX_ID"),
         "pid": os.getpid(),
     }

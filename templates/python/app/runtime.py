@@ -23,6 +23,10 @@ _t0 = time.perf_counter()
 import agent  # noqa: E402  (the heavy imports live there)
 
 IMPORT_SECONDS = time.perf_counter() - _t0
+# The sandbox this process (and its imports) started in: the template's, before the snapshot.
+# A restored clone answers from this same process, so the id differs from the clone's own;
+# a handler started afresh in a clone would carry the clone's id here.
+IMPORTED_IN_SANDBOX = os.environ.get("THAW_SANDBOX_ID")
 gc.collect()
 gc.freeze()
 _current_sandbox = None
@@ -59,7 +63,11 @@ def main():
                 os.environ["THAW_SANDBOX_ID"] = sid
         os.environ.update(env.get("env") or {})
         try:
-            result = agent.handle(env.get("payload"), import_seconds=IMPORT_SECONDS)
+            result = agent.handle(
+                env.get("payload"),
+                import_seconds=IMPORT_SECONDS,
+                imported_in=IMPORTED_IN_SANDBOX,
+            )
         except Exception as e:  # the handler's bug must not kill the worker
             result = {"error": f"{type(e).__name__}: {e}"}
         out.write(json.dumps(result, default=str) + "\n")
