@@ -134,7 +134,7 @@ impl Fake {
         loop {
             match fake.api.ping().await {
                 Ok(p) => {
-                    assert_eq!(p.version, "53.0");
+                    assert_eq!(p.version, "53.0.0");
                     assert_eq!(p.build_version, "v53.0-thaw-fake");
                     return fake;
                 }

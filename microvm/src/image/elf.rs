@@ -32,17 +32,17 @@ pub struct Note<'a> {
 }
 
 fn u16_at(d: &[u8], off: usize) -> Option<u16> {
-    d.get(off..off + 2)
+    d.get(off..off.checked_add(2)?)
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
 }
 
 fn u32_at(d: &[u8], off: usize) -> Option<u32> {
-    d.get(off..off + 4)
+    d.get(off..off.checked_add(4)?)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn u64_at(d: &[u8], off: usize) -> Option<u64> {
-    d.get(off..off + 8).map(|b| {
+    d.get(off..off.checked_add(8)?).map(|b| {
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         u64::from_le_bytes(a)
