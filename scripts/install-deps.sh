@@ -34,6 +34,7 @@ APT_PACKAGES=(
   cpio            # initramfs archives
   zstd
   qemu-system-x86 # boots the microvm guest image under TCG in CI
+  qemu-utils      # qemu-img: qcow2 overlays for microvm clone disks, flattened at checkpoints
   iproute2
   procps
   ca-certificates

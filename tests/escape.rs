@@ -372,7 +372,7 @@ fn no_writable_path_in_a_sandbox_is_backed_by_the_hosts_disk() {
     .unwrap();
     let toml = std::fs::read_to_string(repo_root().join("templates/shell/template.toml"))
         .unwrap()
-        .replace("memory_mib = 64", "memory_mib = 256")
+        .replace("memory_mib = 160", "memory_mib = 256")
         .replace("disk_mib = 64", &format!("disk_mib = {disk_mib}"));
     std::fs::write(dir.path().join("template.toml"), toml).unwrap();
     home.run(&["deploy", dir.path().to_str().unwrap()]).ok();

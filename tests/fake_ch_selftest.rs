@@ -14,7 +14,8 @@ use thaw_microvm::api::{
     file_url, ApiClient, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, MemoryRestoreMode,
     PayloadConfig, RestoreConfig, RngConfig, VmConfig, VmSnapshotConfig, VmState, VsockConfig,
 };
-use thaw_microvm::restore::{clone_disk, materialise, CloneRewrite};
+use thaw_microvm::disk::{create_overlay, ImageType};
+use thaw_microvm::restore::{materialise, CloneRewrite};
 use thaw_microvm::{RestoreOptions, Vm, VmSpec};
 use thaw_protocol::{Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -133,7 +134,7 @@ impl Fake {
         loop {
             match fake.api.ping().await {
                 Ok(p) => {
-                    assert_eq!(p.version, "53.0");
+                    assert_eq!(p.version, "53.0.0");
                     assert_eq!(p.build_version, "v53.0-thaw-fake");
                     return fake;
                 }
@@ -160,7 +161,7 @@ impl Fake {
     }
 }
 
-fn vm_config(f: &Fixture, vm_dir: &Path, cid: u64) -> VmConfig {
+fn vm_config(f: &Fixture, vm_dir: &Path, cid: u32) -> VmConfig {
     VmConfig {
         payload: PayloadConfig {
             kernel: Some(f.kernel.clone()),
@@ -178,10 +179,7 @@ fn vm_config(f: &Fixture, vm_dir: &Path, cid: u64) -> VmConfig {
             prefault: false,
             thp: true,
         }),
-        disks: Some(vec![DiskConfig {
-            path: f.image.clone(),
-            readonly: false,
-        }]),
+        disks: Some(vec![DiskConfig::writable(f.image.clone(), ImageType::Raw)]),
         vsock: Some(VsockConfig {
             cid,
             socket: vm_dir.join("vsock.sock"),
@@ -359,11 +357,20 @@ async fn boot_exec_pause_snapshot_restore() {
     let e = fake.api.create(&bad).await.unwrap_err().to_string();
     assert!(e.contains("CID"), "{e}");
     bad = vm_config(&f, &vm1, 3);
-    bad.disks = Some(vec![DiskConfig {
-        path: "/nonexistent.ext4".into(),
-        readonly: false,
-    }]);
+    bad.disks = Some(vec![DiskConfig::writable(
+        "/nonexistent.ext4".into(),
+        ImageType::Raw,
+    )]);
     assert!(fake.api.create(&bad).await.is_err());
+    // A raw image declared qcow2 fails the boot, as Cloud Hypervisor's type check does.
+    bad.disks = Some(vec![DiskConfig::writable(
+        f.image.clone(),
+        ImageType::Qcow2,
+    )]);
+    fake.api.create(&bad).await.unwrap();
+    let e = fake.api.boot().await.unwrap_err().to_string();
+    assert!(e.contains("does not match"), "{e}");
+    fake.api.delete().await.unwrap();
 
     fake.api.create(&vm_config(&f, &vm1, 3)).await.unwrap();
     assert_eq!(fake.state().await, VmState::Created);
@@ -422,11 +429,12 @@ async fn boot_exec_pause_snapshot_restore() {
     assert_eq!(state["thaw_fake"], true);
     assert!(snap.join("memory-ranges").is_file());
 
-    // The platform copies the disk while the VM is paused: pause flushed the guest's writes.
+    // The clone's disk is a qcow2 overlay of the paused VM's disk (pause flushed the
+    // guest's writes); the fake mounts it through a raw scratch copy.
     let vm2 = f.dir.path().join("vm2");
     std::fs::create_dir_all(&vm2).unwrap();
-    let disk2 = vm2.join("disk0.ext4");
-    clone_disk(&f.image, &disk2).unwrap();
+    let disk2 = vm2.join("disk0.qcow2");
+    create_overlay(&f.image, &disk2).unwrap();
 
     fake.api.shutdown().await.unwrap();
     assert_eq!(fake.state().await, VmState::Shutdown);
@@ -472,6 +480,16 @@ async fn boot_exec_pause_snapshot_restore() {
     // The disk survived; the hostname (guest memory) did not: restore boots afresh.
     assert_eq!(sh(&mut conn, "cat /f").await, "hi\n");
     assert_ne!(sh(&mut conn, "hostname").await, "fake-guest\n");
+    // The clone's writes reach its overlay at pause, never the base.
+    sh(&mut conn, "echo clone > /c").await;
+    fake2.api.pause().await.unwrap();
+    let overlay = std::fs::read(vm2.join("disk0.qcow2")).unwrap();
+    assert_eq!(&overlay[..4], b"QFI\xfb");
+    assert!(
+        overlay.windows(6).any(|w| w == b"clone\n"),
+        "write not in the overlay"
+    );
+    fake2.api.resume().await.unwrap();
     fake2.api.delete().await.unwrap();
     assert!(fake2.api.info().await.is_err());
     assert!(!fake2.vsock().exists());
@@ -503,7 +521,7 @@ async fn platform_vm_boot_and_clones() {
     };
     let mut base = Vm::boot(&spec, bin).await.unwrap();
     base.wait_agent_ready(T).await.unwrap();
-    assert_eq!(base.vmm_version(), "53.0");
+    assert_eq!(base.vmm_version(), "53.0.0");
     let mut conn = AgentConn::new(base.connect_agent(T).await.unwrap());
     sh(&mut conn, "echo warm > /warm").await;
     base.pause().await.unwrap();
@@ -511,7 +529,7 @@ async fn platform_vm_boot_and_clones() {
     base.snapshot(&snap).await.unwrap();
 
     let mut clones = Vec::new();
-    for (i, cid) in [11u64, 12].into_iter().enumerate() {
+    for (i, cid) in [11u32, 12].into_iter().enumerate() {
         let workdir = f.dir.path().join(format!("clone{i}"));
         let mut vm = Vm::restore(&snap, &workdir, RestoreOptions::new(cid), bin)
             .await

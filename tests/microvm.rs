@@ -513,3 +513,80 @@ fn wait_for_vmm(home: &Home) -> u32 {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A template below the kernel's memory floor is refused before any VM boots, with one line
+/// naming `limits.memory_mib`, the minimum and the fix; the published version and a running
+/// session are untouched.
+#[test]
+fn test_double_memory_below_the_kernel_floor_is_refused_and_loses_nothing() {
+    let home = double_home();
+    let tpl = warm_template(home.path(), "warm", "microvm");
+    home.run(&["deploy", tpl.to_str().unwrap()]).ok();
+    let s = home.run(&["--json", "session", "new", "warm"]).ok().json();
+    let id = s["id"].as_str().unwrap().to_string();
+    session_sh(&home, &id, "echo kept > /data");
+
+    let toml = std::fs::read_to_string(tpl.join("template.toml")).unwrap();
+    std::fs::write(
+        tpl.join("template.toml"),
+        toml.replace("memory_mib = 128", "memory_mib = 64"),
+    )
+    .unwrap();
+    let r = home.run(&["deploy", tpl.to_str().unwrap()]);
+    assert_ne!(r.code(), 0);
+    let err = r.stderr();
+    assert!(
+        err.contains("limits.memory_mib = 64 is below the microvm tier's minimum of")
+            && err.contains("raise limits.memory_mib in template.toml"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let r = home
+        .run(&["--json", "exec", "warm", "--", "cat", "/warm-marker"])
+        .ok()
+        .json();
+    assert!(
+        r["stdout"].as_str().unwrap_or_default().contains("warmed"),
+        "{r}"
+    );
+    assert!(session_sh(&home, &id, "cat /data").contains("kept"));
+    home.run(&["session", "rm", &id]).ok();
+    assert!(vmm_processes(&home).is_empty());
+    home.assert_clean();
+}
+
+/// A paused session's snapshot holds its whole disk (the clone's qcow2 overlay flattened), so
+/// it resumes after its template is redeployed and even deleted.
+#[test]
+fn test_double_session_survives_redeploy_and_delete_of_its_template() {
+    let home = double_home();
+    let tpl = warm_template(home.path(), "warm", "microvm");
+    home.run(&["deploy", tpl.to_str().unwrap()]).ok();
+    let s = home.run(&["--json", "session", "new", "warm"]).ok().json();
+    let id = s["id"].as_str().unwrap().to_string();
+    session_sh(&home, &id, "echo kept > /data");
+    home.run(&["session", "pause", &id]).ok();
+
+    let toml = std::fs::read_to_string(tpl.join("template.toml")).unwrap();
+    std::fs::write(
+        tpl.join("template.toml"),
+        toml.replace("warmed-before-snapshot", "second-version"),
+    )
+    .unwrap();
+    home.run(&["deploy", tpl.to_str().unwrap()]).ok();
+    home.run(&["session", "resume", &id]).ok();
+    let text = session_sh(&home, &id, "cat /data /warm-marker");
+    assert!(
+        text.contains("kept") && text.contains("warmed-before-snapshot"),
+        "{text}"
+    );
+    home.run(&["session", "pause", &id]).ok();
+
+    home.run(&["templates", "rm", "warm"]).ok();
+    home.run(&["session", "resume", &id]).ok();
+    assert!(session_sh(&home, &id, "cat /data").contains("kept"));
+    home.run(&["session", "rm", &id]).ok();
+    assert!(vmm_processes(&home).is_empty());
+    home.assert_clean();
+}

@@ -16,6 +16,44 @@ pub const BIN_ENV: &str = "THAW_CLOUD_HYPERVISOR";
 /// snapshots fail.
 pub const TEST_DOUBLE_ENV: &str = "THAW_MICROVM_TEST_DOUBLE";
 
+/// The oldest Cloud Hypervisor release thaw drives: `vm.restore` takes
+/// `memory_restore_mode: "OnDemand"` and `resume` from v52 on, and an older VMM would ignore
+/// both silently (it accepts unknown fields), restoring with a full copy into a paused VM.
+pub const MIN_VERSION: (u32, u32) = (52, 0);
+
+/// `(major, minor)` from what Cloud Hypervisor reports about itself: `vmm.ping`'s `version`
+/// (its crate version, `53.0.0` for v53.0) or `cloud-hypervisor --version`
+/// (`cloud-hypervisor v53.0`, or `git describe` output such as `v53.0-12-gabcdef-dirty`).
+pub fn parse_version(text: &str) -> Option<(u32, u32)> {
+    text.split_whitespace().find_map(|token| {
+        let token = token.rsplit('/').next().unwrap_or(token);
+        let token = token.strip_prefix('v').unwrap_or(token);
+        let mut parts = token.splitn(3, '.');
+        let major = parts.next()?.parse().ok()?;
+        let minor: String = parts
+            .next()?
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        Some((major, minor.parse().ok()?))
+    })
+}
+
+/// `Ok` when `reported` (see [`parse_version`]) is at least [`MIN_VERSION`], else a one-line
+/// reason naming the version found and the one needed.
+pub fn check_version(reported: &str) -> Result<(), String> {
+    let (maj, min) = MIN_VERSION;
+    match parse_version(reported) {
+        Some(v) if v >= MIN_VERSION => Ok(()),
+        Some((a, b)) => Err(format!(
+            "Cloud Hypervisor v{a}.{b} is too old: thaw needs v{maj}.{min} or newer (vm.restore with memory_restore_mode OnDemand and resume); install the v53 static binary from the GitHub releases of cloud-hypervisor/cloud-hypervisor"
+        )),
+        None => Err(format!(
+            "cannot tell the Cloud Hypervisor version from {reported:?}: thaw needs v{maj}.{min} or newer; install the v53 static binary from the GitHub releases of cloud-hypervisor/cloud-hypervisor"
+        )),
+    }
+}
+
 fn test_double() -> bool {
     std::env::var_os(TEST_DOUBLE_ENV).is_some_and(|v| v == "1")
 }
@@ -84,7 +122,12 @@ pub fn cloud_hypervisor_available() -> Availability {
         Some(bin) => match Command::new(&bin).arg("--version").output() {
             Ok(out) if out.status.success() => {
                 let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                found = Some((bin, v));
+                // A build whose --version says nothing parseable is left to the check of
+                // vmm.ping's version at VMM start (always a crate version there).
+                match check_version(&v) {
+                    Err(why) if parse_version(&v).is_some() => reasons.push(why),
+                    _ => found = Some((bin, v)),
+                }
             }
             Ok(out) => reasons.push(format!(
                 "{} --version failed ({}): {}; reinstall the static binary from the GitHub releases of cloud-hypervisor/cloud-hypervisor",
@@ -147,6 +190,37 @@ mod tests {
         let amd = "flags\t\t: fpu svm npt hypervisor\n";
         assert!(hardware_virtualization(amd).is_ok());
         assert!(hardware_virtualization("flags\t: fpu\n").is_err());
+    }
+
+    #[test]
+    fn versions_parse_from_ping_and_version_output() {
+        assert_eq!(parse_version("53.0.0"), Some((53, 0)));
+        assert_eq!(parse_version("cloud-hypervisor v53.0"), Some((53, 0)));
+        assert_eq!(
+            parse_version("cloud-hypervisor v53.0-12-gabcdef-dirty"),
+            Some((53, 0))
+        );
+        assert_eq!(
+            parse_version("cloud-hypervisor v52.1-thaw-fake"),
+            Some((52, 1))
+        );
+        assert_eq!(
+            parse_version("cloud-hypervisor msft/v38.0.72"),
+            Some((38, 0))
+        );
+        assert_eq!(parse_version("v40.0"), Some((40, 0)));
+        assert_eq!(parse_version("cloud-hypervisor"), None);
+        assert_eq!(parse_version(""), None);
+        assert_eq!(parse_version("cloud-hypervisor vX.Y"), None);
+
+        check_version("53.0.0").unwrap();
+        check_version("cloud-hypervisor v52.0").unwrap();
+        check_version("100.0.0").unwrap();
+        let e = check_version("cloud-hypervisor v51.1").unwrap_err();
+        assert!(e.contains("v51.1 is too old") && e.contains("v52.0"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = check_version("garbage").unwrap_err();
+        assert!(e.contains("\"garbage\"") && e.contains("v52.0"), "{e}");
     }
 
     #[test]

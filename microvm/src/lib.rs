@@ -4,6 +4,7 @@
 //! * [`api`]: typed Cloud Hypervisor API bodies and an HTTP/1.1 client over its Unix socket.
 //! * [`vmm`]: the VMM process (spawn, readiness, kill and cleanup).
 //! * [`vm`]: the high-level [`Vm`] the platform drives (boot, pause, snapshot, restore, agent).
+//! * [`disk`]: disk formats, qcow2 overlays for clones, flattening for checkpoints.
 //! * [`restore`]: materialising a snapshot for a clone (its own vsock socket, disk and CID).
 //! * [`vsock`]: the hybrid-vsock `CONNECT` handshake.
 //! * [`agent`]: a client for guest-init's protocol over any stream.
@@ -14,6 +15,7 @@
 pub mod agent;
 pub mod api;
 pub mod availability;
+pub mod disk;
 pub mod image;
 pub mod qemu;
 pub mod restore;

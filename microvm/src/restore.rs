@@ -6,18 +6,17 @@
 //! disk, so every clone gets a private directory in its workdir:
 //!
 //! * `config.json` is rewritten: the vsock socket moves into the clone's workdir, the CID is
-//!   the clone's own, each disk path points at the clone's private copy-on-write disk, and
+//!   the clone's own, each disk path points at the clone's private copy-on-write disk (with
+//!   its `image_type` set from the disk's name, and `backing_files` for a qcow2 overlay), and
 //!   file-backed serial/console output goes to the clone's workdir. Everything else (every
 //!   default the VMM recorded) is kept verbatim by editing the JSON tree, not a typed copy.
 //! * `state.json` and `memory-ranges` are symlinked, not copied: restore only reads them, and
 //!   the memory file is the big one.
 //!
-//! Disks: Cloud Hypervisor opens raw and qcow2 images. The clone's disk is a reflink copy
-//! (`cp --reflink=auto --sparse=always`): instant and copy-on-write on btrfs/XFS, a sparse
-//! full copy elsewhere. A qcow2 overlay backed by the raw base
-//! (`qemu-img create -f qcow2 -b base.ext4 -F raw clone.qcow2`) is the alternative on
-//! filesystems without reflinks; callers that build one (or get a CoW layer from the
-//! snapshotter) pass its path in `RestoreOptions::disks` and no copy is made.
+//! Disks: Cloud Hypervisor opens raw and qcow2 images. A clone's disk is a qcow2 overlay
+//! backed by the snapshot's raw disk ([`crate::disk::create_overlay`]), copy-on-write on
+//! every filesystem. Callers that make their own (the platform does) pass its path in
+//! `RestoreOptions::disks`.
 //!
 //! CID: with hybrid vsock the host reaches the guest through the clone's own Unix socket, so
 //! the CID is host-side bookkeeping; the guest kernel keeps the CID it read at boot until a
@@ -25,11 +24,10 @@
 //! users expect.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
-use crate::util::{run, ToolError};
+use crate::disk::{self, DiskError, ImageType};
 
 pub const CONFIG_JSON: &str = "config.json";
 
@@ -48,16 +46,16 @@ pub enum RestoreError {
     #[error("snapshot has {snapshot} disk(s) but {given} replacement path(s) were given")]
     DiskCountMismatch { snapshot: usize, given: usize },
     #[error("vsock CID {0} is reserved: guest CIDs start at 3")]
-    ReservedCid(u64),
+    ReservedCid(u32),
     #[error("cannot make the clone's disk: {0}")]
-    DiskCopy(#[from] ToolError),
+    Disk(#[from] DiskError),
 }
 
 /// What changes for one clone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloneRewrite {
     pub vsock_socket: PathBuf,
-    pub cid: u64,
+    pub cid: u32,
     /// One path per disk in the snapshot, in order.
     pub disks: Vec<PathBuf>,
     /// Where file-backed serial output goes.
@@ -111,6 +109,14 @@ pub fn rewrite_config(mut config: Value, rw: &CloneRewrite) -> Result<Value, Res
             .as_object_mut()
             .ok_or(RestoreError::MissingField("disk object"))?;
         d.insert("path".into(), path_value(path));
+        // Never leave the format to Cloud Hypervisor's autodetection (see `ImageType`), and
+        // replace what the snapshot recorded: the clone's disk may have another format.
+        let format = disk::format_of(path);
+        d.insert("image_type".into(), serde_json::to_value(format)?);
+        d.insert(
+            "backing_files".into(),
+            Value::Bool(format == ImageType::Qcow2),
+        );
     }
 
     for (key, log) in [("serial", &rw.serial_log), ("console", &rw.console_log)] {
@@ -123,19 +129,28 @@ pub fn rewrite_config(mut config: Value, rw: &CloneRewrite) -> Result<Value, Res
     Ok(config)
 }
 
-/// Copy-on-write copy of a disk image where the filesystem supports reflinks, else a sparse
-/// copy (holes stay holes).
+/// A standalone copy of a disk image (a reflink where the filesystem has them, else sparse):
+/// see [`disk::flatten`].
 pub fn clone_disk(base: &Path, dest: &Path) -> Result<(), RestoreError> {
-    run(
-        Command::new("cp")
-            .arg("--reflink=auto")
-            .arg("--sparse=always")
-            .arg("--")
-            .arg(base)
-            .arg(dest),
-        "copy the snapshot's disk for a clone",
-    )?;
-    Ok(())
+    Ok(disk::flatten(base, dest)?)
+}
+
+/// A private copy-on-write disk for a clone in `dir`, from the snapshot's disk number `i`: a
+/// qcow2 overlay of a raw disk, or a flattened copy of a qcow2 one (an overlay of an overlay
+/// would tie the clone to a file the snapshotted VM may still be writing).
+pub fn clone_disk_into(base: &Path, dir: &Path, i: usize) -> Result<PathBuf, RestoreError> {
+    match disk::format_of(base) {
+        ImageType::Raw => {
+            let dest = dir.join(format!("disk{i}.{}", disk::QCOW2_EXTENSION));
+            disk::create_overlay(base, &dest)?;
+            Ok(dest)
+        }
+        ImageType::Qcow2 => {
+            let dest = dir.join(format!("disk{i}.raw"));
+            disk::flatten(base, &dest)?;
+            Ok(dest)
+        }
+    }
 }
 
 /// Builds the clone's private snapshot directory `dest` from `snapshot_dir`: rewritten
@@ -209,7 +224,14 @@ mod tests {
         assert_eq!(after["vsock"]["cid"], 107);
         assert_eq!(after["vsock"]["id"], "_vsock0");
         assert_eq!(after["disks"][0]["path"], "/vms/clone7/disk0.ext4");
+        assert_eq!(after["disks"][0]["image_type"], "Raw");
+        assert_eq!(after["disks"][0]["backing_files"], false);
         assert_eq!(after["disks"][0]["num_queues"], 1);
+        let mut q = rw();
+        q.disks = vec!["/vms/clone7/disk.qcow2".into()];
+        let after = rewrite_config(before.clone(), &q).unwrap();
+        assert_eq!(after["disks"][0]["image_type"], "Qcow2");
+        assert_eq!(after["disks"][0]["backing_files"], true);
         assert_eq!(after["serial"]["file"], "/vms/clone7/console.log");
         // Console is Off: its (null) file stays as it was.
         assert_eq!(after["console"], before["console"]);

@@ -39,12 +39,13 @@ pub struct VmSpec {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub cmdline: String,
-    /// The VM's own ext4 image (written by the guest: give each VM a private copy).
+    /// The VM's own ext4 image (written by the guest: give each VM a private copy), raw, or
+    /// a qcow2 overlay when its name ends in `.qcow2` ([`crate::disk`]).
     pub rootfs: PathBuf,
     pub vcpus: u8,
     pub memory_mib: u64,
     /// vsock context id, >= 3, unique per host.
-    pub cid: u64,
+    pub cid: u32,
     /// Must not exist or be empty; owned (and removed) by the [`Vm`].
     pub workdir: PathBuf,
 }
@@ -52,9 +53,10 @@ pub struct VmSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoreOptions {
     /// The clone's vsock CID (>= 3).
-    pub cid: u64,
-    /// The clone's disks, one per snapshot disk. `None`: reflink/sparse copies of the
-    /// snapshot's disks are made in the workdir.
+    pub cid: u32,
+    /// The clone's disks, one per snapshot disk; `*.qcow2` names are opened as qcow2 with
+    /// backing files, others as raw. `None`: qcow2 overlays of the snapshot's (raw) disks
+    /// are made in the workdir ([`restore::clone_disk_into`]).
     pub disks: Option<Vec<PathBuf>>,
     pub memory_restore_mode: MemoryRestoreMode,
     pub prefault: bool,
@@ -65,7 +67,7 @@ pub struct RestoreOptions {
 }
 
 impl RestoreOptions {
-    pub fn new(cid: u64) -> Self {
+    pub fn new(cid: u32) -> Self {
         RestoreOptions {
             cid,
             disks: None,
@@ -132,7 +134,7 @@ pub struct Vm {
     vmm: Vmm,
     workdir: PathBuf,
     vsock_socket: PathBuf,
-    cid: u64,
+    cid: u32,
 }
 
 fn prepare_workdir(dir: &Path) -> Result<(), VmError> {
@@ -201,10 +203,11 @@ impl Vm {
                     prefault: false,
                     thp: true,
                 }),
-                disks: Some(vec![DiskConfig {
-                    path: spec.rootfs.clone(),
-                    readonly: false,
-                }]),
+                // The format follows the name thaw gave the file (`disk::format_of`).
+                disks: Some(vec![DiskConfig::writable(
+                    spec.rootfs.clone(),
+                    crate::disk::format_of(&spec.rootfs),
+                )]),
                 vsock: Some(VsockConfig {
                     cid: spec.cid,
                     socket: vsock_socket.clone(),
@@ -266,10 +269,7 @@ impl Vm {
                 None => {
                     let mut out = Vec::new();
                     for (i, base) in restore::snapshot_disks(&original).iter().enumerate() {
-                        let ext = base.extension().and_then(|e| e.to_str()).unwrap_or("img");
-                        let dest = workdir.join(format!("disk{i}.{ext}"));
-                        restore::clone_disk(base, &dest)?;
-                        out.push(dest);
+                        out.push(restore::clone_disk_into(base, workdir, i)?);
                     }
                     out
                 }
@@ -325,7 +325,7 @@ impl Vm {
     /// A handle on a VM started earlier in `workdir` (by [`Vm::boot`] or [`Vm::restore`],
     /// then [`Vm::detach`]ed), possibly by another process. `vmm_pid` must have been checked
     /// by the caller to still be that VMM; [`Vm::shutdown`] ends it and removes `workdir`.
-    pub fn attach(workdir: &Path, cid: u64, vmm_pid: Option<u32>) -> Vm {
+    pub fn attach(workdir: &Path, cid: u32, vmm_pid: Option<u32>) -> Vm {
         Vm {
             vmm: Vmm::attach(workdir, vmm_pid),
             workdir: workdir.to_owned(),
@@ -334,7 +334,7 @@ impl Vm {
         }
     }
 
-    pub fn cid(&self) -> u64 {
+    pub fn cid(&self) -> u32 {
         self.cid
     }
 

@@ -46,6 +46,9 @@ pub enum VmmError {
         status: ExitStatus,
         log_tail: String,
     },
+    /// `vmm.ping` reported a release older than thaw needs (the VMM was killed).
+    #[error("{0}")]
+    TooOld(String),
     #[error("the VMM did not answer vmm.ping within {timeout:?} (killed); last error: {last}; log tail:\n{log_tail}")]
     StartTimeout {
         timeout: Duration,
@@ -123,6 +126,9 @@ impl Vmm {
                 version: String::new(),
             };
             let ping = vmm.wait_ready(start_timeout).await?;
+            // Checked on every start, not only by `cloud_hypervisor_available`: the binary
+            // may be replaced under a running thaw. On error `vmm` is dropped: killed.
+            crate::availability::check_version(&ping.version).map_err(VmmError::TooOld)?;
             vmm.version = ping.version;
             Ok(vmm)
         }

@@ -381,11 +381,14 @@ async fn restore_request_points_at_a_private_rewritten_snapshot() {
         cfg["vsock"]["socket"],
         workdir.join("vsock.sock").to_str().unwrap()
     );
+    // The clone's disk is a qcow2 overlay of the snapshot's raw disk, declared as such.
     assert_eq!(
         cfg["disks"][0]["path"],
-        workdir.join("disk0.ext4").to_str().unwrap()
+        workdir.join("disk0.qcow2").to_str().unwrap()
     );
-    assert!(workdir.join("disk0.ext4").exists());
+    assert_eq!(cfg["disks"][0]["image_type"], "Qcow2");
+    assert_eq!(cfg["disks"][0]["backing_files"], true);
+    assert!(workdir.join("disk0.qcow2").exists());
     assert_eq!(
         cfg["serial"]["file"],
         workdir.join("console.log").to_str().unwrap()

@@ -225,3 +225,57 @@ fn guest_init_answers_over_virtio_serial_under_tcg() {
         );
     });
 }
+
+/// The memory floor `min_guest_memory_mib` computes is enough: QEMU boots the PVH `vmlinux`
+/// itself (its PVH loader, like Cloud Hypervisor's, puts every PT_LOAD segment at its
+/// physical address), with exactly that much RAM, to a guest-init that runs a command.
+#[test]
+fn guest_init_answers_at_the_memory_floor_under_tcg() {
+    if let Err(why) = qemu_available().and_then(|_| busybox().map(|_| ())) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let Some(guest_init) = std::env::var_os("THAW_GUEST_INIT").map(PathBuf::from) else {
+        eprintln!("skipping: THAW_GUEST_INIT is not set (see the test above)");
+        return;
+    };
+    let _serial = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
+    let img = guest_image();
+    let floor = image::min_guest_memory_mib(&img.kernel.vmlinux, &img.initramfs).unwrap();
+    let (_disk_dir, disk) = rootfs(&guest_init);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut spec = QemuSpec::new(
+            &img.kernel.vmlinux,
+            &img.initramfs,
+            &disk,
+            &workdir("qemu-floor-"),
+        );
+        spec.memory_mib = u32::try_from(floor).unwrap();
+        let mut vm = QemuVm::boot(&spec).await.expect("qemu starts");
+        let mut agent = vm
+            .wait_agent_ready(BOOT_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("at {floor} MiB: {e}"));
+        let step = Duration::from_secs(60);
+        let out = agent
+            .exec(
+                &[
+                    "/bin/busybox",
+                    "sh",
+                    "-c",
+                    "echo hi; grep MemTotal /proc/meminfo",
+                ],
+                step,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("exec: {e}\n{}", vm.console_tail(30)));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("hi\n"), "{text}");
+        eprintln!(
+            "QEMU TCG PVH at the floor of {floor} MiB: guest-init ran a command at {:?}; {}",
+            vm.elapsed(),
+            text.lines().nth(1).unwrap_or("")
+        );
+    });
+}

@@ -52,6 +52,8 @@ pub enum Serial {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootSpec {
     pub disk: PathBuf,
+    /// `disks[0]` as configured (`image_type`, `backing_files`: see `disk.rs`).
+    pub disk_config: Value,
     pub disk_readonly: bool,
     /// The init's path inside the guest root.
     pub init: String,
@@ -198,6 +200,15 @@ fn check_disks(top: &Map<String, Value>) -> Result<(), Invalid> {
         let path = opt_str(disk, "path", &what)?
             .ok_or_else(|| rejected(format!("{what}.path is required")))?;
         opt_bool(disk, "readonly", &what)?;
+        opt_bool(disk, "backing_files", &what)?;
+        if let Some(t) = opt_str(disk, "image_type", &what)? {
+            if !crate::disk::IMAGE_TYPES.contains(&t) {
+                return Err(shape(format!(
+                    "{what}.image_type {t:?} is not one of {:?}",
+                    crate::disk::IMAGE_TYPES
+                )));
+            }
+        }
         existing(path, "disk image")?;
     }
     Ok(())
@@ -304,6 +315,7 @@ pub fn boot_spec(config: &Value) -> Result<BootSpec, String> {
         .unwrap_or("");
     Ok(BootSpec {
         disk: PathBuf::from(path),
+        disk_config: disk.clone(),
         disk_readonly: disk
             .get("readonly")
             .and_then(Value::as_bool)

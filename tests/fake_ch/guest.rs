@@ -13,6 +13,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 use crate::config::{BootSpec, Serial};
+use crate::disk::RootDisk;
 use crate::procfs;
 use crate::rootfs::{self, Mounts, AGENT_SOCKET, FAKE_DIR};
 use crate::vsock;
@@ -63,7 +64,7 @@ fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
 }
 
 /// A util-linux tool by absolute path: the guest launcher runs with an empty environment.
-fn tool(name: &str) -> PathBuf {
+pub fn tool(name: &str) -> PathBuf {
     std::env::var_os("PATH")
         .and_then(|path| {
             std::env::split_paths(&path)
@@ -81,6 +82,7 @@ pub struct Guest {
     pidns: String,
     root: PathBuf,
     mounts: Mounts,
+    disk: RootDisk,
     vsock: Option<vsock::Proxy>,
     exited: watch::Receiver<Option<String>>,
 }
@@ -92,9 +94,12 @@ pub async fn boot(spec: &BootSpec, root: &Path, id: u64) -> Result<Guest, String
             "disks[0] is readonly: fake-cloud-hypervisor needs a writable root disk".into(),
         );
     }
+    // A qcow2 disk is mounted through a raw scratch copy next to the API socket.
+    let scratch = root.with_file_name("fake-disk0.raw");
+    let disk = RootDisk::open(&spec.disk_config, &spec.disk, &scratch).await?;
     let mut mounts = Mounts::default();
     let mut proxy = None;
-    match start(spec, root, &mut mounts, &mut proxy).await {
+    match start(spec, &disk.mountable, root, &mut mounts, &mut proxy).await {
         Ok((launcher, init, pidns, exited)) => Ok(Guest {
             id,
             launcher,
@@ -102,6 +107,7 @@ pub async fn boot(spec: &BootSpec, root: &Path, id: u64) -> Result<Guest, String
             pidns,
             root: root.to_owned(),
             mounts,
+            disk,
             vsock: proxy,
             exited,
         }),
@@ -109,6 +115,7 @@ pub async fn boot(spec: &BootSpec, root: &Path, id: u64) -> Result<Guest, String
             drop(proxy);
             mounts.unmount_all().await;
             let _ = std::fs::remove_dir(root);
+            disk.remove_scratch();
             Err(e)
         }
     }
@@ -118,11 +125,12 @@ type Started = (i32, i32, String, watch::Receiver<Option<String>>);
 
 async fn start(
     spec: &BootSpec,
+    disk: &Path,
     root: &Path,
     mounts: &mut Mounts,
     proxy: &mut Option<vsock::Proxy>,
 ) -> Result<Started, String> {
-    rootfs::prepare(&spec.disk, root, mounts).await?;
+    rootfs::prepare(disk, root, mounts).await?;
     rootfs::check_init(root, &spec.init)?;
     if let Some(socket) = &spec.vsock_socket {
         let agent = root.join(FAKE_DIR).join(AGENT_SOCKET);
@@ -277,7 +285,8 @@ impl Guest {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        self.sync_disk()
+        self.sync_disk()?;
+        self.disk.sync_back().await
     }
 
     /// No process can appear while all are stopped, so one sweep resumes them all.
@@ -337,6 +346,10 @@ impl Guest {
         }
         self.vsock = None;
         self.mounts.unmount_all().await;
+        if let Err(e) = self.disk.sync_back().await {
+            log!("{e}");
+        }
+        self.disk.remove_scratch();
         let _ = std::fs::remove_dir(&self.root);
         log!("guest stopped");
     }

@@ -22,6 +22,10 @@
 //!   a read-only host sysfs. The root is entered with chroot (util-linux `unshare --root`),
 //!   which a root process can escape, and the guest keeps the other capabilities and a
 //!   writable /proc: it is meant for trusted test workloads only.
+//! * A **qcow2** `disks[0]` (an overlay over a raw backing file, as thaw gives clones) cannot be
+//!   loop-mounted: it is flattened to a raw scratch file at boot and the guest's changes are
+//!   written back into the qcow2 file at pause and at guest stop (`disk.rs`). `image_type` is
+//!   checked against the content as Cloud Hypervisor does.
 //! * Only `disks[0]` is used (as the root filesystem, read-write); only host-to-guest vsock
 //!   connections to port 1024 (guest-init) are served (no guest-to-host `<socket>_<port>`);
 //!   serial modes `File`, `Tty`, `Null` and `Off`; no `net` devices.
@@ -35,6 +39,7 @@
 mod log;
 mod api;
 mod config;
+mod disk;
 mod error;
 mod guest;
 mod procfs;
@@ -48,7 +53,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub const BUILD_VERSION: &str = "v53.0-thaw-fake";
-pub const VERSION: &str = "53.0";
+/// What v53.0 answers in `vmm.ping`: the cloud-hypervisor crate version (`CARGO_PKG_VERSION`).
+pub const VERSION: &str = "53.0.0";
 
 /// How long open API connections may delay the exit once it is decided.
 const EXIT_LINGER: Duration = Duration::from_secs(2);

@@ -75,17 +75,49 @@ pub struct MemoryConfig {
     pub thp: bool,
 }
 
+/// A disk image's format, as Cloud Hypervisor's `DiskConfig.image_type` names it (v52+;
+/// v53 also knows `FixedVhd` and `Vhdx`, which thaw never makes).
+///
+/// Always sent: without it Cloud Hypervisor autodetects the format from the file's content,
+/// logs a deprecation and, for a raw image, refuses writes to sector 0. Autodetection would
+/// also let a guest that writes a qcow2 magic into sector 0 of its raw disk turn the disk
+/// into a qcow2 image naming a backing file of its choice on the next open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageType {
+    Raw,
+    Qcow2,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
+    pub image_type: ImageType,
+    /// Let a qcow2 image read through to the backing file named in its header (v53: off by
+    /// default, and an overlay whose backing file is refused fails to open).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backing_files: bool,
+}
+
+impl DiskConfig {
+    /// A writable disk of `format`; qcow2 overlays get `backing_files` (thaw writes their
+    /// headers itself, so the backing path named there is its own).
+    pub fn writable(path: PathBuf, format: ImageType) -> Self {
+        DiskConfig {
+            path,
+            readonly: false,
+            image_type: format,
+            backing_files: format == ImageType::Qcow2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
-    /// Guest context id; 0-2 are reserved, so >= 3.
-    pub cid: u64,
+    /// Guest context id; 0-2 are reserved, so >= 3. Cloud Hypervisor takes a u32
+    /// (`VsockConfig::cid`), as the virtio-vsock config space's guest_cid low half.
+    pub cid: u32,
     /// Host side of the hybrid vsock device: a Unix socket path.
     pub socket: PathBuf,
 }
@@ -214,10 +246,10 @@ mod tests {
                 prefault: false,
                 thp: true,
             }),
-            disks: Some(vec![DiskConfig {
-                path: "/vm/rootfs.ext4".into(),
-                readonly: false,
-            }]),
+            disks: Some(vec![
+                DiskConfig::writable("/vm/rootfs.ext4".into(), ImageType::Raw),
+                DiskConfig::writable("/vm/clone.qcow2".into(), ImageType::Qcow2),
+            ]),
             vsock: Some(VsockConfig {
                 cid: 3,
                 socket: "/vm/vsock.sock".into(),
@@ -244,7 +276,11 @@ mod tests {
                 "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
                 "memory": {"size": 536870912u64, "shared": false, "hugepages": false,
                            "prefault": false, "thp": true},
-                "disks": [{"path": "/vm/rootfs.ext4", "readonly": false}],
+                "disks": [
+                    {"path": "/vm/rootfs.ext4", "readonly": false, "image_type": "Raw"},
+                    {"path": "/vm/clone.qcow2", "readonly": false, "image_type": "Qcow2",
+                     "backing_files": true}
+                ],
                 "vsock": {"cid": 3, "socket": "/vm/vsock.sock"},
                 "serial": {"mode": "File", "file": "/vm/console.log"},
                 "console": {"mode": "Off"},
@@ -277,9 +313,10 @@ mod tests {
 
     #[test]
     fn parses_documented_ping() {
-        let body = r#"{"build_version":"v53.0","version":"53.0","pid":4242,"features":["kvm","io_uring"]}"#;
+        // What v53.0 answers: `version` is the cloud-hypervisor crate's version.
+        let body = r#"{"build_version":"v53.0","version":"53.0.0","pid":4242,"features":["kvm","io_uring"]}"#;
         let p: VmmPingResponse = serde_json::from_str(body).unwrap();
-        assert_eq!(p.version, "53.0");
+        assert_eq!(p.version, "53.0.0");
         assert_eq!(p.pid, Some(4242));
         assert_eq!(p.features, vec!["kvm", "io_uring"]);
         // Older releases answer with only the version fields.

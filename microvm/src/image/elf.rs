@@ -32,17 +32,17 @@ pub struct Note<'a> {
 }
 
 fn u16_at(d: &[u8], off: usize) -> Option<u16> {
-    d.get(off..off + 2)
+    d.get(off..off.checked_add(2)?)
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
 }
 
 fn u32_at(d: &[u8], off: usize) -> Option<u32> {
-    d.get(off..off + 4)
+    d.get(off..off.checked_add(4)?)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn u64_at(d: &[u8], off: usize) -> Option<u64> {
-    d.get(off..off + 8).map(|b| {
+    d.get(off..off.checked_add(8)?).map(|b| {
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         u64::from_le_bytes(a)
@@ -55,7 +55,18 @@ fn slice(d: &[u8], off: u64, len: u64) -> Option<&[u8]> {
     d.get(off..off.checked_add(len)?)
 }
 
+const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
+
+/// The fields of one program header this crate uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProgramHeader {
+    kind: u32,
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
 const SHT_NOTE: u32 = 7;
 
 impl<'a> Elf<'a> {
@@ -66,7 +77,7 @@ impl<'a> Elf<'a> {
         Ok(Elf { data })
     }
 
-    fn program_headers(&self) -> Result<Vec<(u32, u64, u64)>, ElfError> {
+    fn program_headers(&self) -> Result<Vec<ProgramHeader>, ElfError> {
         let d = self.data;
         let bad = ElfError::Malformed("program headers");
         let phoff = u64_at(d, 0x20).ok_or(bad.clone())?;
@@ -74,13 +85,50 @@ impl<'a> Elf<'a> {
         let phnum = u16_at(d, 0x38).ok_or(bad.clone())? as u64;
         let mut out = Vec::new();
         for i in 0..phnum {
-            let base = usize::try_from(phoff + i * phentsize).map_err(|_| bad.clone())?;
-            let kind = u32_at(d, base).ok_or(bad.clone())?;
-            let offset = u64_at(d, base + 8).ok_or(bad.clone())?;
-            let filesz = u64_at(d, base + 32).ok_or(bad.clone())?;
-            out.push((kind, offset, filesz));
+            let base = i
+                .checked_mul(phentsize)
+                .and_then(|o| o.checked_add(phoff))
+                .and_then(|o| usize::try_from(o).ok())
+                .ok_or(bad.clone())?;
+            let field = |off: usize| base.checked_add(off).and_then(|o| u64_at(d, o));
+            out.push(ProgramHeader {
+                kind: u32_at(d, base).ok_or(bad.clone())?,
+                offset: field(8).ok_or(bad.clone())?,
+                paddr: field(24).ok_or(bad.clone())?,
+                filesz: field(32).ok_or(bad.clone())?,
+                memsz: field(40).ok_or(bad.clone())?,
+            });
         }
         Ok(out)
+    }
+
+    /// Bytes of the file that hold the ELF header and every program header: enough for
+    /// [`Elf::highest_load_end`] without reading a 60 MB `vmlinux` whole.
+    pub fn headers_len(header: &[u8]) -> Result<u64, ElfError> {
+        let bad = ElfError::Malformed("program headers");
+        let phoff = u64_at(header, 0x20).ok_or(bad.clone())?;
+        let phentsize = u16_at(header, 0x36).ok_or(bad.clone())? as u64;
+        let phnum = u16_at(header, 0x38).ok_or(bad.clone())? as u64;
+        phoff
+            .checked_add(phentsize * phnum)
+            .map(|end| end.max(64))
+            .ok_or(bad)
+    }
+
+    /// End of the highest PT_LOAD segment in guest-physical memory (`p_paddr + p_memsz`):
+    /// what a loader that places the segments at their physical addresses (Cloud
+    /// Hypervisor's PVH boot) needs the guest's RAM to cover, `.bss` included.
+    pub fn highest_load_end(&self) -> Result<u64, ElfError> {
+        let mut end = None;
+        for ph in self.program_headers()? {
+            if ph.kind == PT_LOAD {
+                let e = ph.paddr.checked_add(ph.memsz).ok_or(ElfError::Malformed(
+                    "PT_LOAD segment past the address space",
+                ))?;
+                end = Some(end.map_or(e, |m: u64| m.max(e)));
+            }
+        }
+        end.ok_or(ElfError::Malformed("no PT_LOAD segment"))
     }
 
     pub fn sections(&self) -> Result<Vec<Section<'a>>, ElfError> {
@@ -140,9 +188,11 @@ impl<'a> Elf<'a> {
     /// All notes from PT_NOTE segments, or from SHT_NOTE sections when there are no segments.
     pub fn notes(&self) -> Result<Vec<Note<'a>>, ElfError> {
         let mut regions = Vec::new();
-        for (kind, off, size) in self.program_headers()? {
-            if kind == PT_NOTE {
-                regions.push(slice(self.data, off, size).ok_or(ElfError::Malformed("note"))?);
+        for ph in self.program_headers()? {
+            if ph.kind == PT_NOTE {
+                regions.push(
+                    slice(self.data, ph.offset, ph.filesz).ok_or(ElfError::Malformed("note"))?,
+                );
             }
         }
         if regions.is_empty() {
@@ -230,6 +280,53 @@ pub(crate) mod tests {
         assert_eq!(parsed.len(), 2);
         assert_eq!(parsed[1].name, b"Xen");
         assert_eq!(parsed[1].kind, 18);
+    }
+
+    /// An ELF64 header followed by PT_LOAD segments `(paddr, memsz)`, no contents.
+    fn elf_with_loads(loads: &[(u64, u64)]) -> Vec<u8> {
+        let mut d = vec![0u8; 64];
+        d[..4].copy_from_slice(b"\x7fELF");
+        d[4] = 2;
+        d[5] = 1;
+        d[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        d[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        d[0x38..0x3a].copy_from_slice(&(loads.len() as u16).to_le_bytes());
+        for &(paddr, memsz) in loads {
+            let mut ph = vec![0u8; 56];
+            ph[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+            ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+            ph[32..40].copy_from_slice(&(memsz / 2).to_le_bytes()); // filesz < memsz: .bss
+            ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+            d.extend(ph);
+        }
+        d
+    }
+
+    #[test]
+    fn highest_load_end_counts_memsz() {
+        // Debian 6.1's vmlinux: the last segment (.init, .bss, .brk) ends at 74 MiB.
+        let elf = elf_with_loads(&[
+            (0x100_0000, 0x18e_a9f0),
+            (0x307_9000, 0x198_7000),
+            (0x2a0_0000, 0x64_4000),
+        ]);
+        assert_eq!(Elf::headers_len(&elf).unwrap(), 64 + 3 * 56);
+        assert_eq!(
+            Elf::parse(&elf).unwrap().highest_load_end().unwrap(),
+            74 << 20
+        );
+        let none = elf_with_loads(&[]);
+        assert!(Elf::parse(&none).unwrap().highest_load_end().is_err());
+        let wraps = elf_with_loads(&[(u64::MAX, 2)]);
+        assert!(Elf::parse(&wraps).unwrap().highest_load_end().is_err());
+        // Program headers past the end of the data are an error, not a panic.
+        let mut cut = elf_with_loads(&[(0x100_0000, 4096)]);
+        cut.truncate(100);
+        assert!(Elf::parse(&cut).unwrap().highest_load_end().is_err());
+        let mut far = elf_with_loads(&[(0x100_0000, 4096)]);
+        far[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Elf::parse(&far).unwrap().highest_load_end().is_err());
+        assert!(Elf::headers_len(&far).is_err());
     }
 
     #[test]

@@ -47,6 +47,12 @@ pub enum ImageError {
     BadInitPath(String),
     #[error("rootfs needs {needed_mib} MiB but the template's disk limit is {limit_mib} MiB")]
     RootfsTooLarge { needed_mib: u64, limit_mib: u64 },
+    #[error("{path}: cannot read the kernel's load segments: {source}")]
+    KernelElf {
+        path: PathBuf,
+        #[source]
+        source: elf::ElfError,
+    },
     #[error("guest-init was not installed at {path} in the rootfs image: {detail}")]
     InitNotInstalled { path: String, detail: String },
 }
@@ -88,4 +94,114 @@ pub fn build_guest_image_from_deb(
     let kernel = build_kernel(cache, deb, DEFAULT_MODULES)?;
     let initramfs = build_initramfs(cache, &kernel, busybox, init_path)?;
     Ok(GuestImage { kernel, initramfs })
+}
+
+/// Guest RAM the kernel needs on top of what its image and the initramfs occupy, in MiB.
+///
+/// Covers what the kernel allocates while it boots to guest-init: the initramfs unpacked
+/// into its root tmpfs (about 5 MiB for thaw's) and the decompressed modules it loads, page
+/// tables and `struct page`s (1.6% of RAM), slab and per-CPU areas, the ext4 journal and page
+/// cache of the rootfs, and guest-init's own process. The physical range below the kernel
+/// (the first 16 MiB) is usable too but mostly reserved early (real-mode, DMA zone, ACPI).
+/// 48 MiB was checked by booting Debian 6.1 to a guest-init answering `Ping` at exactly the
+/// resulting minimum (`microvm/README.md`, "Memory floor").
+pub const KERNEL_RUNTIME_HEADROOM_MIB: u64 = 48;
+
+/// The smallest guest memory, in MiB, with which `vmlinux` + `initramfs` boot on Cloud
+/// Hypervisor: the end of the kernel's highest PT_LOAD segment in physical memory (Cloud
+/// Hypervisor's PVH loader puts each segment at its physical address; if RAM ends before,
+/// the ELF load fails and it falls back to bzImage, answering "Invalid bzImage"), plus the
+/// initramfs (loaded as a whole into guest RAM), plus [`KERNEL_RUNTIME_HEADROOM_MIB`],
+/// rounded up to a MiB. Reads only the ELF headers.
+pub fn min_guest_memory_mib(vmlinux: &Path, initramfs: &Path) -> Result<u64, ImageError> {
+    use std::os::unix::fs::FileExt;
+    // More program headers than fit here is no kernel anyone ships.
+    const MAX_HEADERS: u64 = 1 << 20;
+    let f = std::fs::File::open(vmlinux).map_err(|e| ImageError::io(vmlinux, e))?;
+    let elf_err = |source| ImageError::KernelElf {
+        path: vmlinux.to_owned(),
+        source,
+    };
+    let read = |len: u64| -> Result<Vec<u8>, ImageError> {
+        let mut buf = vec![0u8; len as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ImageError::io(vmlinux, e)),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    };
+    let header = read(64)?;
+    elf::Elf::parse(&header).map_err(elf_err)?;
+    let len = elf::Elf::headers_len(&header).map_err(elf_err)?;
+    if len > MAX_HEADERS {
+        return Err(elf_err(elf::ElfError::Malformed(
+            "program headers too large",
+        )));
+    }
+    let headers = read(len)?;
+    let load_end = elf::Elf::parse(&headers)
+        .and_then(|e| e.highest_load_end())
+        .map_err(elf_err)?;
+    let initramfs_len = std::fs::metadata(initramfs)
+        .map_err(|e| ImageError::io(initramfs, e))?
+        .len();
+    const MIB: u64 = 1 << 20;
+    let bytes = load_end
+        .saturating_add(initramfs_len)
+        .saturating_add(KERNEL_RUNTIME_HEADROOM_MIB * MIB);
+    Ok(bytes.div_ceil(MIB))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_floor_of_the_cached_debian_kernel() {
+        // Figures of the real image when one was built on this machine (the image cache of
+        // the qemu_boot tests or of a thaw install); skipped otherwise.
+        for cache in ["/var/cache/thaw/images", "../target/tmp/thaw-image-cache"] {
+            let Ok(kernels) = std::fs::read_dir(Path::new(cache).join("kernel")) else {
+                continue;
+            };
+            let Some(k) = kernels
+                .flatten()
+                .map(|e| e.path().join("vmlinux"))
+                .find(|p| p.is_file())
+            else {
+                continue;
+            };
+            let Some(i) = std::fs::read_dir(Path::new(cache).join("initramfs"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join("initramfs.cpio.zst"))
+                .find(|p| p.is_file())
+            else {
+                continue;
+            };
+            let mib = min_guest_memory_mib(&k, &i).unwrap();
+            eprintln!("{}: minimum {mib} MiB", k.display());
+            assert!(mib > 64 + KERNEL_RUNTIME_HEADROOM_MIB, "{mib}");
+            return;
+        }
+        eprintln!("skipping: no cached guest image");
+    }
+
+    #[test]
+    fn memory_floor_errors_name_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let k = d.path().join("vmlinux");
+        std::fs::write(&k, b"not an elf").unwrap();
+        let e = min_guest_memory_mib(&k, &k).unwrap_err().to_string();
+        assert!(e.contains("vmlinux"), "{e}");
+        let e = min_guest_memory_mib(&d.path().join("missing"), &k).unwrap_err();
+        assert!(matches!(e, ImageError::Io { .. }), "{e}");
+    }
 }

@@ -2,8 +2,10 @@
 //!
 //! A sandbox directory `sandboxes/<id>/` holds, besides the `owner` record every sandbox has:
 //!
-//! * `disk.ext4`: the VM's private root disk, a copy (a reflink where the filesystem has
-//!   them: XFS, btrfs) of the template's image or of the snapshot's disk;
+//! * `disk.qcow2`: the VM's private root disk, a qcow2 overlay whose backing file is the
+//!   template's cached rootfs image (a cold boot) or the snapshot cache's `disk.ext4` (a
+//!   clone): copy-on-write on every filesystem, it holds only what the guest wrote; or
+//!   `disk.ext4`, a raw disk: a resumed session's own (its snapshot is private to it);
 //! * `vmm`: `<pid> <starttime>` of the VMM process, so that a later thaw process (a session
 //!   call after a restart, the crash sweep) can reach or end it without mistaking a reused
 //!   pid for it; `cid`: the VM's vsock CID;
@@ -14,10 +16,12 @@
 //! [`VmSandbox::destroy`], and a thaw process killed mid-invocation leaves it to the sweep.
 //!
 //! A snapshot is Cloud Hypervisor's snapshot directory (`config.json`, `state.json`,
-//! `memory-ranges`) plus `disk.ext4`, the disk as it was while the VM was paused: memory and
-//! disk must come from the same instant, since the guest's page cache refers to disk blocks.
-//! The snapshotter stores it compressed and content-addressed, so a session's pause shares
-//! every unchanged chunk of memory and disk with its template.
+//! `memory-ranges`) plus `disk.ext4`, the disk as it was while the VM was paused, flattened
+//! into one standalone raw image (overlay merged with its backing file): memory and disk must
+//! come from the same instant, since the guest's page cache refers to disk blocks, and a
+//! snapshot must not depend on a file outside it, so that a session survives a redeploy or
+//! delete of its template. The snapshotter stores it compressed and content-addressed, so a
+//! session's pause still shares every unchanged chunk of memory and disk with its template.
 
 mod backend;
 pub mod image;
@@ -38,8 +42,11 @@ use crate::paths::Paths;
 
 pub use image::{Images, VmImage};
 
-/// The private disk, in a sandbox directory and in a snapshot.
+/// The raw disk: in a snapshot, and a resumed session's own in its sandbox directory.
 pub const DISK_FILE: &str = "disk.ext4";
+/// A sandbox's copy-on-write disk over a shared raw base (the extension tells thaw-microvm
+/// to open it as qcow2 with its backing file).
+const OVERLAY_FILE: &str = "disk.qcow2";
 const VMM_RECORD: &str = "vmm";
 const CID_FILE: &str = "cid";
 const WORKDIR: &str = "vm";
@@ -77,9 +84,10 @@ fn binary() -> Result<PathBuf> {
 }
 
 /// A vsock CID for a new VM. With hybrid vsock the host reaches each VM through its own
-/// socket, so the CID only has to be valid (>= 3) and is very unlikely to repeat.
-fn new_cid() -> u64 {
-    rand::thread_rng().gen_range(3..u32::MAX as u64)
+/// socket, so the CID only has to be valid (>= 3; Cloud Hypervisor takes a u32, and
+/// u32::MAX is VMADDR_CID_ANY) and is very unlikely to repeat.
+fn new_cid() -> u32 {
+    rand::thread_rng().gen_range(3..u32::MAX)
 }
 
 impl MicrovmTier {
@@ -104,10 +112,12 @@ impl MicrovmTier {
             .map_err(|e| Error::Other(format!("guest image task: {e}")))?
     }
 
-    /// Creates the sandbox directory with its owner record and the VM's private disk: a copy
-    /// of `disk_from`, or, for a `private` snapshot (a session's resume, nobody else's), the
-    /// snapshot directory itself moved in, disk and all. Returns the directory and where the
-    /// snapshot now is. On failure removes whatever it made.
+    /// Creates the sandbox directory with its owner record and the VM's private disk: a qcow2
+    /// overlay (`disk.qcow2`) of the raw image `snapshot_or_disk`, which must stay unchanged
+    /// while the VM runs (the image cache's and the snapshot cache's are), or, for a `private`
+    /// snapshot (a session's resume, nobody else's), the snapshot directory itself moved in,
+    /// its raw disk as `disk.ext4`. Returns the directory and where the snapshot now is. On
+    /// failure removes whatever it made.
     fn prepare(
         &self,
         id: &str,
@@ -124,8 +134,10 @@ impl MicrovmTier {
                 std::fs::rename(kept.join(DISK_FILE), dir.join(DISK_FILE))
                     .ctx("moving the snapshot's disk", &dir)?;
             } else {
-                clone_disk(snapshot_or_disk, &dir.join(DISK_FILE))
-                    .map_err(thaw_microvm::VmError::from)?;
+                thaw_microvm::disk::create_overlay(snapshot_or_disk, &dir.join(OVERLAY_FILE))
+                    .map_err(|e| {
+                        thaw_microvm::VmError::from(thaw_microvm::restore::RestoreError::from(e))
+                    })?;
             }
             Ok(())
         })();
@@ -144,13 +156,28 @@ impl MicrovmTier {
         async {
             let bin = binary()?;
             let img = self.image(&spec.layers, spec.limits.disk_mib).await?;
+            // Below the kernel's floor Cloud Hypervisor fails with a misleading "Invalid
+            // bzImage" (or the guest dies out of memory): refuse first, in the template's terms.
+            let (kernel, initramfs) = (img.kernel.clone(), img.initramfs.clone());
+            let floor = tokio::task::spawn_blocking(move || {
+                thaw_microvm::image::min_guest_memory_mib(&kernel, &initramfs)
+            })
+            .await
+            .map_err(|e| Error::Other(format!("memory floor task: {e}")))?
+            .map_err(image::image_error)?;
+            if spec.limits.memory_mib < floor {
+                return Err(Error::BuildRefused(format!(
+                    "limits.memory_mib = {} is below the microvm tier's minimum of {floor} MiB for this kernel and initramfs; raise limits.memory_mib in template.toml",
+                    spec.limits.memory_mib
+                )));
+            }
             let (dir, _) = self.prepare(&spec.id, &img.rootfs, false)?;
             let cid = new_cid();
             let vm_spec = VmSpec {
                 kernel: img.kernel,
                 initramfs: img.initramfs,
                 cmdline: thaw_microvm::vm::DEFAULT_CMDLINE.to_string(),
-                rootfs: dir.join(DISK_FILE),
+                rootfs: dir.join(OVERLAY_FILE),
                 vcpus: u8::try_from(spec.limits.vcpus).unwrap_or(u8::MAX),
                 memory_mib: spec.limits.memory_mib,
                 cid,
@@ -163,8 +190,8 @@ impl MicrovmTier {
         .await
     }
 
-    /// Restores a clone from a snapshot directory (see the module docs): its own disk copy,
-    /// vsock socket and CID; memory is mapped on demand (userfaultfd), so the memory file
+    /// Restores a clone from a snapshot directory (see the module docs): its own
+    /// copy-on-write disk, vsock socket and CID; memory is mapped on demand (userfaultfd), so the memory file
     /// must outlive the restore. A `private` snapshot directory (a session's resume) is moved
     /// into the sandbox directory and goes with it; a shared one is the snapshot cache's.
     pub async fn restore(
@@ -185,7 +212,8 @@ impl MicrovmTier {
             let snapshot = if private { kept.as_path() } else { snapshot };
             let cid = new_cid();
             let mut opts = RestoreOptions::new(cid);
-            opts.disks = Some(vec![dir.join(DISK_FILE)]);
+            let disk = if private { DISK_FILE } else { OVERLAY_FILE };
+            opts.disks = Some(vec![dir.join(disk)]);
             let vm = Vm::restore(snapshot, &dir.join(WORKDIR), opts, &bin).await;
             self.adopt(spec, &dir, cid, vm).await
         }
@@ -201,7 +229,7 @@ impl MicrovmTier {
         &self,
         spec: &SandboxSpec,
         dir: &Path,
-        cid: u64,
+        cid: u32,
         vm: std::result::Result<Vm, thaw_microvm::VmError>,
     ) -> Result<VmSandbox> {
         let ready = match vm {
@@ -245,20 +273,27 @@ impl MicrovmTier {
     }
 
     /// Snapshots a VM sandbox into `dest` (a new directory): pause, Cloud Hypervisor's
-    /// snapshot, a copy of the disk from the same instant, then resume if `leave_running`
+    /// snapshot, the disk from the same instant flattened into a standalone raw
+    /// `disk.ext4` (so the snapshot needs no base image), then resume if `leave_running`
     /// (a session's pause keeps it running until the snapshot is durable). A VM left paused
     /// is about to be destroyed.
     pub async fn checkpoint(&self, sb: &VmSandbox, dest: &Path, leave_running: bool) -> Result<()> {
         let span = info_span!("sandbox.checkpoint", sandbox = %sb.id, tier = "microvm");
         async {
-            let vm = sb.vm();
+            let vm = sb.vm()?;
             vm.pause().await?;
             let r = async {
                 vm.snapshot(dest).await?;
-                let (from, to) = (sb.dir.join(DISK_FILE), dest.join(DISK_FILE));
+                let overlay = sb.dir.join(OVERLAY_FILE);
+                let from = if overlay.exists() {
+                    overlay
+                } else {
+                    sb.dir.join(DISK_FILE)
+                };
+                let to = dest.join(DISK_FILE);
                 tokio::task::spawn_blocking(move || clone_disk(&from, &to))
                     .await
-                    .map_err(|e| Error::Other(format!("disk copy task: {e}")))?
+                    .map_err(|e| Error::Other(format!("disk flatten task: {e}")))?
                     .map_err(thaw_microvm::VmError::from)?;
                 Ok::<_, Error>(())
             }
@@ -283,17 +318,28 @@ impl VmSandbox {
             .map(|s| s.trim().to_string())
     }
 
-    fn vm(&self) -> Vm {
-        let cid = std::fs::read_to_string(self.dir.join(CID_FILE))
+    fn vm(&self) -> Result<Vm> {
+        let path = self.dir.join(CID_FILE);
+        let text = std::fs::read_to_string(&path).ctx("reading the VM's vsock CID", &path)?;
+        let cid = text
+            .trim()
+            .parse::<u32>()
             .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+            .filter(|c| *c >= 3)
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "sandbox {}: {} holds {:?}, not a vsock CID (3 to 4294967295); the sandbox directory is damaged: destroy the sandbox",
+                    self.id,
+                    path.display(),
+                    text.trim()
+                ))
+            })?;
         // Only a pid whose start time still matches is ours to signal.
         let pid = self
             .identity()
             .filter(|i| cleanup::identity_alive(i))
             .and_then(|i| cleanup::identity_pid(&i));
-        Vm::attach(&self.dir.join(WORKDIR), cid, pid)
+        Ok(Vm::attach(&self.dir.join(WORKDIR), cid, pid))
     }
 
     /// The last `lines` lines of the guest's serial console.
@@ -309,8 +355,17 @@ impl VmSandbox {
         let span = info_span!("sandbox.destroy", sandbox = %self.id, tier = "microvm");
         async {
             if self.dir.join(WORKDIR).exists() {
-                if let Err(e) = self.vm().shutdown().await {
-                    warn!(error = %e, "vm shutdown");
+                match self.vm() {
+                    Ok(vm) => {
+                        if let Err(e) = vm.shutdown().await {
+                            warn!(error = %e, "vm shutdown");
+                        }
+                    }
+                    // Still end the VMM, by its recorded identity.
+                    Err(e) => {
+                        warn!(error = %e, "vm handle; killing the VMM");
+                        kill_orphan_vmm(&self.dir);
+                    }
                 }
             }
             if let Err(e) = mounts::teardown_dir(&self.dir) {
