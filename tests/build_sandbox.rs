@@ -347,3 +347,32 @@ fn setup_writes_are_capped_by_the_build_disk() {
     assert!(layers(&h).is_empty());
     h.assert_clean();
 }
+
+/// `setup` writes where `[[files]]` put the template's files, in a directory the copy made
+/// (the python template byte-compiles `/app` into `/app/__pycache__`): the build's root owns
+/// them. Regression: the copy's owners were shifted behind the overlay's back, so the overlay
+/// still held a new directory as host root's, and the build's root got "Permission denied".
+#[test]
+fn setup_writes_into_directories_the_template_files_made() {
+    let h = home();
+    let dir = template(
+        &h,
+        &["mkdir /opt/agent/cache && echo built > /opt/agent/cache/x && id -u > /opt/agent/uid"],
+        "[[files]]\nsrc = \"app\"\ndest = \"/opt/agent\"\n",
+    );
+    std::fs::create_dir_all(dir.join("app")).unwrap();
+    std::fs::write(dir.join("app/main.sh"), "echo hi\n").unwrap();
+    deploy(&h, &dir).ok();
+    let r = h
+        .run(&[
+            "exec",
+            "t",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /opt/agent/cache/x /opt/agent/uid /opt/agent/main.sh",
+        ])
+        .ok();
+    assert_eq!(r.stdout(), "built\n0\necho hi\n");
+    h.assert_clean();
+}

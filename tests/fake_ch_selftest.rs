@@ -2,8 +2,8 @@
 //! microvm tier's real client code (`thaw_microvm`): boot, hybrid vsock, guest-init's
 //! protocol, pause, snapshot, restore into a second VMM from a copied disk, and cleanup when
 //! the fake is killed. Needs root (loop mounts, namespaces), a static guest-init
-//! (`THAW_GUEST_INIT` or target/static/...), mkfs.ext4 and /bin/busybox; elsewhere each test
-//! prints `skipping: <why>` and returns.
+//! (`THAW_GUEST_INIT` or target/static/...), mkfs.ext4 and /bin/busybox, all of which
+//! `make test` provides: a missing one fails the test, naming it.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -46,10 +46,7 @@ fn guest_init() -> PathBuf {
 fn fixture() -> Option<Fixture> {
     match try_fixture() {
         Ok(f) => Some(f),
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            None
-        }
+        Err(why) => panic!("the fake Cloud Hypervisor's fixture cannot be set up: {why}"),
     }
 }
 

@@ -117,10 +117,10 @@ mod tests {
 
     #[test]
     fn overlay_is_small_and_flattens_to_the_base_plus_writes() {
-        if !qemu_img() {
-            eprintln!("skipping: qemu-img not installed (apt-get install qemu-utils)");
-            return;
-        }
+        assert!(
+            qemu_img(),
+            "qemu-img not installed: run `make deps` (apt-get install qemu-utils)"
+        );
         use std::os::unix::fs::FileExt;
         let d = tempfile::tempdir().unwrap();
         let base = d.path().join("base.ext4");

@@ -89,6 +89,30 @@ fn rootfs(init: &Path) -> (tempfile::TempDir, PathBuf) {
     (dir, private)
 }
 
+/// QEMU (the test is ignored where it is missing) and busybox: a host that has QEMU but not
+/// the rest of `make deps` is a broken setup, and fails naming the fix.
+fn ready_to_boot() {
+    if let Err(why) = qemu_available().and_then(|_| busybox().map(|_| ())) {
+        panic!("cannot boot the guest image: {why}");
+    }
+}
+
+/// The static guest-init: `THAW_GUEST_INIT`, else the one `make guest-init` builds.
+fn guest_init() -> PathBuf {
+    let p = std::env::var_os("THAW_GUEST_INIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/static/x86_64-unknown-linux-gnu/release/guest-init")
+        });
+    assert!(
+        p.is_file(),
+        "no static guest-init at {} (run `make guest-init`, or point THAW_GUEST_INIT at one)",
+        p.display()
+    );
+    p
+}
+
 fn workdir(name: &str) -> PathBuf {
     tempfile::Builder::new()
         .prefix(name)
@@ -98,11 +122,12 @@ fn workdir(name: &str) -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(
+    thaw_no_qemu,
+    ignore = "this host has no qemu-system-x86_64 (apt-get install qemu-system-x86)"
+)]
 fn guest_image_boots_to_userspace_under_tcg() {
-    if let Err(why) = qemu_available().and_then(|_| busybox().map(|_| ())) {
-        eprintln!("skipping: {why}");
-        return;
-    }
+    ready_to_boot();
     let _serial = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
     let img = guest_image();
     let script = tempfile::NamedTempFile::new().unwrap();
@@ -136,24 +161,13 @@ fn guest_image_boots_to_userspace_under_tcg() {
 }
 
 #[test]
+#[cfg_attr(
+    thaw_no_qemu,
+    ignore = "this host has no qemu-system-x86_64 (apt-get install qemu-system-x86)"
+)]
 fn guest_init_answers_over_virtio_serial_under_tcg() {
-    if let Err(why) = qemu_available().and_then(|_| busybox().map(|_| ())) {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let Some(guest_init) = std::env::var_os("THAW_GUEST_INIT").map(PathBuf::from) else {
-        eprintln!(
-            "skipping: THAW_GUEST_INIT is not set (build it with RUSTFLAGS=\"-C \
-             target-feature=+crt-static\" cargo build --release -p thaw-guest-init --target \
-             x86_64-unknown-linux-gnu and point THAW_GUEST_INIT at the binary)"
-        );
-        return;
-    };
-    assert!(
-        guest_init.exists(),
-        "THAW_GUEST_INIT={} does not exist",
-        guest_init.display()
-    );
+    ready_to_boot();
+    let guest_init = guest_init();
     let _serial = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
     let img = guest_image();
     let (_disk_dir, disk) = rootfs(&guest_init);
@@ -230,15 +244,13 @@ fn guest_init_answers_over_virtio_serial_under_tcg() {
 /// itself (its PVH loader, like Cloud Hypervisor's, puts every PT_LOAD segment at its
 /// physical address), with exactly that much RAM, to a guest-init that runs a command.
 #[test]
+#[cfg_attr(
+    thaw_no_qemu,
+    ignore = "this host has no qemu-system-x86_64 (apt-get install qemu-system-x86)"
+)]
 fn guest_init_answers_at_the_memory_floor_under_tcg() {
-    if let Err(why) = qemu_available().and_then(|_| busybox().map(|_| ())) {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let Some(guest_init) = std::env::var_os("THAW_GUEST_INIT").map(PathBuf::from) else {
-        eprintln!("skipping: THAW_GUEST_INIT is not set (see the test above)");
-        return;
-    };
+    ready_to_boot();
+    let guest_init = guest_init();
     let _serial = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
     let img = guest_image();
     let floor = image::min_guest_memory_mib(&img.kernel.vmlinux, &img.initramfs).unwrap();

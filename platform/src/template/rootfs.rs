@@ -383,6 +383,14 @@ async fn build_layer(
         // The template's files were copied in by host root: give them to the sandbox's root,
         // as if it had written them.
         userns::shift_owners(&upper, ids, true)?;
+        if !spec.files.is_empty() {
+            // The owners changed in the upper directory, behind the overlay's back, and the
+            // overlay keeps the owners it cached at the copy: a directory the copy created
+            // stays host root's to it, which the build's root cannot write ("Permission
+            // denied" on mkdir in /app). A fresh mount sees the owners as they are.
+            mounts::unmount(&merged)?;
+            mounts::mount_sandbox_root(&[base.to_path_buf()], &upper, &work, &merged, ids)?;
+        }
         for (i, cmd) in spec.setup.iter().enumerate() {
             progress.step(&format!("setup {}/{}: {cmd}", i + 1, spec.setup.len()));
             run_setup(
