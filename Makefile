@@ -11,7 +11,7 @@ GUEST_INIT_STATIC := $(STATIC_DIR)/$(TARGET_TRIPLE)/release/guest-init
 THAW         := target/release/thaw
 TEST_THREADS ?= 2
 
-.PHONY: deps build build-debug guest-init demo test test-microvm unit e2e lint bench doctor clean
+.PHONY: deps build build-debug guest-init demo test test-microvm bench-microvm unit e2e lint bench doctor clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -67,6 +67,12 @@ lint:
 
 bench: build
 	$(THAW) bench
+
+# thaw bench of templates/shell on the microvm tier, inside the same nested guest as
+# test-microvm where this host has no hardware virtualization (its figures are an emulator's).
+bench-microvm: build-debug
+	CLOUD_HYPERVISOR_VENDOR=$(CLOUD_HYPERVISOR_VENDOR) THAW_GUEST_INIT=$(abspath $(GUEST_INIT_STATIC)) \
+		bash scripts/test-microvm.sh --bench
 
 clean:
 	$(CARGO) clean

@@ -57,11 +57,20 @@ pub fn create_overlay(base: &Path, dest: &Path) -> Result<(), DiskError> {
     if text.contains([',', '\n']) {
         return Err(DiskError::BadBasePath(base));
     }
+    let size = std::fs::metadata(&base)
+        .map_err(|source| DiskError::Base {
+            path: base.clone(),
+            source,
+        })?
+        .len();
+    // `-u` with the size given: qemu-img does not open the base, which running clones'
+    // VMMs hold (locked) already.
     run(
         Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b"])
             .arg(&base)
-            .arg(dest),
+            .arg(dest)
+            .arg(size.to_string()),
         "create a copy-on-write qcow2 overlay for a clone's disk (apt-get install qemu-utils)",
     )?;
     Ok(())
@@ -69,7 +78,9 @@ pub fn create_overlay(base: &Path, dest: &Path) -> Result<(), DiskError> {
 
 /// Writes `src` (raw or qcow2, by name) to `dest` as one standalone sparse raw image: a
 /// reflink/sparse copy of a raw disk, or the overlay's clusters merged with its backing
-/// file. The caller keeps the guest paused, so the image is from one instant.
+/// file. The caller keeps the guest paused, so the image is from one instant, and has had
+/// the guest flush its disk first: Cloud Hypervisor keeps qcow2 metadata (L2 tables) in
+/// memory until a flush, and holds a lock on the file, which `-U` reads past.
 pub fn flatten(src: &Path, dest: &Path) -> Result<(), DiskError> {
     match format_of(src) {
         ImageType::Raw => {
@@ -85,7 +96,7 @@ pub fn flatten(src: &Path, dest: &Path) -> Result<(), DiskError> {
             // `-S 4k` (the default) keeps zeroed 4 KiB runs as holes in the output.
             run(
                 Command::new("qemu-img")
-                    .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+                    .args(["convert", "-q", "-U", "-f", "qcow2", "-O", "raw"])
                     .arg(src)
                     .arg(dest),
                 "flatten a clone's qcow2 disk into a raw image (apt-get install qemu-utils)",

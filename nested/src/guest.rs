@@ -51,15 +51,35 @@ pub fn kernel(cache: &ImageCache) -> Result<Kernel> {
     build_kernel(cache, &deb, L1_MODULES).context("building L1's kernel and modules")
 }
 
+/// One thing L1 runs: a test binary, or a command such as `thaw bench`.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// What the host calls it in its report, e.g. `thaw-e2e/microvm`.
+    pub name: String,
+    pub cwd: PathBuf,
+    pub argv: Vec<String>,
+}
+
+impl Job {
+    /// A test binary run with `args` (`--ignored`, a filter) and `threads` test threads.
+    pub fn test(b: &TestBinary, args: &[String], threads: u32) -> Job {
+        let mut argv = vec![b.path.to_string_lossy().into_owned()];
+        argv.extend(args.iter().cloned());
+        argv.extend(["--test-threads".to_string(), threads.to_string()]);
+        Job {
+            name: b.name.clone(),
+            cwd: b.cwd.clone(),
+            argv,
+        }
+    }
+}
+
 /// Everything the run script needs to know.
 pub struct Plan<'a> {
-    pub binaries: &'a [TestBinary],
+    pub jobs: &'a [Job],
     pub env: &'a [(String, String)],
-    /// Hard limit on each test binary, inside L1.
-    pub binary_timeout_s: u64,
-    pub test_threads: u32,
-    /// Extra arguments for every test binary (a name filter, `--ignored`).
-    pub test_args: &'a [String],
+    /// Hard limit on each job, inside L1.
+    pub job_timeout_s: u64,
 }
 
 /// Writes L1's initramfs (zstd newc cpio) to `out`.
@@ -152,7 +172,7 @@ fn qp(p: &Path) -> String {
 }
 
 /// The run script: PID 1 of L1 after `switch_root`. Mounts what a Linux host has, checks KVM,
-/// runs each test binary under `timeout`, prints a [`RESULT`] line per binary and [`DONE`],
+/// runs each job under `timeout`, prints a [`RESULT`] line per job and [`DONE`],
 /// then powers off.
 fn run_script(plan: &Plan<'_>) -> String {
     let mut s = String::new();
@@ -169,6 +189,8 @@ mount -t mqueue mqueue /dev/mqueue
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo '+cpu +memory +pids +io' > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
 hostname thaw-l1
+# Kernel messages (kvm's "Unhandled WRMSR" from every L2 boot) would split the tests' lines.
+dmesg -n 1 2>/dev/null
 ip link set lo up 2>/dev/null
 ulimit -n 65536
 [ -r /proc/meminfo ] || fatal "no /proc in L1"
@@ -180,15 +202,14 @@ mkdir -p {L1_CACHE} {SCRATCH}/{OUT_DIR}
     for (k, v) in plan.env {
         let _ = writeln!(s, "export {k}={}", q(v));
     }
-    let args: Vec<String> = plan.test_args.iter().map(|a| q(a)).collect();
-    let args = args.join(" ");
     let _ = write!(
         s,
         r#"run_one() {{
-  local name=$1 dir=$2 bin=$3 log="{SCRATCH}/{OUT_DIR}/$(echo "$1" | tr / _).log"
+  local name=$1 dir=$2 log="{SCRATCH}/{OUT_DIR}/$(echo "$1" | tr / _).log"
+  shift 2
   echo "{BEGIN} $name"
   local t0=$(date +%s)
-  (cd "$dir" && exec timeout -k 20 {timeout} "$bin" {args} --test-threads {threads}) 2>&1 | tee "$log"
+  (cd "$dir" && exec timeout -k 20 {timeout} "$@") 2>&1 | tee "$log"
   local rc=${{PIPESTATUS[0]}}
   echo "{RESULT} $name rc=$rc secs=$(( $(date +%s) - t0 ))"
   if [ "$rc" != 0 ]; then
@@ -199,11 +220,17 @@ mkdir -p {L1_CACHE} {SCRATCH}/{OUT_DIR}
   fi
 }}
 "#,
-        timeout = plan.binary_timeout_s,
-        threads = plan.test_threads,
+        timeout = plan.job_timeout_s,
     );
-    for b in plan.binaries {
-        let _ = writeln!(s, "run_one {} {} {}", q(&b.name), qp(&b.cwd), qp(&b.path));
+    for j in plan.jobs {
+        let argv: Vec<String> = j.argv.iter().map(|a| q(a)).collect();
+        let _ = writeln!(
+            s,
+            "run_one {} {} {}",
+            q(&j.name),
+            qp(&j.cwd),
+            argv.join(" ")
+        );
     }
     let _ = write!(
         s,

@@ -76,6 +76,13 @@ struct Args {
     /// Only tests whose name contains this (passed to each test binary).
     #[arg(long)]
     filter: Option<String>,
+    /// Instead of the tests: `thaw bench` of templates/shell on the microvm tier, inside L1
+    /// (`make bench-microvm`). Its figures are an emulator's, not real hardware's.
+    #[arg(long)]
+    bench: bool,
+    /// `thaw bench --iterations` in bench mode.
+    #[arg(long, default_value_t = 5)]
+    bench_iterations: usize,
 }
 
 fn main() -> ExitCode {
@@ -113,58 +120,68 @@ fn real_main(args: &Args) -> Result<bool> {
     let mut test_args = vec!["--ignored".to_string()];
     test_args.extend(args.filter.clone());
 
-    let mut binaries = Vec::new();
-    for (package, tests) in SUITES {
-        binaries.extend(cargo::build_tests(&workspace, package, tests)?);
-    }
+    let jobs = if args.bench {
+        vec![bench_job(&workspace, &thaw, args.bench_iterations)]
+    } else {
+        let mut jobs = Vec::new();
+        for (package, tests) in SUITES {
+            for b in cargo::build_tests(&workspace, package, tests)? {
+                jobs.push(guest::Job::test(&b, &test_args, args.test_threads));
+            }
+        }
+        jobs
+    };
 
     // Natively where this host runs VMs for real.
     std::env::set_var(thaw_microvm::availability::BIN_ENV, &ch);
     if let Availability::Available { version, .. } = cloud_hypervisor_available() {
-        eprintln!("[nested] this host runs VMs ({version}): running the real tests natively");
-        return native(&binaries, &test_args, &ch, &guest_init, args);
+        eprintln!("[nested] this host runs VMs ({version}): running natively");
+        return native(&jobs, &ch, &guest_init, args);
     }
     if thaw_microvm::util::find_on_path(&args.qemu).is_none() {
         println!(
-            "skipped: the real Cloud Hypervisor tests ({} binaries): this host has no hardware virtualization and no {} to nest it in (apt-get install qemu-system-x86)",
-            binaries.len(),
+            "skipped: the real Cloud Hypervisor tests ({} jobs): this host has no hardware virtualization and no {} to nest it in (apt-get install qemu-system-x86)",
+            jobs.len(),
             args.qemu
         );
         return Ok(true);
     }
-    nested(
-        &workspace,
-        &binaries,
-        &test_args,
-        &ch,
-        &guest_init,
-        &thaw,
-        args,
-    )
+    nested(&workspace, &jobs, &ch, &guest_init, &thaw, args)
+}
+
+/// `thaw bench` of the shell template on the microvm tier, in a home of its own.
+fn bench_job(workspace: &Path, thaw: &Path, iterations: usize) -> guest::Job {
+    let thaw = thaw.to_string_lossy();
+    let script = format!(
+        "set -e; export THAW_HOME=/tmp/thaw-bench THAW_TIER=microvm; \
+         '{thaw}' deploy templates/shell; \
+         '{thaw}' bench --template shell --iterations {iterations} --clones 20"
+    );
+    guest::Job {
+        name: "bench/shell-microvm".into(),
+        cwd: workspace.to_path_buf(),
+        argv: vec!["/bin/bash".into(), "-c".into(), script],
+    }
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
-fn native(
-    binaries: &[cargo::TestBinary],
-    test_args: &[String],
-    ch: &Path,
-    guest_init: &Path,
-    args: &Args,
-) -> Result<bool> {
+fn native(jobs: &[guest::Job], ch: &Path, guest_init: &Path, args: &Args) -> Result<bool> {
     let mut ok = true;
-    for b in binaries {
+    for b in jobs {
         eprintln!("[nested] ---- {}", b.name);
-        let mut child = Command::new(&b.path)
-            .args(test_args)
-            .args(["--test-threads", &args.test_threads.to_string()])
+        let Some((program, rest)) = b.argv.split_first() else {
+            continue;
+        };
+        let mut child = Command::new(program)
+            .args(rest)
             .current_dir(&b.cwd)
             .env("THAW_CLOUD_HYPERVISOR", ch)
             .env("THAW_GUEST_INIT", guest_init)
             .spawn()
-            .with_context(|| format!("running {}", b.path.display()))?;
+            .with_context(|| format!("running {program}"))?;
         let deadline = Instant::now() + Duration::from_secs(args.binary_timeout_s);
         let status = loop {
             if let Some(s) = child.try_wait()? {
@@ -197,8 +214,7 @@ fn native(
 
 fn nested(
     workspace: &Path,
-    binaries: &[cargo::TestBinary],
-    test_args: &[String],
+    jobs: &[guest::Job],
     ch: &Path,
     guest_init: &Path,
     thaw: &Path,
@@ -241,11 +257,9 @@ fn nested(
         ("RUST_BACKTRACE".into(), "1".into()),
     ];
     let plan = guest::Plan {
-        binaries,
+        jobs,
         env: &env,
-        binary_timeout_s: args.binary_timeout_s,
-        test_threads: args.test_threads,
-        test_args,
+        job_timeout_s: args.binary_timeout_s,
     };
     let initramfs = workdir.join("l1-initramfs.cpio.zst");
     guest::write_initramfs(&l1_kernel, &guest::busybox(), &plan, &initramfs)?;
@@ -272,7 +286,7 @@ fn nested(
 
     let mut ok = outcome.done && !outcome.timed_out && outcome.fatal.is_none();
     let mut failed = Vec::new();
-    for b in binaries {
+    for b in jobs {
         match outcome.results.iter().find(|r| r.name == b.name) {
             Some(r) if r.rc == 0 => {}
             Some(r) => {
@@ -285,7 +299,18 @@ fn nested(
             }
         }
     }
-    println!("== real Cloud Hypervisor tests, nested under QEMU TCG (L1 wall {} s; speeds inside are not real hardware's)", outcome.wall.as_secs());
+    println!("== real Cloud Hypervisor, nested under QEMU TCG (L1 wall {} s; speeds inside are an emulator's, not real hardware's)", outcome.wall.as_secs());
+    if args.bench {
+        for j in jobs {
+            if let Some(log) = guest::read_scratch(
+                &scratch_img,
+                &format!("{}/{}", guest::OUT_DIR, guest::log_name(&j.name)),
+            ) {
+                println!("== {} (every instruction emulated, twice over: compare ratios, not milliseconds)", j.name);
+                println!("{log}");
+            }
+        }
+    }
     for s in &outcome.summaries {
         println!("{s}");
     }

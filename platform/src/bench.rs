@@ -82,7 +82,12 @@ pub struct Memory {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub template: String,
+    /// The tier the template runs on (`container` or `microvm`).
+    pub tier: crate::tier::Tier,
     pub machine: String,
+    /// Set when the figures are an emulator's (QEMU TCG, where the microvm tier runs on
+    /// nested KVM without hardware virtualization): not speeds of real hardware.
+    pub caveat: Option<String>,
     /// Sandboxes kept prepared per snapshot during the run (0: every restore prepared its
     /// own directory, disk and cgroups).
     pub prepared_per_snapshot: usize,
@@ -187,7 +192,11 @@ pub async fn run(engine: Arc<Engine>, cfg: &BenchConfig, log: &dyn Fn(&str)) -> 
     let size = t.snapshot_size;
     Ok(Report {
         template: cfg.template.clone(),
+        tier: t.tier,
         machine: machine(),
+        caveat: emulated().then(|| {
+            "measured under QEMU TCG software emulation (nested KVM): every guest instruction is emulated, so these are not speeds of real hardware; compare ratios, not milliseconds".to_string()
+        }),
         prepared_per_snapshot: cfg.prepared,
         restore_vs_cold_speedup: round(cold_d.p50_ms / restore_d.p50_ms.max(0.001)),
         cold_start: cold_d,
@@ -338,6 +347,15 @@ fn drop_caches() -> Result<()> {
     })
 }
 
+/// Whether this machine is QEMU's software emulation (its CPU model says so) or a run of
+/// `thaw-nested` (which sets `THAW_NESTED`).
+fn emulated() -> bool {
+    std::env::var_os("THAW_NESTED").is_some()
+        || std::fs::read_to_string("/proc/cpuinfo")
+            .map(|c| c.contains("QEMU TCG"))
+            .unwrap_or(false)
+}
+
 fn machine() -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -363,9 +381,15 @@ pub fn table(r: &Report) -> String {
         )
     };
     s += &format!(
-        "thaw bench: template `{}` on {}, {} prepared sandboxes per snapshot\n",
-        r.template, r.machine, r.prepared_per_snapshot
+        "thaw bench: template `{}` ({} tier) on {}, {} prepared sandboxes per snapshot\n",
+        r.template,
+        r.tier.as_str(),
+        r.machine,
+        r.prepared_per_snapshot
     );
+    if let Some(c) = &r.caveat {
+        s += &format!("NOTE: {c}\n");
+    }
     s += &d("cold start (boot + warm-up)", &r.cold_start);
     s += &d("restore to ready", &r.restore_to_ready);
     s += &d("invoke round trip (trivial)", &r.invoke_round_trip);

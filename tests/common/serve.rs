@@ -30,7 +30,9 @@ pub fn start_server(home: &Home, port: u16) -> Server {
         .spawn()
         .expect("spawn thaw serve");
     let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Generous: under nested emulation (`make test-microvm`) opening the engine takes tens
+    // of seconds; a server that listens returns at once.
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             break;

@@ -21,8 +21,6 @@ use crate::paths::Paths;
 pub const GUEST_INIT_PATH: &str = image::DEFAULT_GUEST_INIT_PATH;
 /// Static busybox for the initramfs (`busybox-static`, installed by `make deps`).
 const BUSYBOX: &str = "/bin/busybox";
-/// Free space a template's rootfs image gets on top of its content, within its disk limit.
-const ROOTFS_HEADROOM_MIB: u64 = 256;
 
 /// Everything a VM of one template boots from.
 #[derive(Debug, Clone)]
@@ -121,12 +119,16 @@ fn build_rootfs(
             merged
         }
     };
+    // `limits.disk_mib` means what it means on the container tier: how much a sandbox may
+    // write on top of its template. The image is the content (with ext4's own overhead)
+    // plus that much free space; sparse, so the free space costs the host nothing until a
+    // guest writes it, and a clone's overlay can never grow past the image.
     let spec = RootfsSpec {
         source_dir: &source,
         guest_init,
         init_path: GUEST_INIT_PATH,
-        disk_limit_mib: disk_mib,
-        headroom_mib: ROOTFS_HEADROOM_MIB,
+        disk_limit_mib: u64::MAX,
+        headroom_mib: disk_mib,
     };
     image::build_rootfs(cache, &spec).map_err(image_error)
 }

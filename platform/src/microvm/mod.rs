@@ -281,6 +281,7 @@ impl MicrovmTier {
         let span = info_span!("sandbox.checkpoint", sandbox = %sb.id, tier = "microvm");
         async {
             let vm = sb.vm()?;
+            flush_guest_disk(sb).await?;
             vm.pause().await?;
             let r = async {
                 vm.snapshot(dest).await?;
@@ -307,6 +308,32 @@ impl MicrovmTier {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Has the guest write everything to its disk (guest-init's `--sync`: sync(2), ending in a
+/// block-device flush, on which Cloud Hypervisor writes its qcow2 metadata), so the disk the
+/// host reads while the VM is paused holds every write the guest saw complete. A guest that
+/// writes again before the pause can only make its own checkpoint inconsistent.
+async fn flush_guest_disk(sb: &VmSandbox) -> Result<()> {
+    let req = thaw_protocol::ExecRequest {
+        argv: vec![image::GUEST_INIT_PATH.to_string(), "--sync".to_string()],
+        env: Default::default(),
+        cwd: None,
+        stdin: None,
+        limits: thaw_protocol::TaskLimits {
+            timeout_ms: Some(120_000),
+            ..Default::default()
+        },
+    };
+    let done = sb.agent.exec(req, |_, _| {}).await?;
+    if done.outcome.success() {
+        Ok(())
+    } else {
+        Err(Error::Other(format!(
+            "sandbox {}: the guest did not flush its disk before the checkpoint ({:?})",
+            sb.id, done.outcome
+        )))
     }
 }
 
