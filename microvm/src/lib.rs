@@ -8,6 +8,7 @@
 //! * [`restore`]: materialising a snapshot for a clone (its own vsock socket, disk and CID).
 //! * [`vsock`]: the hybrid-vsock `CONNECT` handshake.
 //! * [`agent`]: a client for guest-init's protocol over any stream.
+//! * [`logs`]: the VMM's and the guest's console logs, on a capped tmpfs.
 //! * [`image`]: the guest image pipeline.
 //! * [`qemu`]: boots the same image under QEMU TCG, to prove it in CI where KVM is unusable.
 //! * [`availability`]: whether this host can run the tier, and why not.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod availability;
 pub mod disk;
 pub mod image;
+pub mod logs;
 pub mod qemu;
 pub mod restore;
 pub mod util;

@@ -21,8 +21,9 @@ use crate::vmm::{Vmm, VmmError, DEFAULT_START_TIMEOUT};
 use crate::vsock::{self, VsockError};
 
 pub const VSOCK_SOCKET: &str = "vsock.sock";
-pub const CONSOLE_LOG: &str = "console.log";
-const VIRTIO_CONSOLE_LOG: &str = "virtio-console.log";
+/// In the capped log directory ([`crate::logs`]), like the VMM's own log.
+pub const CONSOLE_LOG: &str = "logs/console.log";
+const VIRTIO_CONSOLE_LOG: &str = "logs/virtio-console.log";
 const SNAPSHOT_COPY: &str = "snapshot";
 
 /// Default kernel command line for Cloud Hypervisor guests: serial console on ttyS0 (to the

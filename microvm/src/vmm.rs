@@ -20,7 +20,7 @@ pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_GRACE: Duration = Duration::from_secs(3);
 
 pub const API_SOCKET: &str = "api.sock";
-pub const VMM_LOG: &str = "vmm.log";
+pub const VMM_LOG: &str = "logs/vmm.log";
 /// The VMM's pid, written right after spawn (check `/proc/<pid>/cmdline` names this
 /// directory's API socket before trusting it: pids are reused).
 pub const PID_FILE: &str = "vmm.pid";
@@ -80,6 +80,13 @@ impl Vmm {
                 dir: dir.to_owned(),
                 source,
             })?;
+            crate::logs::prepare(dir).map_err(|source| VmmError::Dir {
+                dir: dir.to_owned(),
+                source,
+            })?;
+            // Until the Vmm below owns the directory, a failure releases the logs' mount (the
+            // caller then removes the directory).
+            let mut logs = LogsGuard(Some(dir));
             let socket = dir.join(API_SOCKET);
             remove_stale(&socket);
             remove_stale(&lock_path(&socket));
@@ -118,6 +125,7 @@ impl Vmm {
             if let Some(pid) = child.id() {
                 let _ = std::fs::write(dir.join(PID_FILE), pid.to_string());
             }
+            logs.0 = None;
             let mut vmm = Vmm {
                 pid: child.id(),
                 child: Some(child),
@@ -276,6 +284,7 @@ impl Vmm {
     fn cleanup(&mut self) {
         self.kill();
         self.child = None;
+        crate::logs::release(&self.dir);
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(dir = %self.dir.display(), error = %e, "cannot remove VMM directory");
@@ -288,6 +297,17 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         if self.child.is_some() {
             self.cleanup();
+        }
+    }
+}
+
+/// Releases a VMM directory's log mount unless disarmed (a spawn that failed half way).
+struct LogsGuard<'a>(Option<&'a Path>);
+
+impl Drop for LogsGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(d) = self.0 {
+            crate::logs::release(d);
         }
     }
 }

@@ -243,7 +243,7 @@ fn fake_vmm_bin(dir: &Path) -> PathBuf {
 fn serve_when_spawned(workdir: PathBuf, handler: Handler) {
     tokio::spawn(async move {
         for _ in 0..500 {
-            if workdir.join("vmm.log").exists() {
+            if workdir.join(thaw_microvm::vmm::VMM_LOG).exists() {
                 serve(workdir.join("api.sock"), handler);
                 return;
             }
@@ -391,7 +391,10 @@ async fn restore_request_points_at_a_private_rewritten_snapshot() {
     assert!(workdir.join("disk0.qcow2").exists());
     assert_eq!(
         cfg["serial"]["file"],
-        workdir.join("console.log").to_str().unwrap()
+        workdir
+            .join(thaw_microvm::vm::CONSOLE_LOG)
+            .to_str()
+            .unwrap()
     );
     vm.shutdown().await.unwrap();
     assert!(!workdir.exists());
@@ -425,7 +428,7 @@ async fn guest_never_ready_is_a_typed_error_with_console_tail_and_drop_cleans_up
     };
     let mut vm = Vm::boot(&spec, &bin).await.unwrap();
     std::fs::write(
-        workdir.join("console.log"),
+        workdir.join(thaw_microvm::vm::CONSOLE_LOG),
         "[    0.1] Linux version 6.1\nkernel panic: no init\n",
     )
     .unwrap();

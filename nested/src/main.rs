@@ -255,6 +255,8 @@ fn nested(
         // Tests may lengthen their waits: every instruction here is emulated, twice over.
         ("THAW_NESTED".into(), "1".into()),
         ("RUST_BACKTRACE".into(), "1".into()),
+        // What thaw logs reaches a failed test's output (or the console, for `thaw serve`).
+        ("THAW_LOG".into(), "info".into()),
     ];
     let plan = guest::Plan {
         jobs,

@@ -21,7 +21,7 @@ pub fn free_port() -> u16 {
 
 /// Starts `thaw serve` on `127.0.0.1:port` for `home` and waits until it listens.
 pub fn start_server(home: &Home, port: u16) -> Server {
-    let child = home
+    let mut child = home
         .cmd()
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .stdin(Stdio::null())
@@ -32,14 +32,21 @@ pub fn start_server(home: &Home, port: u16) -> Server {
     let url = format!("http://127.0.0.1:{port}");
     // Generous: under nested emulation (`make test-microvm`) opening the engine takes tens
     // of seconds; a server that listens returns at once.
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let started = Instant::now();
     loop {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "thaw serve did not listen");
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("thaw serve exited ({status}) before listening; its log is above");
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            panic!("thaw serve did not listen within 180 s; its log is above");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    eprintln!("thaw serve listening after {:?}", started.elapsed());
     Server { child, url }
 }
 
