@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
-use tracing::{info, info_span, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use crate::agent::AgentConn;
 use crate::api::{
@@ -397,16 +397,26 @@ impl Vm {
             }
             prepare_workdir(&dest_abs)?;
             let t = Instant::now();
-            self.vmm
-                .api()
-                .snapshot(
-                    &VmSnapshotConfig {
-                        destination_url: file_url(&dest_abs),
-                    },
-                    DEFAULT_SNAPSHOT_TIMEOUT,
-                )
-                .await
-                .map_err(Self::api_err("vm.snapshot"))?;
+            let deadline = t + DEFAULT_SNAPSHOT_TIMEOUT;
+            let config = VmSnapshotConfig {
+                destination_url: file_url(&dest_abs),
+            };
+            // A VM restored `OnDemand` cannot be snapshotted until its background fill has
+            // read all of its memory (Cloud Hypervisor answers "on-demand memory restore is
+            // still in progress"): a session paused right after its restore waits for it.
+            // The fill runs on the VMM's own thread, paused vCPUs or not.
+            let mut wait = Duration::from_millis(50);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.vmm.api().snapshot(&config, left).await {
+                    Err(e) if e.is_restore_in_progress() && Instant::now() + wait < deadline => {
+                        debug!(?wait, "the on-demand restore is still filling memory");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(1));
+                    }
+                    r => break r.map_err(Self::api_err("vm.snapshot"))?,
+                }
+            }
             info!(
                 elapsed_ms = t.elapsed().as_millis() as u64,
                 "snapshot written"

@@ -482,3 +482,44 @@ async fn missing_binary_is_typed_and_leaves_no_workdir() {
     );
     assert!(!workdir.exists());
 }
+
+/// A VM restored `OnDemand` is refused a snapshot until its background fill is done (Cloud
+/// Hypervisor answers 500 "VM on-demand memory restore is still in progress"; the first
+/// real run of a session paused right after its resume met it): `Vm::snapshot` waits and
+/// retries instead of failing the pause.
+#[tokio::test]
+async fn snapshot_waits_for_an_on_demand_restore_to_finish() {
+    let root = tempfile::tempdir().unwrap();
+    let bin = fake_vmm_bin(root.path());
+    let snap = snapshot_dir(root.path());
+    let workdir = root.path().join("clone-busy");
+    let refusals = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let r = refusals.clone();
+    serve_when_spawned(
+        workdir.clone(),
+        Arc::new(move |_: &str, p: &str| {
+            if p.ends_with("vmm.ping") {
+                Reply::Status(200, PING)
+            } else if p.ends_with("vm.snapshot")
+                && r.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3
+            {
+                Reply::Status(
+                    500,
+                    r#"["Error from API","The VM could not be snapshotted","VM on-demand memory restore is still in progress"]"#,
+                )
+            } else {
+                Reply::Status(204, "")
+            }
+        }),
+    );
+    let vm = Vm::restore(&snap, &workdir, RestoreOptions::new(45), &bin)
+        .await
+        .unwrap();
+    vm.snapshot(&root.path().join("out")).await.unwrap();
+    assert_eq!(
+        refusals.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "three refusals, then the snapshot"
+    );
+    vm.shutdown().await.unwrap();
+}

@@ -126,6 +126,13 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Cloud Hypervisor refused because an `OnDemand` restore is still filling the VM's
+    /// memory in the background (it refuses to snapshot until then): worth retrying.
+    pub fn is_restore_in_progress(&self) -> bool {
+        matches!(self, ClientError::Api(e)
+            if e.causes.iter().any(|c| c.contains("on-demand memory restore is still in progress")))
+    }
+
     /// The VMM is gone or unreachable (as opposed to refusing a request).
     pub fn is_unreachable(&self) -> bool {
         matches!(
