@@ -214,8 +214,10 @@ mkdir -p {L1_CACHE} {SCRATCH}/{OUT_DIR}
   echo "{RESULT} $name rc=$rc secs=$(( $(date +%s) - t0 ))"
   if [ "$rc" != 0 ]; then
     # The sandboxes' own logs, for the host to print: consoles and VMM logs still on disk.
-    find /tmp /var/lib/thaw -xdev \( -name console.log -o -name 'vmm*.log' -o -name init.log \) \
-      -newer /run/thaw-l1/run.sh 2>/dev/null | head -n 20 | while read -r f; do
+    # Only what L1 itself wrote (the overlay's upper half): walking the host's /tmp over 9p
+    # under emulation takes hours.
+    find {SCRATCH}/upper/tmp {SCRATCH}/upper/var/lib/thaw \( -name console.log -o -name 'vmm*.log' -o -name init.log \) \
+      2>/dev/null | head -n 20 | while read -r f; do
         echo "== tail of $f"; tail -n 30 "$f"; done > "{SCRATCH}/{OUT_DIR}/$(echo "$name" | tr / _).sandbox-logs" 2>&1
   fi
 }}

@@ -76,6 +76,18 @@ impl Qemu {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // L1 dies with this harness (killed by CI's timeout, or by hand): an orphaned QEMU
+        // would spin two emulated CPUs for as long as its guest runs.
+        // SAFETY: prctl with constant arguments is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         c
     }
 
