@@ -12,6 +12,7 @@ use tokio::net::UnixStream;
 use tracing::{debug, info, info_span, Instrument};
 
 use crate::agent::AgentConn;
+use crate::api::patience;
 use crate::api::{
     file_url, ClientError, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, MemoryRestoreMode,
     PayloadConfig, RestoreConfig, RngConfig, VmConfig, VmInfo, VmSnapshotConfig, VsockConfig,
@@ -184,7 +185,7 @@ impl Vm {
         async {
             prepare_workdir(&spec.workdir)?;
             let mut guard = WorkdirGuard(Some(&spec.workdir));
-            let vmm = Vmm::spawn(bin, &spec.workdir, DEFAULT_START_TIMEOUT).await?;
+            let vmm = Vmm::spawn(bin, &spec.workdir, patience(DEFAULT_START_TIMEOUT)).await?;
             guard.disarm(); // the Vmm owns the directory from here on
             let vsock_socket = spec.workdir.join(VSOCK_SOCKET);
             let config = VmConfig {
@@ -285,7 +286,7 @@ impl Vm {
             };
             let private = workdir.join(SNAPSHOT_COPY);
             restore::materialise(snapshot_dir, &private, &rw)?;
-            let vmm = Vmm::spawn(bin, workdir, DEFAULT_START_TIMEOUT).await?;
+            let vmm = Vmm::spawn(bin, workdir, patience(DEFAULT_START_TIMEOUT)).await?;
             guard.disarm();
             let cfg = RestoreConfig {
                 source_url: file_url(&private),
@@ -295,7 +296,7 @@ impl Vm {
             };
             // On error or timeout `vmm` is dropped here: killed, directory removed.
             vmm.api()
-                .restore(&cfg, opts.restore_timeout)
+                .restore(&cfg, patience(opts.restore_timeout))
                 .await
                 .map_err(|source| VmError::Setup {
                     step: "vm.restore",
@@ -397,7 +398,7 @@ impl Vm {
             }
             prepare_workdir(&dest_abs)?;
             let t = Instant::now();
-            let deadline = t + DEFAULT_SNAPSHOT_TIMEOUT;
+            let deadline = t + patience(DEFAULT_SNAPSHOT_TIMEOUT);
             let config = VmSnapshotConfig {
                 destination_url: file_url(&dest_abs),
             };

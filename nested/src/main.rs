@@ -254,6 +254,9 @@ fn nested(
         ),
         // Tests may lengthen their waits: every instruction here is emulated, twice over.
         ("THAW_NESTED".into(), "1".into()),
+        // Cloud Hypervisor's own steps (loading a kernel at vm.boot, a snapshot) take many
+        // times their hardware time here: thaw's VMM timeouts are at least this.
+        (thaw_microvm::api::PATIENCE_ENV.into(), "300".into()),
         ("RUST_BACKTRACE".into(), "1".into()),
         // What thaw logs reaches a failed test's output (or the console, for `thaw serve`).
         ("THAW_LOG".into(), "info".into()),

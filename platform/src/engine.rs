@@ -542,7 +542,8 @@ impl Engine {
             hostname: id.to_string(),
             layers: layers.to_vec(),
             limits: spec.limits.clone(),
-            boot_timeout: Duration::from_secs(30),
+            // Longer where the operator says the host is slow (nested virtualization).
+            boot_timeout: thaw_microvm::api::patience(Duration::from_secs(30)),
             memory: CloneMemory::Copied,
         }
     }

@@ -23,6 +23,25 @@ use super::types::{RestoreConfig, VmConfig, VmInfo, VmSnapshotConfig, VmmPingRes
 /// pass their own timeout to [`ApiClient::restore`].
 pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// `vm.boot` loads the kernel and initramfs into guest memory before it answers: it gets at
+/// least this long.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Environment variable: the shortest wait, in seconds, for any Cloud Hypervisor API call,
+/// VMM start, restore, snapshot or guest boot. For slow hosts (nested virtualization,
+/// emulation: `make test-microvm` sets it), where the defaults are too short.
+pub const PATIENCE_ENV: &str = "THAW_VMM_PATIENCE_S";
+
+/// `d`, or longer if [`PATIENCE_ENV`] says so.
+pub fn patience(d: Duration) -> Duration {
+    std::env::var(PATIENCE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(|s| d.max(Duration::from_secs_f64(s.min(86_400.0))))
+        .unwrap_or(d)
+}
+
 /// Largest response body accepted (vm.info echoes the config; a few KiB in practice).
 const MAX_BODY: usize = 4 << 20;
 
@@ -158,7 +177,7 @@ impl ApiClient {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         ApiClient {
             socket: socket.into(),
-            timeout: DEFAULT_API_TIMEOUT,
+            timeout: patience(DEFAULT_API_TIMEOUT),
         }
     }
 
@@ -184,7 +203,8 @@ impl ApiClient {
     }
 
     pub async fn boot(&self) -> Result<(), ClientError> {
-        self.put::<()>("vm.boot", None, self.timeout).await
+        self.put::<()>("vm.boot", None, self.timeout.max(BOOT_TIMEOUT))
+            .await
     }
 
     pub async fn pause(&self) -> Result<(), ClientError> {

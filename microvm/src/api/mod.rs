@@ -3,5 +3,7 @@
 pub mod client;
 pub mod types;
 
-pub use client::{ApiClient, ApiError, ClientError, DEFAULT_API_TIMEOUT};
+pub use client::{
+    patience, ApiClient, ApiError, ClientError, BOOT_TIMEOUT, DEFAULT_API_TIMEOUT, PATIENCE_ENV,
+};
 pub use types::*;
