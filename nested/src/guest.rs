@@ -209,8 +209,13 @@ mkdir -p {L1_CACHE} {SCRATCH}/{OUT_DIR}
   shift 2
   echo "{BEGIN} $name"
   local t0=$(date +%s)
-  (cd "$dir" && exec timeout -k 20 {timeout} "$@") 2>&1 | tee "$log"
-  local rc=${{PIPESTATUS[0]}}
+  # Into a file, followed until the job ends: a process it leaked (a server, a VMM) may keep
+  # its output open, and must not keep this script waiting on a pipe.
+  (cd "$dir" && exec timeout -k 20 {timeout} "$@") > "$log" 2>&1 &
+  local pid=$!
+  tail -n +1 -s 0.5 --pid=$pid -f "$log"
+  wait $pid
+  local rc=$?
   echo "{RESULT} $name rc=$rc secs=$(( $(date +%s) - t0 ))"
   if [ "$rc" != 0 ]; then
     # The sandboxes' own logs, for the host to print: consoles and VMM logs still on disk.

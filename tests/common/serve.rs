@@ -52,7 +52,15 @@ pub fn start_server(home: &Home, port: u16) -> Server {
 
 impl Server {
     /// SIGKILL: what a crash or an OOM kill of the server looks like.
-    pub fn kill9(mut self) {
+    pub fn kill9(self) {
+        // Drop does it.
+    }
+}
+
+/// A test that panics must not leave its server running: it would hold the test's output
+/// open (and its port and home) after the test binary ends.
+impl Drop for Server {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
