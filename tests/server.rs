@@ -12,85 +12,8 @@ use thaw_api::{
     Client, ClientError, ExecBody, ExtendBody, InvokeBody, SessionCreateBody, SessionState, Stream,
     TimeoutAction,
 };
+use thaw_e2e::inproc::Server;
 use thaw_e2e::{repo_root, Home};
-use thaw_platform::{Engine, Paths};
-use thaw_server::ServerConfig;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-/// A server on 127.0.0.1:<free port> over its own THAW_HOME.
-struct Server {
-    home: Home,
-    url: String,
-    engine: Engine,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<thaw_server::Result<()>>>,
-}
-
-impl Server {
-    async fn start() -> Server {
-        Server::start_with(|_| {}).await
-    }
-
-    async fn start_with(tune: impl FnOnce(&mut ServerConfig)) -> Server {
-        let home = Home::new();
-        let cache: PathBuf = std::env::var_os("THAW_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/cache/thaw"));
-        let engine = Engine::open(Paths::new(home.path(), cache))
-            .await
-            .expect("open engine");
-        let mut cfg = ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..ServerConfig::default()
-        };
-        tune(&mut cfg);
-        let listener = thaw_server::bind(&cfg).await.expect("bind");
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(thaw_server::serve_on(
-            listener,
-            engine.clone(),
-            cfg,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        Server {
-            home,
-            url,
-            engine,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    /// A new API key's secret.
-    fn key(&self, name: &str, max_sandboxes: u32) -> String {
-        self.engine.create_key(name, max_sandboxes).expect("key").1
-    }
-
-    fn client(&self, secret: &str) -> Client {
-        Client::new(&self.url, Some(secret.to_string())).expect("client")
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-
-    /// Stops the server (it waits for in-flight calls) and checks nothing leaked.
-    async fn finish(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await
-                .expect("server task")
-                .expect("server ended with an error");
-        }
-        self.home.assert_clean();
-    }
-}
 
 fn http() -> reqwest::Client {
     reqwest::Client::new()
@@ -228,6 +151,12 @@ async fn health_metrics_openapi_and_authentication() {
         ("/v1/sessions/{id}/pause", &["post"]),
         ("/v1/sessions/{id}/resume", &["post"]),
         ("/v1/sessions/{id}/extend", &["post"]),
+        ("/v1/sessions/{id}/checkpoints", &["get", "post"]),
+        ("/v1/sessions/{id}/checkpoints/{name}", &["delete"]),
+        ("/v1/sessions/{id}/reset", &["post"]),
+        ("/v1/sessions/{id}/fork", &["post"]),
+        ("/v1/sessions/{id}/reward", &["post"]),
+        ("/v1/sessions/batch", &["post"]),
     ] {
         let p = paths
             .get(path)
@@ -238,7 +167,7 @@ async fn health_metrics_openapi_and_authentication() {
     }
     assert_eq!(
         paths.len(),
-        15,
+        21,
         "undocumented or unexpected paths: {:?}",
         paths.keys()
     );

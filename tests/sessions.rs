@@ -59,7 +59,11 @@ fn shell_session_keeps_files_across_calls_pause_and_resume() {
             .await
             .unwrap();
         assert_eq!(s.state, SessionState::Running);
-        assert!(home.path().join("sandboxes").join(&s.id).exists());
+        let sandbox = s
+            .sandbox
+            .clone()
+            .expect("a running session names its sandbox");
+        assert!(home.path().join("sandboxes").join(&sandbox).exists());
 
         sh(&engine, &s.id, "echo 41 > /tmp/counter").await;
         assert_eq!(
@@ -92,7 +96,7 @@ fn shell_session_keeps_files_across_calls_pause_and_resume() {
             "a pause stores only what its template's snapshot does not already hold: {size:?}"
         );
         assert!(
-            !home.path().join("sandboxes").join(&s.id).exists(),
+            !home.path().join("sandboxes").join(&sandbox).exists(),
             "a paused session holds no sandbox"
         );
         let e = engine
@@ -293,7 +297,11 @@ fn races_timeouts_ownership_and_a_killed_sandbox() {
         let st = std::process::Command::new("runc")
             .arg("--root")
             .arg(&runc_root)
-            .args(["kill", &s.id, "KILL"])
+            .args([
+                "kill",
+                &engine.session(&s.id).unwrap().sandbox.expect("sandbox"),
+                "KILL",
+            ])
             .status()
             .unwrap();
         assert!(st.success());

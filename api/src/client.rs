@@ -11,7 +11,9 @@ use serde::Serialize;
 use tracing::debug;
 
 use crate::types::*;
-use crate::{ExecResult, Invocation, Session, Stream, TemplateRecord};
+use crate::{
+    Checkpoint, ExecResult, Invocation, ResetOutcome, Reward, Session, Stream, TemplateRecord,
+};
 
 /// Longest NDJSON line accepted from the server: an invocation's result is bounded by the
 /// template's output cap, which the agent protocol bounds by its 64 MiB frames. Guards the
@@ -28,6 +30,8 @@ pub enum ClientError {
         code: String,
         message: String,
         path: Option<String>,
+        /// Whose failure it is (a trainer retries infrastructure faults).
+        fault: crate::Fault,
     },
     /// A streamed call failed after its response had started (status 200 was already sent).
     #[error("{message}")]
@@ -182,6 +186,7 @@ impl Client {
                 code: e.error.code,
                 message: e.error.message,
                 path: e.error.path,
+                fault: e.error.fault,
             },
             // Not thaw's error format (a proxy in between, or a wrong URL): say what came.
             Err(_) => {
@@ -201,6 +206,11 @@ impl Client {
                         }
                     ),
                     path: None,
+                    fault: if status.is_server_error() {
+                        crate::Fault::Infrastructure
+                    } else {
+                        crate::Fault::Caller
+                    },
                 }
             }
         }
@@ -556,6 +566,57 @@ impl Client {
 
     pub async fn session_extend(&self, id: &str, body: &ExtendBody) -> Result<Session> {
         self.post_json(&["v1", "sessions", id, "extend"], body)
+            .await
+    }
+
+    // ---- rollouts ----
+
+    pub async fn session_checkpoint(&self, id: &str, name: &str) -> Result<Checkpoint> {
+        let body = CheckpointBody {
+            name: name.to_string(),
+        };
+        self.post_json(&["v1", "sessions", id, "checkpoints"], &body)
+            .await
+    }
+
+    pub async fn session_checkpoints(&self, id: &str) -> Result<Vec<Checkpoint>> {
+        let l: CheckpointList = self
+            .call(self.request(
+                Method::GET,
+                self.url(&["v1", "sessions", id, "checkpoints"]),
+            ))
+            .await?;
+        Ok(l.checkpoints)
+    }
+
+    pub async fn session_checkpoint_delete(&self, id: &str, name: &str) -> Result<Checkpoint> {
+        self.call(self.request(
+            Method::DELETE,
+            self.url(&["v1", "sessions", id, "checkpoints", name]),
+        ))
+        .await
+    }
+
+    /// Back to the session's origin, or to `checkpoint`.
+    pub async fn session_reset(&self, id: &str, checkpoint: Option<&str>) -> Result<ResetOutcome> {
+        let body = ResetBody {
+            checkpoint: checkpoint.map(str::to_string),
+        };
+        self.post_json(&["v1", "sessions", id, "reset"], &body)
+            .await
+    }
+
+    pub async fn session_fork(&self, id: &str, body: &ForkBody) -> Result<BatchResponse> {
+        self.post_json(&["v1", "sessions", id, "fork"], body).await
+    }
+
+    /// A batch, buffered: returns when every session is ready or failed.
+    pub async fn session_batch(&self, body: &BatchBody) -> Result<BatchResponse> {
+        self.post_json(&["v1", "sessions", "batch"], body).await
+    }
+
+    pub async fn session_reward(&self, id: &str, body: &RewardBody) -> Result<Reward> {
+        self.post_json(&["v1", "sessions", id, "reward"], body)
             .await
     }
 }

@@ -22,6 +22,13 @@
 //! | `GET /v1/sessions/{id}/files?path=/abs` | | raw bytes |
 //! | `POST /v1/sessions/{id}/pause`, `/resume` | | [`Session`] |
 //! | `POST /v1/sessions/{id}/extend` | [`ExtendBody`] | [`Session`] |
+//! | `POST /v1/sessions/{id}/checkpoints` | [`CheckpointBody`] | 201 [`Checkpoint`] |
+//! | `GET /v1/sessions/{id}/checkpoints` | | [`CheckpointList`] |
+//! | `DELETE /v1/sessions/{id}/checkpoints/{name}` | | [`Checkpoint`] |
+//! | `POST /v1/sessions/{id}/reset` | [`ResetBody`] | [`ResetOutcome`] |
+//! | `POST /v1/sessions/{id}/fork` | [`ForkBody`] | [`BatchResponse`] |
+//! | `POST /v1/sessions/batch` | [`BatchBody`] | [`BatchResponse`], or a stream of [`BatchEvent`] |
+//! | `POST /v1/sessions/{id}/reward` | [`RewardBody`] | [`Reward`] |
 //!
 //! Streams: with `Accept: application/x-ndjson` (or `?stream=true`), invoke and exec answer
 //! with one [`StreamEvent`] per line. Errors are an [`ErrorBody`] with a matching status.
@@ -32,6 +39,8 @@ mod types;
 pub use client::{pack_dir, Client, ClientError, ExecOutput, Result};
 pub use thaw_platform::engine::{ExecResult, Invocation, TemplateRecord};
 pub use thaw_platform::keys::KeyRecord;
-pub use thaw_platform::session::{Session, SessionState, TimeoutAction};
+pub use thaw_platform::session::{
+    Checkpoint, ResetOutcome, Reward, Session, SessionState, TimeoutAction,
+};
 pub use thaw_protocol::Stream;
 pub use types::*;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::{ExecResult, Invocation, Session, TemplateRecord, TimeoutAction};
+use crate::{Checkpoint, ExecResult, Invocation, Session, TemplateRecord, TimeoutAction};
 
 /// Body of `POST /v1/templates/{name}/invoke`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -77,6 +77,12 @@ pub struct SessionCreateBody {
     /// Default `pause`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_timeout: Option<TimeoutAction>,
+    /// Default true. false: the session cannot be paused, checkpointed or forked from its
+    /// state, and shares its memory copy-on-write with its snapshot: it restores (and
+    /// resets) faster and holds a fraction of the memory. For rollouts that are only reset.
+    /// Its timeouts stop it (`on_timeout` may not be `pause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointable: Option<bool>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
 }
@@ -88,9 +94,149 @@ impl SessionCreateBody {
             idle_timeout_s: None,
             max_lifetime_s: None,
             on_timeout: None,
+            checkpointable: None,
             env: BTreeMap::new(),
         }
     }
+}
+
+/// Options of the sessions a fork or batch makes (as in [`SessionCreateBody`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ForkBody {
+    /// How many sessions to make (at least 1).
+    pub n: u32,
+    /// Fork from this checkpoint of the session instead of from its state now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<TimeoutAction>,
+    /// Default true. false: the session cannot be paused, checkpointed or forked from its
+    /// state, and shares its memory copy-on-write with its snapshot: it restores (and
+    /// resets) faster and holds a fraction of the memory. For rollouts that are only reset.
+    /// Its timeouts stop it (`on_timeout` may not be `pause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointable: Option<bool>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Body of `POST /v1/sessions/batch`: `n` sessions from a template, or from a session (a
+/// checkpoint of it, its pause snapshot, or its state now).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BatchBody {
+    pub n: u32,
+    /// Make them from this template's snapshot. Exactly one of `template` and `session`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// With `session`: from this checkpoint of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<TimeoutAction>,
+    /// Default true. false: the session cannot be paused, checkpointed or forked from its
+    /// state, and shares its memory copy-on-write with its snapshot: it restores (and
+    /// resets) faster and holds a fraction of the memory. For rollouts that are only reset.
+    /// Its timeouts stop it (`on_timeout` may not be `pause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointable: Option<bool>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// One session of a fork or batch that could not be made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BatchError {
+    pub index: u32,
+    pub error: ErrorDetail,
+}
+
+/// Buffered answer of `POST /v1/sessions/batch` and of a fork.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BatchResponse {
+    /// In the order they became ready.
+    pub sessions: Vec<Session>,
+    pub errors: Vec<BatchError>,
+    /// From the request to the last session ready.
+    pub batch_ms: f64,
+}
+
+/// One line of a streamed batch, tagged by `event`: a `session` or an `error` per session
+/// as each is ready, then `done`; or `aborted` if the batch as a whole failed (a fork point
+/// could not be taken), after which nothing more comes (sessions already sent stay).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum BatchEvent {
+    Session {
+        index: u32,
+        session: Box<Session>,
+    },
+    Error {
+        index: u32,
+        error: ErrorDetail,
+    },
+    Done {
+        created: u32,
+        failed: u32,
+        batch_ms: f64,
+    },
+    Aborted {
+        error: ErrorDetail,
+    },
+}
+
+/// Body of `POST /v1/sessions/{id}/checkpoints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CheckpointBody {
+    /// 1 to 64 of `[A-Za-z0-9._-]`, starting with a letter or digit.
+    pub name: String,
+}
+
+/// `GET /v1/sessions/{id}/checkpoints`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CheckpointList {
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+/// Body of `POST /v1/sessions/{id}/reset`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ResetBody {
+    /// Back to this checkpoint; absent: back to the snapshot the session was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+/// Body of `POST /v1/sessions/{id}/reward`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RewardBody {
+    /// Default: the template's `reward.timeout_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 /// Body of `POST /v1/sessions/{id}/extend`.
@@ -123,6 +269,29 @@ pub struct ErrorDetail {
     /// For a bad request body: the path of the offending field, e.g. `argv[0]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Whose failure it is; see [`Fault`].
+    #[serde(default)]
+    pub fault: Fault,
+    /// Whether the same call may succeed if made again (after `Retry-After`, if given):
+    /// true for infrastructure faults. A trainer retries the rollout instead of scoring it.
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+/// Whose failure an error is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Fault {
+    /// The request: a bad body, an unknown id, a state that does not allow the call.
+    #[default]
+    Caller,
+    /// The task or the template's code: a reward command that printed no number, output
+    /// past the cap, a handler that failed.
+    Task,
+    /// thaw or the machine: a restore that failed, a sandbox that died, an overloaded
+    /// server. Not the task's doing.
+    Infrastructure,
 }
 
 /// `GET /healthz`.
@@ -268,13 +437,18 @@ mod tests {
                 code: "internal".into(),
                 message: "boom".into(),
                 path: None,
+                fault: Fault::Infrastructure,
+                retryable: true,
             },
         };
         let line = serde_json::to_string(&e).unwrap();
         assert_eq!(
             line,
-            r#"{"event":"error","error":{"code":"internal","message":"boom"}}"#
+            r#"{"event":"error","error":{"code":"internal","message":"boom","fault":"infrastructure","retryable":true}}"#
         );
+        // An error from an older server (no fault) still reads.
+        let old: ErrorDetail = serde_json::from_str(r#"{"code":"x","message":"y"}"#).unwrap();
+        assert_eq!((old.fault, old.retryable), (Fault::Caller, false));
         assert!(serde_json::from_str::<StreamEvent>(&line)
             .unwrap()
             .is_terminal());

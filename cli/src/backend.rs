@@ -93,6 +93,7 @@ impl Backend {
                     idle_timeout_s: Some(opts.idle_timeout.as_secs()),
                     max_lifetime_s: Some(opts.max_lifetime.as_secs()),
                     on_timeout: Some(opts.on_timeout),
+                    checkpointable: Some(opts.checkpointable),
                     env: opts.env,
                 })
                 .await?

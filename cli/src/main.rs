@@ -8,6 +8,7 @@
 mod backend;
 mod output;
 mod progress;
+mod rollouts_bench;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
@@ -94,6 +95,11 @@ enum Cmd {
         /// snapshot in use, so a restore does not wait for them. 0 turns this off.
         #[arg(long, default_value_t = thaw_server::ServerConfig::default().prepared)]
         prepared: usize,
+        /// Sandboxes of rollout sessions (`checkpointable: false`) kept restored ahead per
+        /// origin in use, so that a reset hands one over instead of restoring. 0 turns
+        /// this off.
+        #[arg(long, default_value_t = thaw_server::ServerConfig::default().spares)]
+        spares: usize,
         /// Seconds a connection may take to send a whole request head (new or idle
         /// keep-alive connections); slower ones are closed.
         #[arg(long, value_name = "SECS", default_value_t = thaw_server::ServerConfig::default().header_read_timeout.as_secs_f64(), value_parser = parse_secs)]
@@ -119,8 +125,12 @@ enum Cmd {
     },
     /// Check system dependencies and the isolation tier thaw would use.
     Doctor,
-    /// Measure cold start, restore, invoke latency, throughput, memory and snapshot size.
+    /// Measure cold start, restore, invoke latency, throughput, memory and snapshot size
+    /// (`thaw bench rollouts`: RL rollout throughput, reset, fork and session capacity).
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
+        #[command(subcommand)]
+        kind: Option<BenchKind>,
         /// A deployed template (deploy templates/python first).
         #[arg(long, default_value = "python")]
         template: String,
@@ -138,6 +148,36 @@ enum Cmd {
         payload: String,
         /// Sandboxes kept prepared per snapshot, as `thaw serve --prepared` (0: measure
         /// restores that prepare their sandbox themselves).
+        #[arg(long, default_value_t = thaw_server::ServerConfig::default().prepared)]
+        prepared: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchKind {
+    /// Three-step RL rollouts through `thaw serve`'s API (in this process, on loopback):
+    /// rollouts per second, reset, fork of 1 into 16, idle session memory, capacity.
+    Rollouts {
+        /// The template directory to deploy (it must declare a `[reward]` command).
+        #[arg(long, default_value = "templates/python")]
+        template_dir: PathBuf,
+        /// Concurrent sessions (repeatable).
+        #[arg(long = "concurrency", default_values_t = [16usize, 64])]
+        concurrency: Vec<usize>,
+        /// Rollouts per session at each concurrency.
+        #[arg(long, default_value_t = 4)]
+        rollouts: usize,
+        /// Sessions per fork.
+        #[arg(long, default_value_t = 16)]
+        fork: usize,
+        #[arg(long, default_value_t = 5)]
+        fork_repeats: usize,
+        /// Stop the capacity probe at this many live sessions.
+        #[arg(long, default_value_t = 512)]
+        max_sessions: usize,
+        /// Make the rollout sessions checkpointable (private memory: slower, larger).
+        #[arg(long)]
+        checkpointable: bool,
         #[arg(long, default_value_t = thaw_server::ServerConfig::default().prepared)]
         prepared: usize,
     },
@@ -380,6 +420,43 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
     match cmd {
         Cmd::Doctor => unreachable!("handled above"),
         Cmd::Bench {
+            kind:
+                Some(BenchKind::Rollouts {
+                    template_dir,
+                    concurrency,
+                    rollouts,
+                    fork,
+                    fork_repeats,
+                    max_sessions,
+                    checkpointable,
+                    prepared,
+                }),
+            ..
+        } => {
+            let Backend::Local(engine) = backend else {
+                unreachable!("local only")
+            };
+            let cfg = rollouts_bench::Config {
+                template_dir,
+                concurrency,
+                rollouts_per_worker: rollouts,
+                fork_n: fork,
+                fork_repeats,
+                max_sessions,
+                checkpointable,
+                prepared,
+            };
+            let log = |m: &str| eprintln!("bench: {m}");
+            let report = rollouts_bench::run(engine, &cfg, &log).await?;
+            print_json(&report)?;
+            if !json {
+                println!();
+                print!("{}", rollouts_bench::table(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            kind: None,
             template,
             iterations,
             clones,
@@ -412,6 +489,7 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
             max_body_bytes,
             max_upload_bytes,
             prepared,
+            spares,
             header_read_timeout,
             max_connections,
             max_call_timeout,
@@ -426,6 +504,7 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
                 max_body_bytes,
                 max_upload_bytes,
                 prepared,
+                spares,
                 header_read_timeout: Duration::from_secs_f64(header_read_timeout),
                 max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
                 max_call_timeout: Duration::from_secs_f64(max_call_timeout),
@@ -563,6 +642,7 @@ async fn session(backend: &Backend, cmd: SessionCmd, json: bool) -> Result<ExitC
                     OnTimeout::Stop => TimeoutAction::Stop,
                 },
                 env: env.into_iter().collect(),
+                checkpointable: true,
             };
             let s = backend.session_create(&template, opts).await?;
             output::session(&s, json, "created")?;

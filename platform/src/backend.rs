@@ -169,6 +169,14 @@ pub trait TierSandbox: Debug + Send + Sync + 'static {
         None
     }
 
+    /// Gives the sandbox another hostname after its restore (a sandbox restored ahead and
+    /// then handed to a session answers to the session's id). The default: the guest sets
+    /// it itself when asked for its identity (a microvm's guest-init is root in its own
+    /// kernel).
+    fn rename_host<'a>(&'a self, _hostname: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// For the tier's own [`TierBackend::checkpoint`], to get its type back.
     fn as_any(&self) -> &dyn Any;
 }

@@ -324,6 +324,24 @@ async fn idle_memory(engine: &Arc<Engine>, cfg: &BenchConfig) -> Result<Memory> 
     })
 }
 
+/// Summed Pss and Rss of processes, in bytes.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Footprint {
+    pub pss_bytes: u64,
+    pub rss_bytes: u64,
+}
+
+/// The memory `pids` hold together (processes gone meanwhile count as nothing).
+pub fn footprint(pids: &[u32]) -> Footprint {
+    let mut f = Footprint::default();
+    for &pid in pids {
+        let (p, r) = smaps_rollup(pid);
+        f.pss_bytes += p;
+        f.rss_bytes += r;
+    }
+    f
+}
+
 /// (Pss, Rss) of a process in bytes.
 fn smaps_rollup(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();

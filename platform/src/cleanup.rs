@@ -5,7 +5,7 @@
 //!
 //! A session's sandbox outlives the process that made it, so its owner record names the
 //! session instead ([`write_session_owner`]); the sweep leaves those to session recovery
-//! (`session.rs`), which decides from the session's durable state.
+//! (`session/`), which decides from the session's durable state.
 
 use std::path::Path;
 

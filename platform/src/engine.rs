@@ -188,7 +188,18 @@ pub struct Engine {
     pub(crate) session_locks: std::sync::Arc<crate::session::SessionLocks>,
     /// Teardowns of discarded sandboxes still running (see [`Engine::settle`]).
     teardowns: tokio_util::task::TaskTracker,
+    /// Coalesced snapshot garbage collection ([`Engine::collect_garbage_soon`]).
+    gc: std::sync::Arc<GcRequests>,
+    /// Session sandboxes restored ahead ([`crate::session::Spares`]).
+    pub(crate) spares: std::sync::Arc<crate::session::Spares>,
     owner: String,
+}
+
+/// Garbage collection requested and running ([`Engine::collect_garbage_soon`]).
+#[derive(Default)]
+struct GcRequests {
+    requested: std::sync::atomic::AtomicU64,
+    running: std::sync::atomic::AtomicBool,
 }
 
 /// Owner of everything the embedded CLI publishes and creates.
@@ -250,6 +261,8 @@ impl Engine {
             meta,
             session_locks: Default::default(),
             teardowns: tokio_util::task::TaskTracker::new(),
+            gc: Default::default(),
+            spares: Default::default(),
             owner: LOCAL_OWNER.to_string(),
         };
         engine.recover_sessions().await?;
@@ -462,6 +475,62 @@ impl Engine {
         }
     }
 
+    /// Deletes snapshots off the caller's clock, and collects their chunks with
+    /// [`Engine::collect_garbage_soon`]. [`Engine::settle`] waits for it, like a discarded
+    /// sandbox's teardown.
+    pub(crate) fn drop_snapshots_later(&self, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        let engine = self.clone();
+        self.teardowns.spawn(async move {
+            let snaps = engine.snapshots.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for n in &names {
+                    match snaps.delete(n) {
+                        Ok(()) | Err(thaw_snapshotter::Error::NotFound { .. }) => {}
+                        Err(e) => tracing::warn!(snapshot = %n, error = %e, "deleting snapshot"),
+                    }
+                }
+            })
+            .await;
+            engine.collect_garbage_soon();
+        });
+    }
+
+    /// Evicts unreferenced cache entries and collects unreferenced chunks, coalescing
+    /// requests: the store's gc walks every chunk under the store's exclusive lock (which
+    /// holds off every restore's materialisation), so sixteen deleted sessions must cost
+    /// one or two passes, not sixteen. A request made while a pass runs gets one more pass.
+    pub(crate) fn collect_garbage_soon(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.gc.requested.fetch_add(1, SeqCst);
+        if self.gc.running.swap(true, SeqCst) {
+            return; // the running pass will see the request
+        }
+        let (gc, snaps) = (self.gc.clone(), self.snapshots.clone());
+        self.teardowns.spawn(async move {
+            loop {
+                let seen = gc.requested.load(SeqCst);
+                let s = snaps.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = s.evict_cache(thaw_snapshotter::Evict::Unreferenced);
+                    if let Err(e) = s.gc() {
+                        tracing::warn!(error = %e, "snapshot gc");
+                    }
+                })
+                .await;
+                if gc.requested.load(SeqCst) == seen {
+                    gc.running.store(false, SeqCst);
+                    // A request between the load and the store found `running` set: take it.
+                    if gc.requested.load(SeqCst) == seen || gc.running.swap(true, SeqCst) {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
     /// Marks a template as needing a rebuild (its snapshot is damaged).
     fn mark_needs_rebuild(&self, t: &TemplateRecord, why: &str) {
         let mut t = t.clone();
@@ -582,7 +651,7 @@ impl Engine {
             .await
     }
 
-    async fn cold_start_as(
+    pub(crate) async fn cold_start_as(
         &self,
         spec: &TemplateSpec,
         layers: &[PathBuf],
@@ -647,6 +716,19 @@ impl Engine {
         spec: &TemplateSpec,
         opts: &RunOptions,
     ) -> Result<()> {
+        self.hygiene_as(sb, spec, opts, &sb.id).await
+    }
+
+    /// [`Engine::hygiene`] under another identity than the sandbox's id: a session's
+    /// sandboxes all answer to the session's id (hostname, `THAW_SANDBOX_ID`), whichever
+    /// restore made them.
+    pub(crate) async fn hygiene_as(
+        &self,
+        sb: &Sandbox,
+        spec: &TemplateSpec,
+        opts: &RunOptions,
+        identity: &str,
+    ) -> Result<()> {
         let mut seed = vec![0u8; 64];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
         let now = SystemTime::now()
@@ -658,8 +740,8 @@ impl Engine {
         sb.agent
             .call_all(&[
                 Request::SetIdentity {
-                    hostname: sb.id.clone(),
-                    sandbox_id: sb.id.clone(),
+                    hostname: identity.to_string(),
+                    sandbox_id: identity.to_string(),
                 },
                 Request::AddEntropy { data: Bytes(seed) },
                 Request::SetClock { unix_nanos: now },
@@ -732,7 +814,7 @@ impl Engine {
     /// and the 5-8 ms of killing, unmounting and cgroup removal overlap whatever the caller
     /// does next. [`Engine::settle`] waits for them; a process killed first leaves them to
     /// the next start's sweep, as any crash does.
-    fn discard(&self, sb: Sandbox) {
+    pub(crate) fn discard(&self, sb: Sandbox) {
         let span = info_span!("sandbox.discard", sandbox = %sb.id);
         self.teardowns
             .spawn(async move { sb.destroy().await }.instrument(span));
@@ -756,6 +838,7 @@ impl Engine {
     /// Ends this process's use of the engine: tears down discarded and prepared sandboxes.
     /// Call it before the process exits.
     pub async fn close(&self) {
+        self.close_spares().await;
         self.keep_prepared(0);
         self.settle().await;
         for b in self.tiers.all() {

@@ -99,6 +99,11 @@ pub enum Error {
         hint: String,
     },
 
+    /// The session's sandbox died under a call (killed from outside, the host ran out of
+    /// memory): not the task's doing, so a trainer retries rather than scoring it.
+    #[error("session `{id}` lost its sandbox: {why}; reset it (`POST /v1/sessions/{id}/reset`) or remove it with `thaw session rm {id}`")]
+    SessionLost { id: String, why: String },
+
     #[error("session `{id}` is busy: {what}; retry when it finishes")]
     SessionBusy { id: String, what: String },
 
@@ -135,8 +140,51 @@ pub enum Error {
     #[error("cancelled: its caller went away")]
     Cancelled,
 
+    /// A reset of the session killed the call's task (the reset said so too).
+    #[error("cancelled: session `{id}` was reset while this call ran, which killed its task")]
+    ResetCancelled { id: String },
+
+    #[error(
+        "session `{session}` has no checkpoint `{name}`; its checkpoints: {}",
+        list_checkpoints(known)
+    )]
+    UnknownCheckpoint {
+        session: String,
+        name: String,
+        known: Vec<String>,
+    },
+
+    #[error("session `{session}` already has a checkpoint `{name}`; delete it first or pick another name")]
+    CheckpointExists { session: String, name: String },
+
+    #[error("invalid {what} {name:?}: {reason}")]
+    InvalidName {
+        what: &'static str,
+        name: String,
+        reason: String,
+    },
+
+    #[error("template `{template}` declares no reward command; add `[reward] command = [...]` to its template.toml and deploy it again (sessions keep the template they were made from)")]
+    NoRewardCommand { template: String },
+
+    /// The reward command ran but did not produce a reward: the task's fault, not thaw's.
+    #[error("the reward command `{command}` {why}; its output ended: {output:?}")]
+    RewardNotANumber {
+        command: String,
+        why: String,
+        output: String,
+    },
+
     #[error("{0}")]
     Other(String),
+}
+
+fn list_checkpoints(v: &[String]) -> String {
+    if v.is_empty() {
+        "none (make one with POST /v1/sessions/{id}/checkpoints)".to_string()
+    } else {
+        v.join(", ")
+    }
 }
 
 fn list_or_none(v: &[String]) -> String {

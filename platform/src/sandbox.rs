@@ -83,6 +83,11 @@ impl Sandbox {
 
     /// Whether the kernel's OOM killer fired in the sandbox's memory cgroup. A VM's memory
     /// is its own: an out-of-memory guest kills inside, and the task reports the signal.
+    /// See [`TierSandbox::rename_host`].
+    pub async fn rename_host(&self, hostname: &str) -> crate::error::Result<()> {
+        self.handle.rename_host(hostname).await
+    }
+
     pub fn oom_killed(&self) -> bool {
         self.handle.oom_killed()
     }

@@ -3,7 +3,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use thaw_api::{ErrorBody, ErrorDetail};
+use thaw_api::{ErrorBody, ErrorDetail, Fault};
 use thaw_platform::Error as E;
 use thaw_protocol::ErrorCode;
 
@@ -61,10 +61,15 @@ impl ApiError {
     }
 
     pub fn detail(&self) -> ErrorDetail {
+        let fault = fault_of(self.status, self.code);
         ErrorDetail {
             code: self.code.to_string(),
             message: self.message.clone(),
             path: self.path.clone(),
+            fault,
+            // The machine lacks something, or its disk is full: the operator must act.
+            retryable: fault == Fault::Infrastructure
+                && !matches!(self.code, "missing_dependency" | "disk_full"),
         }
     }
 }
@@ -105,6 +110,24 @@ impl From<E> for ApiError {
     }
 }
 
+/// Whose failure an error is, from its code (the task's) or status (5xx, 429: the
+/// infrastructure's; any other 4xx: the caller's). What a rollout worker needs to decide
+/// between scoring a failure and retrying it.
+pub fn fault_of(status: StatusCode, code: &str) -> Fault {
+    match code {
+        // The task or the template's code did it.
+        "reward_not_a_number" | "output_flood" | "host_timeout" | "handler_failed" => Fault::Task,
+        // The sandbox died under the call.
+        "session_lost" => Fault::Infrastructure,
+        // The template must be deployed again.
+        "snapshot_corrupt" => Fault::Caller,
+        _ if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS => {
+            Fault::Infrastructure
+        }
+        _ => Fault::Caller,
+    }
+}
+
 /// Status and code of every engine error. Exhaustive on purpose: a new variant must be
 /// given a status here before the server compiles.
 pub fn classify(e: &E) -> (StatusCode, &'static str) {
@@ -120,6 +143,13 @@ pub fn classify(e: &E) -> (StatusCode, &'static str) {
         E::SnapshotCorrupt { .. } => (S::CONFLICT, "snapshot_corrupt"),
         E::SessionConflict { .. } => (S::CONFLICT, "session_conflict"),
         E::SessionBusy { .. } => (S::CONFLICT, "session_busy"),
+        E::SessionLost { .. } => (S::BAD_GATEWAY, "session_lost"),
+        E::ResetCancelled { .. } => (S::CONFLICT, "cancelled"),
+        E::UnknownCheckpoint { .. } => (S::NOT_FOUND, "unknown_checkpoint"),
+        E::CheckpointExists { .. } => (S::CONFLICT, "checkpoint_exists"),
+        E::InvalidName { .. } => (S::BAD_REQUEST, "bad_request"),
+        E::NoRewardCommand { .. } => (S::CONFLICT, "no_reward_command"),
+        E::RewardNotANumber { .. } => (S::UNPROCESSABLE_ENTITY, "reward_not_a_number"),
         E::Conflict(_) => (S::CONFLICT, "conflict"),
         E::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "too_large"),
         // The uploaded template is well-formed but its own build or warm-up fails.

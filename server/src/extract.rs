@@ -45,6 +45,41 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
+/// A JSON request body that may be left out (no body, or only whitespace): the default.
+/// For calls whose every field is optional (`reset`, `reward`).
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let limit = state.cfg.max_body_bytes as u64;
+        let stall = state.cfg.header_read_timeout;
+        let has_type = req.headers().contains_key(CONTENT_TYPE);
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(&parts.headers, body, limit, stall, "request body").await?;
+        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        if has_type {
+            let ct = parts
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let essence = ct.split(';').next().unwrap_or_default().trim();
+            if essence != "application/json" && !essence.ends_with("+json") {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    format!("expected a Content-Type of application/json, got `{ct}`"),
+                ));
+            }
+        }
+        parse_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
 /// Deserializes a JSON body, reporting where it went wrong.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Every body of this API is an object; serde would also accept a struct written as an

@@ -32,6 +32,7 @@ mod error;
 mod extract;
 mod limits;
 mod metrics;
+mod rollouts;
 mod routes;
 mod sessions;
 mod slots;
@@ -55,6 +56,9 @@ pub struct ServerConfig {
     pub reaper_interval: Duration,
     /// Sandboxes kept prepared per snapshot in use ([`Engine::keep_prepared`]).
     pub prepared: usize,
+    /// Rollout sessions' sandboxes kept restored ahead per origin in use
+    /// ([`Engine::keep_spares`]): what makes a reset cost a hand-over instead of a restore.
+    pub spares: usize,
     /// How long a connection may take to send a whole request head, counted from when the
     /// server starts waiting for one (a new or an idle keep-alive connection).
     pub header_read_timeout: Duration,
@@ -76,6 +80,7 @@ impl Default for ServerConfig {
             max_upload_bytes: 256 << 20,
             reaper_interval: Duration::from_secs(15),
             prepared: 2,
+            spares: 2,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 512,
             max_call_timeout: Duration::from_secs(3600),
@@ -143,6 +148,7 @@ pub async fn serve_on(
 ) -> Result<()> {
     upload::sweep_sources(&engine);
     engine.keep_prepared(cfg.prepared);
+    engine.keep_spares(cfg.spares);
     let (app, state) = app(engine, cfg)?;
     let addr = listener.local_addr().map_err(Error::Serve)?;
     info!(%addr, "thaw API listening");
@@ -232,6 +238,15 @@ fn protected_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sessions::pause))
         .routes(routes!(sessions::resume))
         .routes(routes!(sessions::extend))
+        .routes(routes!(
+            rollouts::checkpoint_create,
+            rollouts::checkpoint_list
+        ))
+        .routes(routes!(rollouts::checkpoint_delete))
+        .routes(routes!(rollouts::reset))
+        .routes(routes!(rollouts::fork))
+        .routes(routes!(rollouts::batch))
+        .routes(routes!(rollouts::reward))
 }
 
 #[derive(utoipa::OpenApi)]

@@ -50,7 +50,10 @@ pub fn wants_stream(headers: &HeaderMap, q: &StreamQuery) -> bool {
 
 /// An NDJSON response fed by `rx`; it ends when every sender is gone. `cancel` fires when
 /// the response is dropped: hyper drops it when the client disconnects.
-pub fn ndjson(rx: mpsc::UnboundedReceiver<StreamEvent>, cancel: DropGuard) -> Response {
+pub fn ndjson<E: serde::Serialize + Send + 'static>(
+    rx: mpsc::UnboundedReceiver<E>,
+    cancel: DropGuard,
+) -> Response {
     let lines = futures_util::stream::unfold((rx, cancel), |(mut rx, cancel)| async move {
         let ev = rx.recv().await?;
         let mut line = serde_json::to_vec(&ev).unwrap_or_else(|e| {

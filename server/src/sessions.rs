@@ -16,7 +16,7 @@ use thaw_api::{
     StreamEvent,
 };
 use thaw_platform::engine::Invocation;
-use thaw_platform::session::{Session, SessionOptions, MAX_FILE};
+use thaw_platform::session::{Session, MAX_FILE};
 use thaw_protocol::Stream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -48,25 +48,17 @@ pub async fn create(
     owner: Owner,
     JsonBody(body): JsonBody<SessionCreateBody>,
 ) -> Result<(StatusCode, Json<Session>), ApiError> {
-    limits::env(&body.env)?;
-    limits::session_times(body.idle_timeout_s, body.max_lifetime_s, &state.cfg)?;
+    let opts = crate::rollouts::session_options(
+        body.idle_timeout_s,
+        body.max_lifetime_s,
+        body.on_timeout,
+        body.checkpointable,
+        body.env,
+        &state.cfg,
+    )?;
     let (e, t) = (owner.engine.clone(), body.template.clone());
     blocking(move || e.ready_template(&t)).await?;
     let slot = state.slots.acquire(&owner).await?;
-    // A default over the server's maximum is lowered to it: the caller asked for nothing.
-    let defaults = SessionOptions::default();
-    let opts = SessionOptions {
-        idle_timeout: body
-            .idle_timeout_s
-            .map(Duration::from_secs)
-            .unwrap_or(defaults.idle_timeout.min(state.cfg.max_session_idle)),
-        max_lifetime: body
-            .max_lifetime_s
-            .map(Duration::from_secs)
-            .unwrap_or(defaults.max_lifetime.min(state.cfg.max_session_lifetime)),
-        on_timeout: body.on_timeout.unwrap_or(defaults.on_timeout),
-        env: body.env,
-    };
     let engine = owner.engine.clone();
     let session = run_tracked(&state, async move {
         let _slot = slot;

@@ -23,10 +23,12 @@ pub struct Slots {
     in_flight: Mutex<HashMap<String, u32>>,
 }
 
-/// One sandbox slot of a key, released when dropped (after the sandbox is gone).
+/// Sandbox slots of a key (one, or a batch's), released when dropped (after the sandboxes
+/// are gone, or are counted as running sessions).
 pub struct Slot {
     slots: Arc<Slots>,
     key: String,
+    n: u32,
 }
 
 impl Slots {
@@ -43,6 +45,12 @@ impl Slots {
 
     /// Takes a slot for `owner`'s key, or refuses with 429 naming the limit.
     pub async fn acquire(self: &Arc<Self>, owner: &Owner) -> Result<Slot, ApiError> {
+        self.acquire_n(owner, 1).await
+    }
+
+    /// Takes `n` slots at once (a fork or batch), or refuses them all with 429 before any
+    /// sandbox starts: a batch that does not fit is not half made.
+    pub async fn acquire_n(self: &Arc<Self>, owner: &Owner, n: u32) -> Result<Slot, ApiError> {
         let engine = owner.engine.clone();
         let running = blocking(move || {
             Ok(engine
@@ -56,21 +64,31 @@ impl Slots {
         let max = owner.key.max_sandboxes;
         let mut map = self.lock();
         let in_flight = map.entry(owner.key.id.clone()).or_insert(0);
-        if in_flight.saturating_add(running) >= max {
+        let held = in_flight.saturating_add(running);
+        if held.saturating_add(n) > max {
+            let asked = if n == 1 {
+                String::new()
+            } else {
+                format!(
+                    "; this call asks for {n} and {} are free",
+                    max.saturating_sub(held)
+                )
+            };
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_sandboxes",
                 format!(
-                    "API key `{}` is at its limit of {max} concurrent sandboxes (max_sandboxes): {in_flight} in-flight invoke/exec calls and {running} running sessions; retry when one finishes, or pause or delete a session",
+                    "API key `{}` is at its limit of {max} concurrent sandboxes (max_sandboxes): {in_flight} in-flight invoke/exec calls and {running} running sessions{asked}; retry when one finishes, or pause or delete a session",
                     owner.key.id,
                 ),
             )
             .retry_after(RETRY_AFTER_S));
         }
-        *in_flight += 1;
+        *in_flight += n;
         Ok(Slot {
             slots: self.clone(),
             key: owner.key.id.clone(),
+            n,
         })
     }
 }
@@ -89,7 +107,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut map = self.slots.lock();
         if let Some(n) = map.get_mut(&self.key) {
-            *n = n.saturating_sub(1);
+            *n = n.saturating_sub(self.n);
             if *n == 0 {
                 map.remove(&self.key);
             }

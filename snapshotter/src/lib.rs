@@ -177,6 +177,11 @@ impl Store {
         Ok(out)
     }
 
+    /// Every snapshot's name, sorted, without reading any manifest.
+    pub fn names(&self) -> Result<Vec<String>> {
+        self.ref_names()
+    }
+
     /// Remove snapshot `name` (its ref). Storage is reclaimed by the next [`Store::gc`];
     /// cache entries by [`Store::evict_cache`].
     pub fn delete(&self, name: &str) -> Result<()> {
@@ -188,6 +193,22 @@ impl Store {
             Err(e) if e.kind() == ErrorKind::NotFound => Err(self.not_found(name)),
             Err(e) => Err(Error::io("remove ref", &p)(e)),
         }
+    }
+
+    /// Names snapshot `src`'s content also `dst` (replacing any `dst`), without copying
+    /// anything: both refs point at one manifest, whose chunks and cache entry stay until
+    /// every name is deleted. How a session keeps the snapshot it was made from when that
+    /// snapshot's first owner (a template being redeployed, a fork point) lets go of it.
+    pub fn tag(&self, src: &str, dst: &str) -> Result<()> {
+        validate_name(dst)?;
+        let _lock = self.lock(lock::Mode::Shared)?;
+        // Resolving checks the manifest is there, so the new name never dangles.
+        let (id, _) = self.resolve(src)?;
+        atomic::write_atomic(
+            &self.tmp_dir(),
+            &self.ref_path(dst),
+            format!("{id}\n").as_bytes(),
+        )
     }
 
     /// Read and verify every chunk of snapshot `name` (without writing anything).

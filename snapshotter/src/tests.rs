@@ -537,3 +537,42 @@ fn disk_full_fails_cleanly_and_keeps_previous_snapshot() {
         .put_dir("tpl-a", &big, &PutOptions::default())
         .expect("retry fits");
 }
+
+#[test]
+fn a_tag_keeps_a_snapshot_after_its_first_name_is_deleted() {
+    let (d, store, src) = setup();
+    store
+        .put_dir("tpl-a", &src, &PutOptions::default())
+        .expect("put");
+    let cached = store.materialize_cached("tpl-a").expect("cache");
+    store.tag("tpl-a", "origin-ses-1").expect("tag");
+    // One manifest, one cache entry, two names.
+    assert_eq!(
+        store.materialize_cached("origin-ses-1").expect("cache"),
+        cached
+    );
+    store.delete("tpl-a").expect("delete");
+    store.gc().expect("gc");
+    store
+        .evict_cache(Evict::Unreferenced)
+        .expect("evict unreferenced");
+    store
+        .verify("origin-ses-1")
+        .expect("chunks kept for the tag");
+    assert!(cached.is_dir(), "the tag still references the cache entry");
+    let out = d.path().join("out");
+    store
+        .materialize("origin-ses-1", &out)
+        .expect("materialize");
+    assert_same_tree(&src, &out);
+    // A tag of nothing is refused, and names nothing.
+    assert!(matches!(
+        store.tag("missing", "x"),
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(store.get("x"), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.tag("origin-ses-1", "../escape"),
+        Err(Error::InvalidName { .. })
+    ));
+}

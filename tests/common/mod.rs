@@ -3,6 +3,7 @@
 //! and the Debian one takes a minute to build). After each test, [`Home::assert_clean`]
 //! checks that no sandbox process, mount, cgroup or directory is left behind.
 
+pub mod inproc;
 pub mod serve;
 
 use std::path::{Path, PathBuf};

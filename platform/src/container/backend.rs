@@ -138,6 +138,14 @@ impl TierSandbox for ContainerSandbox {
         })
     }
 
+    /// From the host, in the sandbox's UTS namespace: its guest-init lacks CAP_SYS_ADMIN.
+    fn rename_host<'a>(&'a self, hostname: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let pid = self.init_pid().await?;
+            super::checkpoint::set_hostname(pid, hostname).await
+        })
+    }
+
     /// The members of its memory cgroup.
     fn host_pids(&self) -> Vec<u32> {
         cgroup_pids(&self.id)

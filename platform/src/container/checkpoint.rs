@@ -161,9 +161,15 @@ impl ContainerTier {
             None
         };
         let spec = &match &prepared {
+            // The hostname follows the name unless the caller chose another (a session's
+            // sandboxes answer to the session's id).
             Some(p) => SandboxSpec {
                 id: p.id.clone(),
-                hostname: p.id.clone(),
+                hostname: if spec.hostname == spec.id {
+                    p.id.clone()
+                } else {
+                    spec.hostname.clone()
+                },
                 ..spec.clone()
             },
             None => spec.clone(),
@@ -334,7 +340,7 @@ fn ms(t: Instant) -> f64 {
 /// Gives a restored sandbox its own hostname. CRIU restores the UTS namespace with the
 /// snapshot's name and the sandbox has no CAP_SYS_ADMIN to change it, so the host joins the
 /// namespace from a short-lived thread (UTS namespaces are per-thread) and sets it.
-async fn set_hostname(pid: u32, name: &str) -> Result<()> {
+pub(crate) async fn set_hostname(pid: u32, name: &str) -> Result<()> {
     let name = name.to_string();
     let path = PathBuf::from(format!("/proc/{pid}/ns/uts"));
     tokio::task::spawn_blocking(move || -> Result<()> {

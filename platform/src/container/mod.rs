@@ -280,17 +280,34 @@ impl ContainerSandbox {
         }
     }
 
-    /// A handle on a sandbox that is already running (a session's, made by an earlier
-    /// process; sessions are always runc's): its channel asks runc for the init.
+    /// A handle on a sandbox that is already running (a session's, possibly made by an
+    /// earlier process). runc's sandboxes have a state directory under runc's root, and the
+    /// channel asks runc for their init; the others are thaw's own (a session restored with
+    /// shared memory), whose init is in the sandbox's pid file.
     pub fn attach(tier: &ContainerTier, id: &str) -> ContainerSandbox {
-        let channel = channel::NetnsChannel::via_runc(tier.runc.clone());
+        let dir = tier.paths.sandbox(id);
+        let by_runc = tier.paths.runc_root().join(id).exists();
+        let (channel, keeper) = if by_runc {
+            (
+                channel::NetnsChannel::via_runc(tier.runc.clone()),
+                Keeper::Runc,
+            )
+        } else {
+            let channel = channel::NetnsChannel::default();
+            // A dead or half-made sandbox stays unbound: its agent calls fail, and
+            // destroying it still cleans up.
+            if let Ok(pid) = (SandboxDir { root: dir.clone() }).init_pid() {
+                let _ = channel.bind(id, pid);
+            }
+            (channel, Keeper::Thaw)
+        };
         ContainerSandbox {
             id: id.to_string(),
             agent: Agent::new(id.to_string(), Endpoint::Netns(channel.clone())),
-            dir: tier.paths.sandbox(id),
+            dir,
             channel,
             runc: tier.runc.clone(),
-            keeper: Keeper::Runc,
+            keeper,
         }
     }
 

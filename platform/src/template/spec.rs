@@ -32,6 +32,10 @@ pub struct TemplateSpec {
     #[serde(default)]
     pub warmup: Option<WarmupSpec>,
     pub handler: HandlerSpec,
+    /// How a session scores its episode (`POST /v1/sessions/{id}/reward`): a command whose
+    /// last line of output is a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<RewardSpec>,
     #[serde(default)]
     pub limits: Limits,
     /// Limits of the template build (`setup`), which runs in a sandbox of its own.
@@ -89,6 +93,21 @@ pub struct WarmupSpec {
 
 fn default_warmup_timeout() -> u64 {
     120
+}
+
+/// The template's reward command, run in a session on request. It prints the reward as
+/// the last non-empty line of its standard output: a finite decimal number.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RewardSpec {
+    pub command: Vec<String>,
+    #[serde(default = "default_reward_timeout")]
+    pub timeout_s: u64,
+}
+
+fn default_reward_timeout() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -295,6 +314,14 @@ impl TemplateSpec {
         if let Some(w) = &self.warmup {
             if w.command.is_empty() {
                 return Err(bad("warmup.command", "must name a program".into()));
+            }
+        }
+        if let Some(r) = &self.reward {
+            if r.command.is_empty() {
+                return Err(bad("reward.command", "must name a program".into()));
+            }
+            if r.timeout_s == 0 {
+                return Err(bad("reward.timeout_s", "must be at least 1".into()));
             }
         }
         if let BaseSpec::Debian { suite, packages } = &self.base {

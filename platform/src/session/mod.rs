@@ -25,7 +25,6 @@ use tracing::{info, info_span, warn, Instrument};
 
 use crate::cleanup;
 use crate::container::userns::IdMap;
-use crate::container::CloneMemory;
 use crate::engine::{
     ms, now_secs, Engine, ExecResult, Invocation, RunOptions, SnapshotSize, StartKind, Timings,
 };
@@ -34,6 +33,11 @@ use crate::sandbox::Sandbox;
 use crate::store::Store;
 use crate::template::spec::TemplateSpec;
 use crate::tier::Tier;
+
+mod rollout;
+mod spares;
+pub use rollout::{BatchItem, BatchSource, Checkpoint, ResetOutcome, Reward};
+pub use spares::Spares;
 
 /// Largest file `session_read_file` returns (a frame carries it base64-encoded).
 pub const MAX_FILE: u64 = 32 << 20;
@@ -103,6 +107,11 @@ pub struct SessionOptions {
     pub max_lifetime: Duration,
     pub on_timeout: TimeoutAction,
     pub env: BTreeMap<String, String>,
+    /// Whether the session can be paused, checkpointed and forked. A session that cannot
+    /// (an RL rollout that is only ever reset) shares its memory copy-on-write with its
+    /// snapshot: it restores faster and costs a fraction of the memory. Such a session's
+    /// timeouts stop it.
+    pub checkpointable: bool,
 }
 
 impl Default for SessionOptions {
@@ -112,6 +121,7 @@ impl Default for SessionOptions {
             max_lifetime: Duration::from_secs(24 * 3600),
             on_timeout: TimeoutAction::Pause,
             env: BTreeMap::new(),
+            checkpointable: true,
         }
     }
 }
@@ -149,6 +159,27 @@ pub struct Session {
     pub last_pause_ms: Option<u64>,
     #[serde(default)]
     pub last_resume_ms: Option<u64>,
+    /// What `reset` without a checkpoint goes back to: `template <name>`, `checkpoint
+    /// <session>/<name>` (a fork), `session <id>` (a batch from a paused session).
+    #[serde(default)]
+    pub origin: String,
+    /// Names of the session's checkpoints, oldest first.
+    #[serde(default)]
+    pub checkpoints: Vec<String>,
+    #[serde(default)]
+    pub resets: u32,
+    /// The sandbox that runs it now (a directory under `sandboxes/`; every restore makes a
+    /// new one). Absent while it holds none (paused, stopped, failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+    /// Whether it can be paused, checkpointed and forked (see
+    /// [`SessionOptions::checkpointable`]).
+    #[serde(default = "yes")]
+    pub checkpointable: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What is stored: the session plus what thaw needs to restore it.
@@ -174,6 +205,43 @@ struct SessionRecord {
     /// are not resumed.
     #[serde(default)]
     ids: Option<IdMap>,
+    /// The sandbox that runs the session now: every restore (create, resume, reset) makes
+    /// a new one, so a reset can restore its successor before the old one goes. Records
+    /// from before resets have none: their sandbox is named after the session.
+    #[serde(default)]
+    sandbox: Option<String>,
+    /// Whether the session holds a tag of the snapshot it was made from
+    /// ([`rollout::origin_snapshot`]): what a reset goes back to. Sessions from before
+    /// resets have none and cannot be reset to their origin.
+    #[serde(default)]
+    has_origin: bool,
+    /// Named checkpoints; each is a snapshot [`rollout::checkpoint_snapshot`] names.
+    #[serde(default)]
+    checkpoints: BTreeMap<String, Checkpoint>,
+}
+
+impl SessionRecord {
+    /// The id of the sandbox that runs (or last ran) the session.
+    fn sandbox_id(&self) -> &str {
+        self.sandbox.as_deref().unwrap_or(&self.session.id)
+    }
+
+    /// Every snapshot the session owns: its pause snapshot, one a pause in flight is
+    /// writing, its origin tag and its checkpoints.
+    fn owned_snapshots(&self) -> Vec<String> {
+        let id = &self.session.id;
+        let mut v: Vec<String> = self.session.snapshot.iter().cloned().collect();
+        v.extend(self.op.as_ref().and_then(|o| o.snapshot.clone()));
+        if self.has_origin {
+            v.push(rollout::origin_snapshot(id));
+        }
+        v.extend(
+            self.checkpoints
+                .keys()
+                .map(|n| rollout::checkpoint_snapshot(id, n)),
+        );
+        v
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,6 +249,10 @@ struct PendingOp {
     by: String,
     #[serde(default)]
     snapshot: Option<String>,
+    /// The sandbox being made (create, resume, reset): recovery destroys it if the
+    /// process dies before the record names it.
+    #[serde(default)]
+    sandbox: Option<String>,
 }
 
 /// In-process exclusion between a session's calls: execs and file operations share it,
@@ -188,11 +260,52 @@ struct PendingOp {
 /// decides (a pause from another process during an exec fails cleanly and rolls back).
 #[derive(Default)]
 pub struct SessionLocks {
-    map: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+    map: Mutex<HashMap<String, Arc<SessionLock>>>,
+}
+
+/// One session's in-process lock, and the calls in it that a reset may cancel.
+#[derive(Default)]
+struct SessionLock {
+    rw: RwLock<()>,
+    /// Cancelled (and replaced) by a reset; every call in the session watches it.
+    calls: Mutex<tokio_util::sync::CancellationToken>,
+    /// Calls running now.
+    active: std::sync::atomic::AtomicUsize,
+}
+
+impl SessionLock {
+    /// The token the next call watches.
+    fn call_token(&self) -> tokio_util::sync::CancellationToken {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Cancels every call running in the session; returns how many there were.
+    fn cancel_calls(&self) -> usize {
+        let old = std::mem::take(&mut *self.calls.lock().unwrap_or_else(|p| p.into_inner()));
+        let n = self.active.load(std::sync::atomic::Ordering::SeqCst);
+        old.cancel();
+        n
+    }
+}
+
+/// Counts a call as active while it lives.
+struct ActiveCall<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> ActiveCall<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> ActiveCall<'a> {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ActiveCall(n)
+    }
+}
+
+impl Drop for ActiveCall<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl SessionLocks {
-    fn get(&self, id: &str) -> Arc<RwLock<()>> {
+    fn get(&self, id: &str) -> Arc<SessionLock> {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(id.to_string()).or_default().clone()
     }
@@ -278,7 +391,7 @@ impl Engine {
     }
 
     pub fn session(&self, id: &str) -> Result<Session> {
-        Ok(self.session_record(id)?.session)
+        Ok(self.session_record(id)?.view())
     }
 
     /// The limits of a call into a running session: its template's as the session was
@@ -301,7 +414,7 @@ impl Engine {
         let all: Vec<SessionRecord> = self.meta.read(|s| s.list(Store::sessions_tree()))?;
         Ok(all
             .into_iter()
-            .map(|r| r.session)
+            .map(|r| r.view())
             .filter(|s| s.owner == self.owner())
             .collect())
     }
@@ -309,7 +422,7 @@ impl Engine {
     /// Every owner's sessions (for server housekeeping and metrics, not for callers).
     pub fn all_sessions(&self) -> Result<Vec<Session>> {
         let all: Vec<SessionRecord> = self.meta.read(|s| s.list(Store::sessions_tree()))?;
-        Ok(all.into_iter().map(|r| r.session).collect())
+        Ok(all.into_iter().map(|r| r.view()).collect())
     }
 
     /// Sessions of this owner that hold a live sandbox (per-key limits count them).
@@ -324,79 +437,10 @@ impl Engine {
     /// Starts a session: a clone of the template's snapshot that stays alive.
     pub async fn session_create(&self, template: &str, opts: SessionOptions) -> Result<Session> {
         let t = self.ready_template(template)?;
-        let id = new_session_id();
-        let now = now_secs();
-        let session = Session {
-            id: id.clone(),
-            owner: self.owner().to_string(),
-            template: t.name.clone(),
-            state: SessionState::Creating,
-            created_at: now,
-            last_active_at: now,
-            expires_at: now.saturating_add(opts.max_lifetime.as_secs()),
-            idle_timeout_s: opts.idle_timeout.as_secs(),
-            on_timeout: opts.on_timeout,
-            env: opts.env.clone(),
-            error: None,
-            snapshot: None,
-            snapshot_size: None,
-            pauses: 0,
-            last_pause_ms: None,
-            last_resume_ms: None,
-        };
-        let rec = SessionRecord {
-            session,
-            spec: t.spec.clone(),
-            layers: t.layers.clone(),
-            tier: t.tier,
-            init: None,
-            op: Some(PendingOp {
-                by: me(),
-                snapshot: None,
-            }),
-            ids: Some(t.ids()?),
-        };
-        self.meta
-            .with(|s| s.put(Store::sessions_tree(), &id, &rec))?;
-        let span = info_span!("session.create", session = %id, template = %template);
-        async {
-            let run = RunOptions {
-                env: opts.env.clone(),
-                ..RunOptions::default()
-            };
-            let started = self.start_as(&t, &run, &id, CloneMemory::Copied).await;
-            let sb = match started {
-                Ok((sb, _, _, _)) => sb,
-                Err(e) => {
-                    let _ = self.meta.with(|s| s.remove(Store::sessions_tree(), &id));
-                    return Err(e);
-                }
-            };
-            let r = async {
-                cleanup::write_session_owner(&sb.owner_file(), &id)?;
-                let init = sb.identity().await;
-                self.transition(&id, |r| {
-                    r.session.state = SessionState::Running;
-                    r.init = init;
-                    r.op = None;
-                    Ok(())
-                })
-            }
-            .await;
-            match r {
-                Ok(r) => {
-                    info!("session running");
-                    Ok(r.session)
-                }
-                Err(e) => {
-                    sb.destroy().await;
-                    let _ = self.meta.with(|s| s.remove(Store::sessions_tree(), &id));
-                    Err(e)
-                }
-            }
-        }
-        .instrument(span)
-        .await
+        let lineage = rollout::Lineage::of_template(&t, self.owner())?;
+        let origin = format!("template {}", t.name);
+        self.create_child(&lineage, t.snapshot.as_deref(), origin, &opts)
+            .await
     }
 
     /// Checks that the session can take a call and marks it active.
@@ -427,13 +471,18 @@ impl Engine {
         work: impl AsyncFnOnce(&SessionRecord, &Sandbox) -> Result<T>,
     ) -> Result<T> {
         let lock = self.session_locks.get(id);
-        let _shared = lock.read().await;
+        let _shared = lock.rw.read().await;
+        let _active = ActiveCall::new(&lock.active);
+        let cancel = lock.call_token();
         let rec = self.touch_running(id, action)?;
-        let sb = self.attach(rec.tier, id);
-        let r = work(&rec, &sb)
-            .instrument(info_span!("session.call", session = %id, action))
-            .await
-            .map_err(|e| sb.explain(e));
+        let sb = self.attach(rec.tier, rec.sandbox_id());
+        // A reset cancels the call: dropping its exchange with guest-init ends the task.
+        let r = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(Error::ResetCancelled { id: id.to_string() }),
+            r = work(&rec, &sb).instrument(info_span!("session.call", session = %id, action)) => r,
+        }
+        .map_err(|e| sb.explain(e));
         self.touch(id);
         match r {
             Err(e @ (Error::HostTimeout { .. } | Error::OutputFlood { .. })) => {
@@ -559,11 +608,9 @@ impl Engine {
                 r.session.error = Some(why.clone());
                 Ok(())
             });
-            return Error::SessionConflict {
+            return Error::SessionLost {
                 id: id.to_string(),
-                state: "failed".into(),
-                action: "continue".into(),
-                hint: format!(": {why}; remove it with `thaw session rm {id}`"),
+                why,
             };
         }
         e
@@ -620,8 +667,9 @@ impl Engine {
     /// Pauses a running session: checkpoints it into a snapshot (chunks shared with its
     /// template are stored once), then frees its processes and memory.
     pub async fn session_pause(&self, id: &str) -> Result<Session> {
+        self.session_record(id)?.must_checkpoint("paused")?;
         let lock = self.session_locks.get(id);
-        let Ok(_excl) = lock.try_write() else {
+        let Ok(_excl) = lock.rw.try_write() else {
             return Err(Error::SessionBusy {
                 id: id.to_string(),
                 what: "a command or file transfer is running in it".into(),
@@ -641,12 +689,13 @@ impl Engine {
             r.op = Some(PendingOp {
                 by: me(),
                 snapshot: Some(snap.clone()),
+                sandbox: None,
             });
             Ok(())
         })?;
         let span = info_span!("session.pause", session = %id);
         async {
-            let sb = self.attach(rec.tier, id);
+            let sb = self.attach(rec.tier, rec.sandbox_id());
             match self.snapshot_sandbox(&sb, &snap, true).await {
                 Ok(size) => {
                     let elapsed = started.elapsed().as_millis() as u64;
@@ -666,7 +715,7 @@ impl Engine {
                             // The snapshot is durable: only now may the processes go.
                             sb.destroy().await;
                             info!(ms = elapsed, "session paused");
-                            Ok(r.session)
+                            Ok(r.view())
                         }
                         Err(e) => {
                             self.drop_snapshot(&snap);
@@ -702,13 +751,14 @@ impl Engine {
             return Err(conflict(&current, "resume"));
         }
         let lock = self.session_locks.get(id);
-        let Ok(_excl) = tokio::time::timeout(Duration::from_secs(30), lock.write()).await else {
+        let Ok(_excl) = tokio::time::timeout(Duration::from_secs(30), lock.rw.write()).await else {
             return Err(Error::SessionBusy {
                 id: id.to_string(),
                 what: "another call has held it for 30 s".into(),
             });
         };
         let started = Instant::now();
+        let new_sb = crate::engine::new_sandbox_id();
         let rec = self.transition(id, |r| {
             if r.session.state != SessionState::Paused {
                 return Err(conflict(&r.session, "resume"));
@@ -717,6 +767,7 @@ impl Engine {
             r.op = Some(PendingOp {
                 by: me(),
                 snapshot: None,
+                sandbox: Some(new_sb.clone()),
             });
             Ok(())
         })?;
@@ -725,7 +776,7 @@ impl Engine {
             let Some(snap) = rec.session.snapshot.clone() else {
                 return Err(self.fail(id, "paused without a snapshot".into()));
             };
-            let restored = self.restore_session(&rec, &snap).await;
+            let restored = self.restore_session(&rec, &snap, &new_sb).await;
             let sb = match restored {
                 Ok(sb) => sb,
                 Err(e) => {
@@ -748,6 +799,7 @@ impl Engine {
             let r = self.transition(id, |r| {
                 r.session.state = SessionState::Running;
                 r.session.snapshot = None;
+                r.sandbox = Some(sb.id.clone());
                 r.session.last_resume_ms = Some(elapsed);
                 r.session.last_active_at = now_secs();
                 r.session.error = None;
@@ -760,7 +812,7 @@ impl Engine {
                     // Running again: the snapshot is stale (a later pause writes a new one).
                     self.drop_snapshot(&snap);
                     info!(ms = elapsed, "session resumed");
-                    Ok(r.session)
+                    Ok(r.view())
                 }
                 Err(e) => {
                     sb.destroy().await;
@@ -772,7 +824,12 @@ impl Engine {
         .await
     }
 
-    async fn restore_session(&self, rec: &SessionRecord, snap: &str) -> Result<Sandbox> {
+    async fn restore_session(
+        &self,
+        rec: &SessionRecord,
+        snap: &str,
+        sandbox: &str,
+    ) -> Result<Sandbox> {
         let id = &rec.session.id;
         let scratch = cleanup::Scratch::new(&self.paths.checkpoints(), &format!("resume-{id}"))?;
         let dir = scratch.path.join("snapshot");
@@ -788,17 +845,9 @@ impl Engine {
                     crate::engine::BEFORE_USERNS
                 ))
             })?;
-            let spec = self.sandbox_spec(&rec.spec, &rec.layers, ids, id);
+            let spec = self.session_sandbox_spec(rec, ids, sandbox);
             let sb = self.restore_sandbox(rec.tier, &spec, &dir, true).await?;
-            let opts = RunOptions {
-                env: rec.session.env.clone(),
-                ..RunOptions::default()
-            };
-            let ready = async {
-                self.hygiene(&sb, &rec.spec, &opts).await?;
-                cleanup::write_session_owner(&sb.owner_file(), id)
-            }
-            .await;
+            let ready = self.adopt(rec, &sb).await;
             match ready {
                 Ok(()) => Ok(sb),
                 Err(e) => {
@@ -848,7 +897,7 @@ impl Engine {
             r.session.last_active_at = now_secs();
             Ok(())
         })?;
-        Ok(r.session)
+        Ok(r.view())
     }
 
     /// Ends a session in any state: kills its sandbox, deletes its snapshot and its record.
@@ -857,15 +906,10 @@ impl Engine {
         let span = info_span!("session.delete", session = %id);
         async {
             if rec.session.state != SessionState::Paused {
-                self.attach(rec.tier, id).destroy().await;
+                self.attach(rec.tier, rec.sandbox_id()).destroy().await;
             }
-            if let Some(snap) = rec
-                .session
-                .snapshot
-                .as_deref()
-                .or(rec.op.as_ref().and_then(|o| o.snapshot.as_deref()))
-            {
-                self.drop_snapshot(snap);
+            if let Some(making) = rec.op.as_ref().and_then(|o| o.sandbox.as_deref()) {
+                self.attach(rec.tier, making).destroy().await;
             }
             let owner = self.owner().to_string();
             self.meta.with(|s| {
@@ -875,7 +919,21 @@ impl Engine {
                 })
             })?;
             self.session_locks.forget(id);
-            let mut s = rec.session;
+            // Its snapshots: those recorded, and any a crash left unrecorded (all are named
+            // after the session).
+            let mut snaps = rec.owned_snapshots();
+            let prefix = format!("{}-", rollout::snapshot_prefix(id));
+            snaps.extend(
+                self.snapshots
+                    .names()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|n| n.starts_with(&prefix)),
+            );
+            snaps.sort();
+            snaps.dedup();
+            self.drop_snapshots_later(snaps);
+            let mut s = rec.view();
             s.state = SessionState::Stopped;
             Ok(s)
         }
@@ -886,7 +944,7 @@ impl Engine {
     /// Stops a session for its timeout: sandbox and snapshot go, the record stays.
     async fn session_stop(&self, id: &str, why: &str) -> Result<Session> {
         let lock = self.session_locks.get(id);
-        let Ok(_excl) = lock.try_write() else {
+        let Ok(_excl) = lock.rw.try_write() else {
             return Err(Error::SessionBusy {
                 id: id.to_string(),
                 what: "a call is running in it".into(),
@@ -902,7 +960,9 @@ impl Engine {
             Ok(())
         })?;
         if before.session.state == SessionState::Running {
-            self.attach(before.tier, id).destroy().await;
+            self.attach(before.tier, before.sandbox_id())
+                .destroy()
+                .await;
         }
         if let Some(snap) = &before.session.snapshot {
             self.drop_snapshot(snap);
@@ -914,7 +974,7 @@ impl Engine {
             r.init = None;
             Ok(())
         })?;
-        Ok(r.session)
+        Ok(r.view())
     }
 
     /// Pauses or stops every session (of every owner) past its idle timeout or maximum
@@ -966,17 +1026,24 @@ impl Engine {
         for rec in all {
             let id = rec.session.id.clone();
             let engine = self.as_owner(&rec.session.owner);
+            let sandbox = rec.sandbox_id().to_string();
             if let Some(op) = &rec.op {
                 if alive(&op.by) {
-                    with_sandbox.insert(id);
+                    with_sandbox.insert(sandbox);
+                    with_sandbox.extend(op.sandbox.clone());
                     continue;
+                }
+                // A sandbox the dead process was making (a create, resume or reset).
+                if let Some(making) = op.sandbox.as_deref().filter(|m| *m != sandbox) {
+                    self.attach(rec.tier, making).destroy().await;
                 }
             }
             match rec.session.state {
                 SessionState::Creating => {
                     info!(session = %id, "rolling back an interrupted session creation");
-                    self.attach(rec.tier, &id).destroy().await;
+                    self.attach(rec.tier, &sandbox).destroy().await;
                     let _ = self.meta.with(|s| s.remove(Store::sessions_tree(), &id));
+                    self.drop_snapshots_later(rec.owned_snapshots());
                 }
                 SessionState::Pausing => {
                     let snap = rec.op.as_ref().and_then(|o| o.snapshot.clone());
@@ -994,7 +1061,7 @@ impl Engine {
                             r.op = None;
                             Ok(())
                         })?;
-                        self.attach(rec.tier, &id).destroy().await;
+                        self.attach(rec.tier, &sandbox).destroy().await;
                     } else {
                         info!(session = %id, "rolling back an interrupted pause");
                         if let Some(n) = &snap {
@@ -1015,13 +1082,13 @@ impl Engine {
                             Ok(())
                         })?;
                         if running {
-                            with_sandbox.insert(id);
+                            with_sandbox.insert(sandbox);
                         }
                     }
                 }
                 SessionState::Resuming => {
                     info!(session = %id, "rolling back an interrupted resume");
-                    self.attach(rec.tier, &id).destroy().await;
+                    self.attach(rec.tier, &sandbox).destroy().await;
                     engine.transition(&id, |r| {
                         r.session.state = SessionState::Paused;
                         r.session.error = Some("a resume was interrupted; resume again".into());
@@ -1031,10 +1098,17 @@ impl Engine {
                 }
                 SessionState::Running => {
                     if rec.init.as_deref().map(alive).unwrap_or(false) {
-                        with_sandbox.insert(id);
+                        if rec.op.is_some() {
+                            // An interrupted reset: the session keeps its old sandbox.
+                            engine.transition(&id, |r| {
+                                r.op = None;
+                                Ok(())
+                            })?;
+                        }
+                        with_sandbox.insert(sandbox);
                     } else {
                         info!(session = %id, "session's sandbox is gone");
-                        self.attach(rec.tier, &id).destroy().await;
+                        self.attach(rec.tier, &sandbox).destroy().await;
                         engine.transition(&id, |r| {
                             r.session.state = SessionState::Failed;
                             r.session.error = Some(
@@ -1045,7 +1119,14 @@ impl Engine {
                         })?;
                     }
                 }
-                SessionState::Paused | SessionState::Stopped | SessionState::Failed => {}
+                SessionState::Paused | SessionState::Stopped | SessionState::Failed => {
+                    if rec.op.is_some() {
+                        engine.transition(&id, |r| {
+                            r.op = None;
+                            Ok(())
+                        })?;
+                    }
+                }
             }
         }
         // Sandboxes handed to a session that no longer needs one (a crash between a
@@ -1055,30 +1136,31 @@ impl Engine {
                 let Some(owner) = cleanup::session_owner(&entry.path().join("owner")) else {
                     continue;
                 };
-                if !with_sandbox.contains(&owner) && !self.session_needs_sandbox(&owner) {
-                    let id = entry.file_name().to_string_lossy().to_string();
+                let id = entry.file_name().to_string_lossy().to_string();
+                if !with_sandbox.contains(&id) && !self.session_needs_sandbox(&owner, &id) {
                     info!(sandbox = %id, session = %owner, "removing a session sandbox no session uses");
                     let tier = self.tiers.of_dir(&entry.path()).tier();
                     self.attach(tier, &id).destroy().await;
                 }
             }
         }
+        self.sweep_session_snapshots()?;
         Ok(())
     }
 }
 
 impl Engine {
-    /// Re-reads a session's record: whether it holds (or is about to hold) a sandbox. Asked
-    /// again just before removing a sandbox, since another process may have created or
-    /// resumed the session since the records were listed.
-    fn session_needs_sandbox(&self, id: &str) -> bool {
+    /// Re-reads a session's record: whether it holds (or is about to hold) `sandbox`.
+    /// Asked again just before removing a sandbox, since another process may have created,
+    /// resumed or reset the session since the records were listed.
+    fn session_needs_sandbox(&self, id: &str, sandbox: &str) -> bool {
         let rec = self
             .meta
             .read(|s| s.get::<SessionRecord>(Store::sessions_tree(), id));
         match rec {
             Ok(Some(r)) => {
                 r.op.as_ref().map(|o| alive(&o.by)).unwrap_or(false)
-                    || r.session.state == SessionState::Running
+                    || (r.session.state == SessionState::Running && r.sandbox_id() == sandbox)
             }
             Ok(None) => false,
             // Unreadable metadata: keep the sandbox rather than destroy a live session.
