@@ -1,6 +1,6 @@
 # thaw: two commands on a fresh machine.
 #   make demo   installs what is missing, builds, publishes templates/python, invokes it
-#   make test   installs what is missing, runs every test
+#   make test   installs what is missing, runs every test (make test-python: the Python client's)
 SHELL := /bin/bash
 .DEFAULT_GOAL := build
 
@@ -11,7 +11,7 @@ GUEST_INIT_STATIC := $(STATIC_DIR)/$(TARGET_TRIPLE)/release/guest-init
 THAW         := target/release/thaw
 TEST_THREADS ?= 2
 
-.PHONY: deps build build-debug guest-init demo test test-microvm bench-microvm unit e2e lint bench doctor clean
+.PHONY: deps build build-debug guest-init demo test test-python test-microvm bench-microvm unit e2e lint bench doctor clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -50,7 +50,16 @@ test: build-debug
 	export THAW_GUEST_INIT=$(abspath $(GUEST_INIT_STATIC)); \
 	$(CARGO) test --locked --workspace --exclude thaw-e2e
 	$(CARGO) test --locked -p thaw-e2e -- --test-threads $(TEST_THREADS)
+	$(MAKE) --no-print-directory test-python
 	$(MAKE) --no-print-directory test-microvm
+
+# The Python client (clients/python) against a real `thaw serve` of target/debug/thaw: a
+# virtualenv in target/py-client, the client installed from its directory with pytest.
+PY_VENV := target/py-client
+test-python: build-debug
+	test -x $(PY_VENV)/bin/python || python3 -m venv $(PY_VENV)
+	$(PY_VENV)/bin/python -m pip install --quiet --disable-pip-version-check ./clients/python "pytest>=7" "pytest-asyncio>=0.23"
+	THAW_BIN=$(abspath target/debug/thaw) $(PY_VENV)/bin/python -m pytest -q -rs clients/python/tests
 
 # The tests that need Cloud Hypervisor on hardware KVM (#[ignore]d in a plain cargo test):
 # natively where this host runs VMs, else inside a QEMU TCG guest with nested SVM, where real

@@ -39,6 +39,8 @@ APT_PACKAGES=(
   procps
   ca-certificates
   xz-utils
+  python3         # the Python client's tests (make test-python)
+  python3-venv
 )
 
 CRIU_BUILD_DEPS=(

@@ -1,0 +1,415 @@
+"""The asyncio client: the methods of :class:`thaw.Client`, awaited (streams are async
+iterators)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncGenerator, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
+
+import httpx
+
+from . import _core as core
+from ._core import Call, PathLike, Retry, StreamCall
+from ._errors import ThawError
+from ._types import (
+    BatchEvent,
+    BatchResult,
+    Checkpoint,
+    ExecEvent,
+    ExecOutput,
+    ForkResult,
+    Health,
+    Invocation,
+    InvokeEvent,
+    ResetResult,
+    Reward,
+    Session,
+    Template,
+)
+
+T = TypeVar("T")
+E = TypeVar("E")
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient:
+    """An asyncio client of ``thaw serve``; every method of :class:`thaw.Client`, awaited.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:7070``; default ``$THAW_SERVER``, else that.
+        api_key: a ``thaw_...`` secret (``thaw keys create``); default ``$THAW_API_KEY``.
+        retry: a :class:`thaw.Retry`, or a number of attempts (1: never retry).
+        timeout: seconds, or an ``httpx.Timeout``. Default: 10 s to connect, no limit on
+            the answer (bound a task with ``timeout_ms``, which the server enforces).
+        http: an ``httpx.AsyncClient`` of your own (its base URL and headers are left alone;
+            ``base_url`` and ``api_key`` still apply to each request).
+
+    Use it as an async context manager, or await :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        *,
+        retry: Union[Retry, int, None] = None,
+        timeout: Union[float, httpx.Timeout, None] = None,
+        http: Optional[httpx.AsyncClient] = None,
+    ) -> None:
+        self.base_url, key = core.resolve(base_url, api_key)
+        self.retry = core.as_retry(retry)
+        self._headers = core.headers(key)
+        self._own_http = http is None
+        self._http = http if http is not None else httpx.AsyncClient(timeout=core.timeout(timeout))
+
+    def __repr__(self) -> str:
+        # Never the key.
+        return f"AsyncClient({self.base_url!r}, authenticated={'authorization' in self._headers})"
+
+    async def aclose(self) -> None:
+        if self._own_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    # ---- sending ----
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Request:
+        headers: Dict[str, str] = dict(self._headers)
+        headers.update(kw.pop("headers", None) or {})
+        return self._http.build_request(method, self.base_url + path, headers=headers, **kw)
+
+    async def _send(self, call: Call[T]) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            req = self._request(
+                call.method, call.path, json=call.json, content=call.content, params=call.params, headers=call.headers
+            )
+            try:
+                resp = await self._http.send(req)
+            except httpx.HTTPError as e:
+                err: ThawError = core.error_from_transport(e, self.base_url, attempt)
+                err.__cause__ = e
+            else:
+                if resp.is_success:
+                    return call.parse(resp)
+                err = core.error_from_response(resp, attempt)
+            if not self.retry.should_retry(err, attempt):
+                raise err
+            await asyncio.sleep(self.retry.before_retry(err, attempt))
+
+    async def _stream(self, call: StreamCall[E]) -> AsyncGenerator[E, None]:
+        attempt = 0
+        while True:
+            attempt += 1
+            req = self._request(
+                call.method, call.path, json=call.json, params=call.params, headers=core.stream_headers()
+            )
+            try:
+                resp = await self._http.send(req, stream=True)
+                if resp.is_success:
+                    break
+                try:
+                    await resp.aread()
+                finally:
+                    await resp.aclose()
+                err: ThawError = core.error_from_response(resp, attempt)
+            except httpx.HTTPError as e:
+                err = core.error_from_transport(e, self.base_url, attempt)
+                err.__cause__ = e
+            if not self.retry.should_retry(err, attempt):
+                raise err
+            await asyncio.sleep(self.retry.before_retry(err, attempt))
+        # Events have started: from here on nothing is retried (they would come twice).
+        try:
+            core.check_ndjson(resp)
+            try:
+                async for line in resp.aiter_lines():
+                    ev = core.parse_line(line)
+                    if ev is None:
+                        continue
+                    item, last = call.decode(ev)
+                    yield item
+                    if last:
+                        return
+            except httpx.HTTPError as e:
+                raise core.stream_lost(e, self.base_url) from e
+            raise core.stream_ended()
+        finally:
+            # Also when the caller stops early: closing the connection cancels the call
+            # on the server (its task is killed, its sandbox freed).
+            await resp.aclose()
+
+    # ---- service ----
+
+    async def health(self) -> Health:
+        """``GET /healthz`` (needs no key)."""
+        return await self._send(core.health())
+
+    async def openapi(self) -> Dict[str, Any]:
+        """The server's OpenAPI document (what routes and fields it knows)."""
+        return await self._send(core.openapi())
+
+    async def metrics(self) -> str:
+        """Prometheus text exposition."""
+        return await self._send(core.metrics())
+
+    # ---- templates ----
+
+    async def deploy(self, directory: PathLike) -> Template:
+        """Publishes the template in ``directory`` (``template.toml`` at its root): packs it
+        as a tar, uploads it, and returns once it is built, warmed and snapshotted."""
+        tar = await asyncio.to_thread(core.pack_dir, directory)
+        return await self._send(core.deploy_tar(tar))
+
+    async def deploy_tar(self, tar: bytes) -> Template:
+        """Publishes a template from a tar of its directory."""
+        return await self._send(core.deploy_tar(tar))
+
+    async def templates(self) -> List[Template]:
+        return await self._send(core.templates())
+
+    async def template(self, name: str) -> Template:
+        return await self._send(core.template(name))
+
+    async def delete_template(self, name: str) -> Template:
+        """Removes a template and its snapshot; returns what was removed."""
+        return await self._send(core.delete_template(name))
+
+    async def invoke(
+        self,
+        template: str,
+        payload: Any = None,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        timeout_ms: Optional[int] = None,
+    ) -> Invocation:
+        """Runs the template's handler on ``payload`` (JSON) in a fresh sandbox."""
+        return await self._send(core.invoke(template, payload, env, timeout_ms))
+
+    def invoke_stream(
+        self,
+        template: str,
+        payload: Any = None,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        timeout_ms: Optional[int] = None,
+    ) -> AsyncGenerator[InvokeEvent, None]:
+        """Like :meth:`invoke`, yielding the handler's stderr as :class:`OutputEvent` s as
+        it comes, then one :class:`ResultEvent`."""
+        return self._stream(core.invoke_stream(template, payload, env, timeout_ms))
+
+    async def exec(
+        self,
+        template: str,
+        argv: Sequence[str],
+        *,
+        stdin: Union[bytes, str, None] = None,
+        env: Optional[Mapping[str, str]] = None,
+        timeout_ms: Optional[int] = None,
+    ) -> ExecOutput:
+        """Runs ``argv`` (not through a shell) in a fresh sandbox and collects its output."""
+        return await self._send(core.exec_(template, argv, stdin, env, timeout_ms))
+
+    def exec_stream(
+        self,
+        template: str,
+        argv: Sequence[str],
+        *,
+        stdin: Union[bytes, str, None] = None,
+        env: Optional[Mapping[str, str]] = None,
+        timeout_ms: Optional[int] = None,
+    ) -> AsyncGenerator[ExecEvent, None]:
+        """Like :meth:`exec`, yielding :class:`OutputEvent` s as output comes, then one
+        :class:`ExitEvent`. Stopping early (closing the iterator, e.g. with
+        ``contextlib.aclosing``) cancels the command."""
+        return self._stream(core.exec_stream(template, argv, stdin, env, timeout_ms))
+
+    # ---- sessions ----
+
+    async def create_session(
+        self,
+        template: str,
+        *,
+        idle_timeout_s: Optional[int] = None,
+        max_lifetime_s: Optional[int] = None,
+        on_timeout: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+    ) -> Session:
+        """Starts a session from the template's snapshot. ``on_timeout``: ``"pause"``
+        (default) or ``"stop"``."""
+        return await self._send(core.create_session(template, idle_timeout_s, max_lifetime_s, on_timeout, env))
+
+    async def sessions(self) -> List[Session]:
+        """This key's sessions, in every state."""
+        return await self._send(core.sessions())
+
+    async def session(self, session_id: str) -> Session:
+        return await self._send(core.session(session_id))
+
+    async def delete_session(self, session_id: str) -> Session:
+        """Ends a session in any state; returns it as it ended."""
+        return await self._send(core.delete_session(session_id))
+
+    async def pause_session(self, session_id: str) -> Session:
+        """Checkpoints a running session and frees its processes and memory."""
+        return await self._send(core.pause_session(session_id))
+
+    async def resume_session(self, session_id: str) -> Session:
+        """Restores a paused session exactly as it was paused."""
+        return await self._send(core.resume_session(session_id))
+
+    async def extend_session(
+        self,
+        session_id: str,
+        *,
+        idle_timeout_s: Optional[int] = None,
+        max_lifetime_s: Optional[int] = None,
+    ) -> Session:
+        """Sets a new idle timeout and/or ends the session ``max_lifetime_s`` from now."""
+        return await self._send(core.extend_session(session_id, idle_timeout_s, max_lifetime_s))
+
+    async def session_exec(
+        self,
+        session_id: str,
+        argv: Sequence[str],
+        *,
+        stdin: Union[bytes, str, None] = None,
+        env: Optional[Mapping[str, str]] = None,
+        timeout_ms: Optional[int] = None,
+    ) -> ExecOutput:
+        """Runs ``argv`` in a running session; its effects stay for the next calls."""
+        return await self._send(core.session_exec(session_id, argv, stdin, env, timeout_ms))
+
+    def session_exec_stream(
+        self,
+        session_id: str,
+        argv: Sequence[str],
+        *,
+        stdin: Union[bytes, str, None] = None,
+        env: Optional[Mapping[str, str]] = None,
+        timeout_ms: Optional[int] = None,
+    ) -> AsyncGenerator[ExecEvent, None]:
+        """Like :meth:`session_exec`, yielding output events as they come, then the exit."""
+        return self._stream(core.session_exec_stream(session_id, argv, stdin, env, timeout_ms))
+
+    async def session_invoke(
+        self,
+        session_id: str,
+        payload: Any = None,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        timeout_ms: Optional[int] = None,
+    ) -> Invocation:
+        """Runs the template's handler in a running session (a persistent handler keeps its
+        memory between calls)."""
+        return await self._send(core.session_invoke(session_id, payload, env, timeout_ms))
+
+    def session_invoke_stream(
+        self,
+        session_id: str,
+        payload: Any = None,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        timeout_ms: Optional[int] = None,
+    ) -> AsyncGenerator[InvokeEvent, None]:
+        return self._stream(core.session_invoke_stream(session_id, payload, env, timeout_ms))
+
+    async def put_file(
+        self, session_id: str, path: str, data: Union[bytes, str], *, mode: Optional[int] = None
+    ) -> None:
+        """Writes ``data`` to the absolute ``path`` in a running session (created or
+        replaced); ``mode`` is its permission bits, e.g. ``0o755`` (default ``0o644``)."""
+        return await self._send(core.put_file(session_id, path, data, mode))
+
+    async def get_file(self, session_id: str, path: str) -> bytes:
+        """Reads the file at the absolute ``path`` in a running session."""
+        return await self._send(core.get_file(session_id, path))
+
+    # ---- rollouts ----
+
+    async def create_checkpoint(self, session_id: str, name: str) -> Checkpoint:
+        """Checkpoints a running session under ``name`` (it keeps running): a point to
+        :meth:`reset` to, or to :meth:`fork` or :meth:`batch` from."""
+        return await self._send(core.create_checkpoint(session_id, name))
+
+    async def checkpoints(self, session_id: str) -> List[Checkpoint]:
+        return await self._send(core.checkpoints(session_id))
+
+    async def delete_checkpoint(self, session_id: str, name: str) -> Checkpoint:
+        return await self._send(core.delete_checkpoint(session_id, name))
+
+    async def reset(self, session_id: str, checkpoint: Optional[str] = None) -> ResetResult:
+        """Puts the session back to its origin, or to one of its checkpoints. A call
+        running in it is cancelled first."""
+        return await self._send(core.reset(session_id, checkpoint))
+
+    async def fork(
+        self,
+        session_id: str,
+        n: int,
+        *,
+        checkpoint: Optional[str] = None,
+        idle_timeout_s: Optional[int] = None,
+        max_lifetime_s: Optional[int] = None,
+        on_timeout: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+    ) -> ForkResult:
+        """``n`` new sessions restored from this one: from ``checkpoint``, or from a
+        checkpoint taken now (the session keeps running). Each new session's origin is
+        that point, so :meth:`reset` brings it back there."""
+        return await self._send(core.fork(session_id, n, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, env))
+
+    async def batch(
+        self,
+        n: int,
+        *,
+        template: Optional[str] = None,
+        session: Optional[str] = None,
+        checkpoint: Optional[str] = None,
+        idle_timeout_s: Optional[int] = None,
+        max_lifetime_s: Optional[int] = None,
+        on_timeout: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+    ) -> BatchResult:
+        """``n`` sessions from a template, or from a session (running or paused), or from
+        one of its checkpoints; returns when all are made. Failures are per session."""
+        return await self._send(
+            core.batch(n, template, session, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, env)
+        )
+
+    def batch_stream(
+        self,
+        n: int,
+        *,
+        template: Optional[str] = None,
+        session: Optional[str] = None,
+        checkpoint: Optional[str] = None,
+        idle_timeout_s: Optional[int] = None,
+        max_lifetime_s: Optional[int] = None,
+        on_timeout: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+    ) -> AsyncGenerator[BatchEvent, None]:
+        """Like :meth:`batch`, yielding each session as soon as it is ready
+        (:class:`BatchSessionEvent`, :class:`BatchErrorEvent`), then a
+        :class:`BatchDoneEvent`."""
+        return self._stream(
+            core.batch_stream(n, template, session, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, env)
+        )
+
+    async def reward(
+        self,
+        session_id: str,
+        *,
+        timeout_ms: Optional[int] = None,
+        env: Optional[Mapping[str, str]] = None,
+    ) -> Reward:
+        """Runs the template's reward command in the session; a non-number output raises
+        :class:`TaskError` (``reward_not_a_number``)."""
+        return await self._send(core.reward(session_id, timeout_ms, env))
