@@ -119,6 +119,9 @@ enum Cmd {
     },
     /// Check system dependencies and the isolation tier thaw would use.
     Doctor,
+    /// Print the HTTP API's OpenAPI document (what `thaw serve` answers at /openapi.json),
+    /// e.g. to generate a client. Needs no server and no engine.
+    Openapi,
     /// Measure cold start, restore, invoke latency, throughput, memory and snapshot size.
     Bench {
         /// A deployed template (deploy templates/python first).
@@ -350,6 +353,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if let Cmd::Doctor = cli.cmd {
         return Ok(doctor(json));
     }
+    if let Cmd::Openapi = cli.cmd {
+        let doc = thaw_server::openapi()
+            .to_pretty_json()
+            .context("encoding the OpenAPI document")?;
+        println!("{doc}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let local_only = match &cli.cmd {
         Cmd::Bench { .. } => Some("bench"),
         Cmd::Serve { .. } => Some("serve"),
@@ -378,7 +388,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
     match cmd {
-        Cmd::Doctor => unreachable!("handled above"),
+        Cmd::Doctor | Cmd::Openapi => unreachable!("handled above"),
         Cmd::Bench {
             template,
             iterations,
