@@ -11,7 +11,8 @@ GUEST_INIT_STATIC := $(STATIC_DIR)/$(TARGET_TRIPLE)/release/guest-init
 THAW         := target/release/thaw
 TEST_THREADS ?= 2
 
-.PHONY: deps build build-debug guest-init demo test test-python test-microvm bench-microvm unit e2e lint bench doctor clean
+.PHONY: deps build build-debug guest-init demo test test-python test-microvm bench-microvm unit e2e lint bench doctor clean \
+	check-api-deps test-openapi
 
 deps:
 	@bash scripts/install-deps.sh
@@ -49,6 +50,7 @@ demo: build
 test: build-debug
 	export THAW_GUEST_INIT=$(abspath $(GUEST_INIT_STATIC)); \
 	$(CARGO) test --locked --workspace --exclude thaw-e2e
+	$(MAKE) --no-print-directory check-api-deps test-openapi
 	$(CARGO) test --locked -p thaw-e2e -- --test-threads $(TEST_THREADS)
 	$(MAKE) --no-print-directory test-python
 	$(MAKE) --no-print-directory test-microvm
@@ -61,6 +63,39 @@ test-python: build-debug
 	$(PY_VENV)/bin/python -m pip install --quiet --disable-pip-version-check ./clients/python "pytest>=7" "pytest-asyncio>=0.23"
 	THAW_BIN=$(abspath target/debug/thaw) $(PY_VENV)/bin/python -m pytest -q -rs clients/python/tests
 
+# A client of the HTTP API must not compile the engine: no engine crate in thaw-api's tree
+# (its data types come from thaw-types).
+check-api-deps:
+	@if $(CARGO) tree --locked -p thaw-api --all-features -e normal,build --prefix none \
+		| grep -E '^thaw-(platform|microvm|snapshotter|server) '; then \
+		echo "check-api-deps: thaw-api depends on the engine crates above; a client must not compile the engine"; \
+		exit 1; \
+	fi
+	@echo "check-api-deps: thaw-api does not depend on the engine"
+
+# The OpenAPI document (`thaw openapi`, what `thaw serve` answers at /openapi.json) is valid
+# OpenAPI (openapi-spec-validator) and generates a Python client (openapi-python-client) with
+# every operation, binary bodies as files and a model per stream event
+# (scripts/check-openapi-client.py). The tools come from PyPI into a venv under target/.
+OPENAPI_VENV := target/py-openapi
+OPENAPI_OUT  := target/openapi
+OPENAPI_PY_PACKAGES := openapi-spec-validator==0.9.0 openapi-python-client==0.29.1
+$(OPENAPI_VENV)/installed: Makefile
+	python3 -m venv $(OPENAPI_VENV)
+	$(OPENAPI_VENV)/bin/pip install --quiet --disable-pip-version-check $(OPENAPI_PY_PACKAGES)
+	touch $@
+
+test-openapi: $(OPENAPI_VENV)/installed
+	$(CARGO) build --locked -p thaw-cli
+	rm -rf $(OPENAPI_OUT) && mkdir -p $(OPENAPI_OUT)
+	target/debug/thaw openapi > $(OPENAPI_OUT)/openapi.json
+	$(OPENAPI_VENV)/bin/openapi-spec-validator $(OPENAPI_OUT)/openapi.json
+	set -o pipefail; $(OPENAPI_VENV)/bin/openapi-python-client generate --path $(OPENAPI_OUT)/openapi.json \
+		--meta none --output-path $(OPENAPI_OUT)/thaw_client --config scripts/openapi-python-client.yaml \
+		2>&1 | tee $(OPENAPI_OUT)/generate.log
+	$(OPENAPI_VENV)/bin/python scripts/check-openapi-client.py $(OPENAPI_OUT)/openapi.json \
+		$(OPENAPI_OUT)/thaw_client $(OPENAPI_OUT)/generate.log
+
 # The tests that need Cloud Hypervisor on hardware KVM (#[ignore]d in a plain cargo test):
 # natively where this host runs VMs, else inside a QEMU TCG guest with nested SVM, where real
 # Cloud Hypervisor runs on a real (emulated) KVM. Cloud Hypervisor is built from
@@ -70,7 +105,7 @@ test-microvm: build-debug
 	CLOUD_HYPERVISOR_VENDOR=$(CLOUD_HYPERVISOR_VENDOR) THAW_GUEST_INIT=$(abspath $(GUEST_INIT_STATIC)) \
 		bash scripts/test-microvm.sh
 
-lint:
+lint: check-api-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 

@@ -181,7 +181,9 @@ async fn health_metrics_openapi_and_authentication() {
         "InvokeBody",
         "ExecBody",
         "ErrorBody",
-        "StreamEvent",
+        "ExecStreamEvent",
+        "InvokeStreamEvent",
+        "BatchStreamEvent",
         "Session",
     ] {
         assert!(
@@ -189,6 +191,41 @@ async fn health_metrics_openapi_and_authentication() {
             "schema {schema} missing"
         );
     }
+    // Generated clients name their functions after operationIds: each is there, and unique.
+    let mut ids = std::collections::BTreeSet::new();
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let id = op["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+            assert!(
+                ids.insert(id),
+                "operationId {id} ({method} {path}) is not unique"
+            );
+        }
+    }
+    // Raw bodies are binary strings, not arrays of integers.
+    let binary = json!({"type": "string", "format": "binary"});
+    assert_eq!(
+        paths["/v1/templates"]["post"]["requestBody"]["content"]["application/x-tar"]["schema"],
+        binary
+    );
+    let files = &paths["/v1/sessions/{id}/files"];
+    assert_eq!(
+        files["put"]["requestBody"]["content"]["application/octet-stream"]["schema"],
+        binary
+    );
+    assert_eq!(
+        files["get"]["responses"]["200"]["content"]["application/octet-stream"]["schema"],
+        binary
+    );
+    // What the server answers is what `thaw openapi` prints (the document the server
+    // crate's tests and `make test-openapi` check in depth).
+    assert_eq!(
+        doc,
+        serde_json::to_value(thaw_server::openapi()).unwrap(),
+        "served document differs from thaw_server::openapi()"
+    );
 
     // Metrics: the documented families, in Prometheus text format.
     let text = c.metrics().await.unwrap();

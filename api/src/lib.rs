@@ -31,16 +31,25 @@
 //! | `POST /v1/sessions/{id}/reward` | [`RewardBody`] | [`Reward`] |
 //!
 //! Streams: with `Accept: application/x-ndjson` (or `?stream=true`), invoke and exec answer
-//! with one [`StreamEvent`] per line. Errors are an [`ErrorBody`] with a matching status.
+//! with one [`StreamEvent`] per line, and a batch with one [`BatchEvent`] per line (the
+//! OpenAPI document describes each stream's own events: `ExecStreamEvent`,
+//! `InvokeStreamEvent`, `BatchStreamEvent`). Errors are an [`ErrorBody`] with a matching
+//! status.
+//!
+//! The engine's data types ([`Session`], [`TemplateRecord`], [`Invocation`], ...) come from
+//! `thaw-types`: this crate does not depend on the engine (`make check-api-deps`).
 
 mod client;
+#[cfg(feature = "openapi")]
+pub mod schema;
 mod types;
 
 pub use client::{pack_dir, Client, ClientError, ExecOutput, Result};
-pub use thaw_platform::engine::{ExecResult, Invocation, TemplateRecord};
-pub use thaw_platform::keys::KeyRecord;
-pub use thaw_platform::session::{
-    Checkpoint, ResetOutcome, Reward, Session, SessionState, TimeoutAction,
+pub use thaw_protocol::{InvokeStatus, Outcome, Stream};
+// The engine's data types, shared through thaw-types so that a client compiles no engine.
+pub use thaw_types::{
+    Checkpoint, ExecResult, Invocation, InvokeDone, KeyRecord, ResetOutcome, Reward, Session,
+    SessionState, SnapshotSize, StartKind, TemplateRecord, TemplateSpec, TemplateState, Tier,
+    TimeoutAction, Timings,
 };
-pub use thaw_protocol::Stream;
 pub use types::*;

@@ -125,6 +125,9 @@ enum Cmd {
     },
     /// Check system dependencies and the isolation tier thaw would use.
     Doctor,
+    /// Print the HTTP API's OpenAPI document (what `thaw serve` answers at /openapi.json),
+    /// e.g. to generate a client. Needs no server and no engine.
+    Openapi,
     /// Measure cold start, restore, invoke latency, throughput, memory and snapshot size
     /// (`thaw bench rollouts`: RL rollout throughput, reset, fork and session capacity).
     #[command(args_conflicts_with_subcommands = true)]
@@ -390,6 +393,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if let Cmd::Doctor = cli.cmd {
         return Ok(doctor(json));
     }
+    if let Cmd::Openapi = cli.cmd {
+        let doc = thaw_server::openapi()
+            .to_pretty_json()
+            .context("encoding the OpenAPI document")?;
+        println!("{doc}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let local_only = match &cli.cmd {
         Cmd::Bench { .. } => Some("bench"),
         Cmd::Serve { .. } => Some("serve"),
@@ -418,7 +428,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
     match cmd {
-        Cmd::Doctor => unreachable!("handled above"),
+        Cmd::Doctor | Cmd::Openapi => unreachable!("handled above"),
         Cmd::Bench {
             kind:
                 Some(BenchKind::Rollouts {

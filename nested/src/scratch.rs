@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use thaw_platform::template::rootfs::{base_key, layer_key};
-use thaw_platform::template::spec::TemplateSpec;
+use thaw_platform::template::spec::{TemplateSpec, TemplateSpecExt as _};
 
 /// Builds the example templates' layers into the host's cache (`cache`) with a throwaway
 /// `THAW_HOME`, on the container tier. Cached layers make this a boot, a warm-up and a

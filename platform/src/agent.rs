@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use thaw_protocol::frame::{read_frame_async_sized, write_frame_async};
 use thaw_protocol::{
-    ExecRequest, FrameError, InvokeRequest, InvokeStatus, Outcome, Request, Response, Stream,
-    MAX_FRAME, PROTOCOL_VERSION,
+    ExecRequest, FrameError, InvokeRequest, Outcome, Request, Response, Stream, MAX_FRAME,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info_span, warn, Instrument as _};
@@ -53,18 +53,8 @@ pub struct ExecDone {
     pub truncated: bool,
 }
 
-/// The result of one invocation as the guest reported it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct InvokeDone {
-    pub status: InvokeStatus,
-    pub result: Option<serde_json::Value>,
-    pub raw_output: Option<String>,
-    pub stderr_tail: String,
-    pub outcome: Option<Outcome>,
-    pub duration_ms: u64,
-    pub truncated: bool,
-}
+// InvokeDone is in thaw-types (types/src/run.rs).
+pub use thaw_types::run::InvokeDone;
 
 /// How long past a task's own timeout the host waits for guest-init to end it. guest-init
 /// needs up to its kill grace (1 s) plus its output-drain grace (2 s) after the timeout; the
@@ -522,7 +512,7 @@ fn keep_tail(s: &mut String, max: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use thaw_protocol::{Bytes, TaskLimits};
+    use thaw_protocol::{Bytes, InvokeStatus, TaskLimits};
     use tokio::io::AsyncWriteExt;
     use tokio::net::UnixListener;
 

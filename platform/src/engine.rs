@@ -5,7 +5,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use thaw_protocol::{
     Bytes, Env, ExecRequest, InvokeRequest, InvokeStatus, Outcome, Request, Stream, TaskLimits,
 };
@@ -21,63 +21,26 @@ use crate::progress::Progress;
 use crate::sandbox::Sandbox;
 use crate::store::{Meta, Store};
 use crate::template::rootfs;
-use crate::template::spec::TemplateSpec;
+use crate::template::spec::{TemplateSpec, TemplateSpecExt as _};
 use crate::tier::Tier;
 
 /// Largest payload accepted for one invocation.
 pub const MAX_PAYLOAD: u64 = 16 << 20;
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub enum TemplateState {
-    Ready,
-    /// Its snapshot failed verification; invocations are refused until it is deployed again.
-    NeedsRebuild,
-}
+// TemplateState, TemplateRecord, Timings, Invocation, ExecResult, StartKind and
+// SnapshotSize are in thaw-types (types/src/template.rs, types/src/run.rs): API clients
+// share them without compiling the engine.
+pub use thaw_types::run::{ExecResult, Invocation, StartKind, Timings};
+pub use thaw_types::template::{SnapshotSize, TemplateRecord, TemplateState};
 
-impl TemplateState {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            TemplateState::Ready => "ready",
-            TemplateState::NeedsRebuild => "needs_rebuild",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct TemplateRecord {
-    pub name: String,
-    pub spec: TemplateSpec,
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
-    pub source_dir: PathBuf,
-    /// Read-only rootfs layers, top first.
-    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
-    pub layers: Vec<PathBuf>,
-    pub layer_key: String,
-    /// Where its sandboxes run (resolved from the spec's `tier` at publish time).
-    #[serde(default)]
-    pub tier: Tier,
-    pub state: TemplateState,
-    /// Name of the template's snapshot in the store, when it has one.
-    pub snapshot: Option<String>,
-    pub published_at: u64,
-    pub publish_ms: u64,
-    pub warm_ms: u64,
-    #[serde(default)]
-    pub snapshot_size: SnapshotSize,
-    #[serde(default)]
-    pub note: Option<String>,
-    /// The uid/gid range its sandboxes run in. Records from before user namespaces have
-    /// none: such a template needs a rebuild.
-    #[serde(default)]
-    pub ids: Option<IdMap>,
-}
-
-impl TemplateRecord {
+/// The engine's side of [`TemplateRecord`] (the type is in thaw-types).
+pub trait TemplateRecordExt {
     /// Its uid range, or why it cannot run until it is published again.
-    pub fn ids(&self) -> Result<IdMap> {
+    fn ids(&self) -> Result<IdMap>;
+}
+
+impl TemplateRecordExt for TemplateRecord {
+    fn ids(&self) -> Result<IdMap> {
         self.ids.ok_or_else(|| Error::TemplateNotReady {
             name: self.name.clone(),
             state: TemplateState::NeedsRebuild.as_str().to_string(),
@@ -137,43 +100,6 @@ impl RunOptions {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Timings {
-    /// Sandbox creation to guest-init ready (cold boot or restore).
-    pub start_ms: f64,
-    /// Handler configuration and warm-up (cold starts only).
-    pub warm_ms: f64,
-    /// The task itself, in the ready sandbox.
-    pub run_ms: f64,
-    /// The call to its answer. A discarded sandbox's teardown comes after the answer and
-    /// is not in any figure.
-    pub total_ms: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Invocation {
-    pub template: String,
-    pub sandbox_id: String,
-    pub start: StartKind,
-    #[serde(flatten)]
-    pub done: InvokeDone,
-    pub timings: Timings,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct ExecResult {
-    pub template: String,
-    pub sandbox_id: String,
-    pub start: StartKind,
-    pub outcome: Outcome,
-    pub exit_code: i32,
-    pub truncated: bool,
-    pub timings: Timings,
-}
-
 /// The engine, as seen by one owner: an API key's id behind `thaw serve`, or
 /// [`LOCAL_OWNER`] for the embedded CLI. Templates and sessions are scoped to the owner;
 /// [`Engine::as_owner`] gives another owner's view of the same machine (cheap: it shares
@@ -204,28 +130,6 @@ struct GcRequests {
 
 /// Owner of everything the embedded CLI publishes and creates.
 pub const LOCAL_OWNER: &str = "local";
-
-/// How a sandbox came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub enum StartKind {
-    /// Booted and warmed from scratch (the template has no snapshot).
-    Cold,
-    /// Restored from the template's snapshot.
-    Restore,
-    /// Ran in a live session's sandbox.
-    Session,
-}
-
-/// Size of a stored snapshot.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct SnapshotSize {
-    pub raw_bytes: u64,
-    pub stored_bytes: u64,
-    pub checkpoint_ms: u64,
-}
 
 pub(crate) fn now_secs() -> u64 {
     SystemTime::now()

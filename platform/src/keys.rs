@@ -25,21 +25,8 @@ const SECRET_BYTES: usize = 32;
 /// Longest accepted key name: names show up in one-line listings.
 const MAX_NAME_LEN: usize = 64;
 
-/// A key as listed and as seen by the server (never carries the secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct KeyRecord {
-    /// 12 lowercase hex characters; also the owner id of the key's templates and sessions.
-    pub id: String,
-    pub name: String,
-    /// Unix seconds.
-    pub created_at: u64,
-    /// Unix seconds; a revoked key no longer authenticates.
-    pub revoked_at: Option<u64>,
-    /// How many sandboxes the key may hold at once: in-flight invokes and execs plus
-    /// running sessions.
-    pub max_sandboxes: u32,
-}
+// KeyRecord is in thaw-types (types/src/keys.rs).
+pub use thaw_types::keys::KeyRecord;
 
 /// What the keys tree stores: the record and the hash of the secret.
 #[derive(Serialize, Deserialize)]

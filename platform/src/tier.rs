@@ -5,60 +5,13 @@
 //! resolved once, at publish time, and recorded with the template: its snapshot only makes
 //! sense on the tier that took it, and sessions keep the tier of the template they came from.
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 
 /// Environment variable that replaces `auto` for every template of this installation.
 pub const TIER_ENV: &str = "THAW_TIER";
 
-/// What a template asks for.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub enum TierChoice {
-    /// microvm where Cloud Hypervisor and hardware KVM work, else container.
-    #[default]
-    Auto,
-    Container,
-    Microvm,
-}
-
-/// Where a template's sandboxes actually run.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, Default)]
-#[serde(rename_all = "snake_case")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub enum Tier {
-    /// runc namespaces + cgroups + seccomp, CRIU snapshots. Records written before the
-    /// microvm tier existed carry no tier: they are container templates.
-    #[default]
-    Container,
-    /// A Cloud Hypervisor VM per sandbox, VM snapshots.
-    Microvm,
-}
-
-impl Tier {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Tier::Container => "container",
-            Tier::Microvm => "microvm",
-        }
-    }
-}
-
-impl std::str::FromStr for TierChoice {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(TierChoice::Auto),
-            "container" => Ok(TierChoice::Container),
-            "microvm" => Ok(TierChoice::Microvm),
-            other => Err(format!(
-                "`{other}` is not a tier: use auto, container or microvm"
-            )),
-        }
-    }
-}
+// TierChoice and Tier are in thaw-types (types/src/tier.rs).
+pub use thaw_types::tier::{Tier, TierChoice};
 
 /// Resolves a template's choice against this host. `env` is `THAW_TIER`'s value;
 /// `microvm` says whether the microvm tier works here (`Err` carries every reason).
@@ -96,6 +49,8 @@ pub fn resolve(
 
 #[cfg(test)]
 mod tests {
+    use serde::Deserialize;
+
     use super::*;
 
     fn yes() -> std::result::Result<(), String> {

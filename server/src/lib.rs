@@ -381,3 +381,161 @@ async fn method_not_allowed(req: Request) -> Response {
     )
     .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::{json, Value};
+
+    fn doc() -> Value {
+        serde_json::to_value(super::openapi()).unwrap()
+    }
+
+    /// Every operation of the document: (method, path, operation).
+    fn operations(doc: &Value) -> Vec<(String, String, Value)> {
+        let mut ops = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                if ["get", "put", "post", "delete", "patch", "head", "options"]
+                    .contains(&method.as_str())
+                {
+                    ops.push((method.clone(), path.clone(), op.clone()));
+                }
+            }
+        }
+        ops
+    }
+
+    #[test]
+    fn every_operation_has_its_own_operation_id() {
+        let doc = doc();
+        let mut seen = BTreeSet::new();
+        for (method, path, op) in operations(&doc) {
+            let id = op["operationId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+            assert!(
+                seen.insert(id.to_string()),
+                "operationId {id} of {method} {path} is not unique"
+            );
+        }
+        for id in [
+            "exec_template",
+            "invoke_template",
+            "exec_session",
+            "invoke_session",
+            "deploy_template",
+            "read_session_file",
+            "write_session_file",
+            "checkpoint_session",
+            "list_checkpoints",
+            "delete_checkpoint",
+            "reset_session",
+            "fork_session",
+            "batch_sessions",
+            "reward_session",
+        ] {
+            assert!(seen.contains(id), "no operation {id}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn binary_bodies_are_binary_strings() {
+        let doc = doc();
+        let binary = json!({"type": "string", "format": "binary"});
+        let p = &doc["paths"];
+        assert_eq!(
+            p["/v1/templates"]["post"]["requestBody"]["content"]["application/x-tar"]["schema"],
+            binary
+        );
+        let files = &p["/v1/sessions/{id}/files"];
+        assert_eq!(
+            files["put"]["requestBody"]["content"]["application/octet-stream"]["schema"],
+            binary
+        );
+        assert_eq!(
+            files["get"]["responses"]["200"]["content"]["application/octet-stream"]["schema"],
+            binary
+        );
+        // No body anywhere is described as an array of byte values.
+        for (method, path, op) in operations(&doc) {
+            let mut contents: Vec<&Value> = vec![&op["requestBody"]["content"]];
+            if let Some(rs) = op["responses"].as_object() {
+                contents.extend(rs.values().map(|r| &r["content"]));
+            }
+            for c in contents.iter().filter_map(|c| c.as_object()) {
+                for (ct, media) in c {
+                    let s = &media["schema"];
+                    assert!(
+                        !(s["type"] == "array" && s["items"]["type"] == "integer"),
+                        "{method} {path} {ct}: bytes as an array of integers: {s}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Each NDJSON stream is a oneOf of its own events, one named schema per event with an
+    /// `event` discriminator.
+    #[test]
+    fn each_stream_lists_its_own_events() {
+        let doc = doc();
+        let schemas = &doc["components"]["schemas"];
+        for (stream, events, routes) in [
+            (
+                "ExecStreamEvent",
+                &["stdout", "stderr", "exit", "error"][..],
+                &["/v1/templates/{name}/exec", "/v1/sessions/{id}/exec"][..],
+            ),
+            (
+                "InvokeStreamEvent",
+                &["stderr", "result", "error"][..],
+                &["/v1/templates/{name}/invoke", "/v1/sessions/{id}/invoke"][..],
+            ),
+            (
+                "BatchStreamEvent",
+                &["session", "error", "done", "aborted"][..],
+                &["/v1/sessions/batch"][..],
+            ),
+        ] {
+            for route in routes {
+                let content = &doc["paths"][route]["post"]["responses"]["200"]["content"];
+                assert_eq!(
+                    content["application/x-ndjson"]["schema"]["$ref"],
+                    format!("#/components/schemas/{stream}"),
+                    "{route}: {content}"
+                );
+                assert!(content["application/json"]["schema"]["$ref"].is_string());
+            }
+            let s = &schemas[stream];
+            assert_eq!(s["discriminator"]["propertyName"], "event", "{stream}: {s}");
+            let refs: Vec<&str> = s["oneOf"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{stream} is not a oneOf: {s}"))
+                .iter()
+                .map(|r| r["$ref"].as_str().unwrap())
+                .collect();
+            assert_eq!(refs.len(), events.len(), "{stream}: {refs:?}");
+            for (event, r) in events.iter().zip(&refs) {
+                assert_eq!(s["discriminator"]["mapping"][*event], *r, "{stream}");
+                let name = r.strip_prefix("#/components/schemas/").unwrap();
+                let e = &schemas[name];
+                assert_eq!(e["type"], "object", "{name}: {e}");
+                let tag = &e["properties"]["event"];
+                assert_eq!(tag["type"], "string", "{name}: {e}");
+                assert_eq!(tag["enum"], json!([event]), "{name}: {e}");
+                assert!(
+                    e["required"].as_array().unwrap().contains(&json!("event")),
+                    "{name}: {e}"
+                );
+            }
+        }
+        // Output chunks: text or base64, never null.
+        for name in ["StdoutEvent", "StderrEvent"] {
+            let p = &schemas[name]["properties"];
+            assert_eq!(p["data"]["type"], "string", "{name}: {p}");
+            assert_eq!(p["data_b64"]["type"], "string", "{name}: {p}");
+        }
+    }
+}

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use thaw_api::schema::BatchStreamEvent;
 use thaw_api::{
     BatchBody, BatchError, BatchEvent, BatchResponse, CheckpointBody, CheckpointList, ErrorBody,
     ForkBody, ResetBody, RewardBody,
@@ -292,9 +293,9 @@ fn collect(items: Vec<BatchItem>, started: Instant) -> BatchResponse {
     params(StreamQuery),
     request_body = BatchBody,
     responses(
-        (status = 200, description = "The new sessions and any that failed; streamed (`Accept: application/x-ndjson` or `?stream=true`): one BatchEvent per line, `done` last", content(
+        (status = 200, description = "The new sessions and any that failed; streamed (`Accept: application/x-ndjson` or `?stream=true`): one BatchStreamEvent per line, `done` last", content(
             (BatchResponse = "application/json"),
-            (BatchEvent = "application/x-ndjson"),
+            (BatchStreamEvent = "application/x-ndjson"),
         )),
         (status = 400, description = "Bad body (`n` out of range; neither or both of `template` and `session`; `checkpoint` without `session`)", body = ErrorBody),
         (status = 404, description = "No such template, session or checkpoint", body = ErrorBody),

@@ -13,13 +13,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
+use thaw_api::schema::{Binary, ExecStreamEvent, InvokeStreamEvent};
 use thaw_api::{
     b64, unb64, Chunk, ErrorBody, ExecBody, ExecResponse, Health, InvokeBody, StreamEvent,
     TemplateList, NDJSON, TAR,
 };
 use thaw_platform::engine::{ExecResult, Invocation, RunOptions, TemplateRecord};
 use thaw_platform::session::SessionState;
-use thaw_platform::template::spec::TemplateSpec;
+use thaw_platform::template::spec::{TemplateSpec, TemplateSpecExt as _};
 use thaw_protocol::Stream;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
@@ -141,6 +142,7 @@ pub fn exec_response(result: ExecResult, out: &[u8], err: &[u8]) -> ExecResponse
 #[utoipa::path(
     get,
     path = "/healthz",
+    operation_id = "get_health",
     tag = "service",
     security(()),
     responses((status = 200, description = "The server is up", body = Health))
@@ -155,6 +157,7 @@ pub async fn healthz() -> Json<Health> {
 #[utoipa::path(
     get,
     path = "/metrics",
+    operation_id = "get_metrics",
     tag = "service",
     responses(
         (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4"),
@@ -196,6 +199,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
 #[utoipa::path(
     get,
     path = "/openapi.json",
+    operation_id = "get_openapi",
     tag = "service",
     responses(
         (status = 200, description = "The OpenAPI 3.1 document of this API", body = Object),
@@ -213,8 +217,9 @@ pub async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi
 #[utoipa::path(
     post,
     path = "/v1/templates",
+    operation_id = "deploy_template",
     tag = "templates",
-    request_body(content = Vec<u8>, content_type = "application/x-tar", description = "tar of the template directory, template.toml at its root"),
+    request_body(content = inline(Binary), content_type = "application/x-tar", description = "tar of the template directory, template.toml at its root"),
     responses(
         (status = 201, description = "Published", body = TemplateRecord),
         (status = 400, description = "Bad archive or template.toml", body = ErrorBody),
@@ -375,6 +380,7 @@ async fn remove_source(current: &Path, old: &Path) {
 #[utoipa::path(
     get,
     path = "/v1/templates",
+    operation_id = "list_templates",
     tag = "templates",
     responses(
         (status = 200, description = "The caller's templates", body = TemplateList),
@@ -389,6 +395,7 @@ pub async fn list_templates(owner: Owner) -> Result<Json<TemplateList>, ApiError
 #[utoipa::path(
     get,
     path = "/v1/templates/{name}",
+    operation_id = "get_template",
     tag = "templates",
     params(("name" = String, Path, description = "Template name")),
     responses(
@@ -408,6 +415,7 @@ pub async fn get_template(
 #[utoipa::path(
     delete,
     path = "/v1/templates/{name}",
+    operation_id = "delete_template",
     tag = "templates",
     params(("name" = String, Path, description = "Template name")),
     responses(
@@ -435,12 +443,13 @@ pub async fn delete_template(
 #[utoipa::path(
     post,
     path = "/v1/templates/{name}/invoke",
+    operation_id = "invoke_template",
     tag = "templates",
     params(("name" = String, Path, description = "Template name"), StreamQuery),
     request_body = InvokeBody,
     responses(
         (status = 200, description = "The invocation; with `Accept: application/x-ndjson` or `?stream=true`, `stderr` events as they come then one `result` event",
-            content((Invocation = "application/json"), (StreamEvent = "application/x-ndjson"))),
+            content((Invocation = "application/json"), (InvokeStreamEvent = "application/x-ndjson"))),
         (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such template for this key", body = ErrorBody),
@@ -502,12 +511,13 @@ pub async fn invoke(
 #[utoipa::path(
     post,
     path = "/v1/templates/{name}/exec",
+    operation_id = "exec_template",
     tag = "templates",
     params(("name" = String, Path, description = "Template name"), StreamQuery),
     request_body = ExecBody,
     responses(
         (status = 200, description = "The result with the whole output (base64); with `Accept: application/x-ndjson` or `?stream=true`, `stdout`/`stderr` events as they come then one `exit` event",
-            content((ExecResponse = "application/json"), (StreamEvent = "application/x-ndjson"))),
+            content((ExecResponse = "application/json"), (ExecStreamEvent = "application/x-ndjson"))),
         (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such template for this key", body = ErrorBody),

@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
+use thaw_api::schema::{Binary, ExecStreamEvent, InvokeStreamEvent};
 use thaw_api::{
     ErrorBody, ExecBody, ExecResponse, ExtendBody, InvokeBody, SessionCreateBody, SessionList,
     StreamEvent,
@@ -33,6 +34,7 @@ use crate::{blocking, limits, run_tracked, AppState};
 #[utoipa::path(
     post,
     path = "/v1/sessions",
+    operation_id = "create_session",
     tag = "sessions",
     request_body = SessionCreateBody,
     responses(
@@ -72,6 +74,7 @@ pub async fn create(
 #[utoipa::path(
     get,
     path = "/v1/sessions",
+    operation_id = "list_sessions",
     tag = "sessions",
     responses(
         (status = 200, description = "The caller's sessions", body = SessionList),
@@ -86,6 +89,7 @@ pub async fn list(owner: Owner) -> Result<Json<SessionList>, ApiError> {
 #[utoipa::path(
     get,
     path = "/v1/sessions/{id}",
+    operation_id = "get_session",
     tag = "sessions",
     params(("id" = String, Path, description = "Session id")),
     responses(
@@ -105,6 +109,7 @@ pub async fn get(
 #[utoipa::path(
     delete,
     path = "/v1/sessions/{id}",
+    operation_id = "delete_session",
     tag = "sessions",
     params(("id" = String, Path, description = "Session id")),
     responses(
@@ -127,12 +132,13 @@ pub async fn delete(
 #[utoipa::path(
     post,
     path = "/v1/sessions/{id}/exec",
+    operation_id = "exec_session",
     tag = "sessions",
     params(("id" = String, Path, description = "Session id"), StreamQuery),
     request_body = ExecBody,
     responses(
         (status = 200, description = "The result with the whole output (base64); with `Accept: application/x-ndjson` or `?stream=true`, `stdout`/`stderr` events then one `exit` event",
-            content((ExecResponse = "application/json"), (StreamEvent = "application/x-ndjson"))),
+            content((ExecResponse = "application/json"), (ExecStreamEvent = "application/x-ndjson"))),
         (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such session for this key", body = ErrorBody),
@@ -191,12 +197,13 @@ pub async fn exec(
 #[utoipa::path(
     post,
     path = "/v1/sessions/{id}/invoke",
+    operation_id = "invoke_session",
     tag = "sessions",
     params(("id" = String, Path, description = "Session id"), StreamQuery),
     request_body = InvokeBody,
     responses(
         (status = 200, description = "The invocation; with `Accept: application/x-ndjson` or `?stream=true`, `stderr` events then one `result` event",
-            content((Invocation = "application/json"), (StreamEvent = "application/x-ndjson"))),
+            content((Invocation = "application/json"), (InvokeStreamEvent = "application/x-ndjson"))),
         (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such session for this key", body = ErrorBody),
@@ -280,9 +287,10 @@ fn parse_mode(m: &str) -> Result<u32, ApiError> {
 #[utoipa::path(
     put,
     path = "/v1/sessions/{id}/files",
+    operation_id = "write_session_file",
     tag = "sessions",
     params(("id" = String, Path, description = "Session id"), FileQuery),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's content"),
+    request_body(content = inline(Binary), content_type = "application/octet-stream", description = "The file's content"),
     responses(
         (status = 204, description = "Written"),
         (status = 400, description = "Relative path or bad mode", body = ErrorBody),
@@ -318,10 +326,14 @@ pub async fn write_file(
 #[utoipa::path(
     get,
     path = "/v1/sessions/{id}/files",
+    operation_id = "read_session_file",
     tag = "sessions",
-    params(("id" = String, Path, description = "Session id"), FileQuery),
+    params(
+        ("id" = String, Path, description = "Session id"),
+        ("path" = String, Query, description = "Absolute path inside the sandbox"),
+    ),
     responses(
-        (status = 200, description = "The file's content", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 200, description = "The file's content", body = inline(Binary), content_type = "application/octet-stream"),
         (status = 400, description = "Relative path", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such session for this key, or no such file", body = ErrorBody),
@@ -347,6 +359,7 @@ pub async fn read_file(
 #[utoipa::path(
     post,
     path = "/v1/sessions/{id}/pause",
+    operation_id = "pause_session",
     tag = "sessions",
     params(("id" = String, Path, description = "Session id")),
     responses(
@@ -370,6 +383,7 @@ pub async fn pause(
 #[utoipa::path(
     post,
     path = "/v1/sessions/{id}/resume",
+    operation_id = "resume_session",
     tag = "sessions",
     params(("id" = String, Path, description = "Session id")),
     responses(
@@ -406,6 +420,7 @@ pub async fn resume(
 #[utoipa::path(
     post,
     path = "/v1/sessions/{id}/extend",
+    operation_id = "extend_session",
     tag = "sessions",
     params(("id" = String, Path, description = "Session id")),
     request_body = ExtendBody,

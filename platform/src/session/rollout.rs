@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
-use serde::{Deserialize, Serialize};
 use thaw_protocol::Outcome;
 use tracing::{info, info_span, Instrument};
 
@@ -28,6 +27,7 @@ use super::{
 use crate::cleanup;
 use crate::container::userns::IdMap;
 use crate::container::CloneMemory;
+use crate::engine::TemplateRecordExt as _;
 use crate::engine::{ms, new_sandbox_id, now_secs, Engine, RunOptions, TemplateRecord};
 use crate::error::{Error, Result};
 use crate::sandbox::Sandbox;
@@ -60,44 +60,9 @@ pub(super) fn snapshot_prefix(session: &str) -> String {
     format!("ses-{}", session.trim_start_matches("ses-"))
 }
 
-/// A named snapshot of a live session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Checkpoint {
-    pub name: String,
-    pub session: String,
-    /// Unix seconds.
-    pub created_at: u64,
-    /// Size of the checkpoint, and what it added to the store (chunks it shares with the
-    /// template or other snapshots are stored once).
-    pub raw_bytes: u64,
-    pub stored_bytes: u64,
-    pub checkpoint_ms: u64,
-}
-
-/// What a reset did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct ResetOutcome {
-    pub session: Session,
-    /// `origin`, or `checkpoint <name>`.
-    pub from: String,
-    /// Calls that were running in the session and were cancelled (their callers got a
-    /// `cancelled` error).
-    pub cancelled_calls: u32,
-    pub reset_ms: f64,
-}
-
-/// A reward and how it was computed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Reward {
-    pub reward: f64,
-    pub exit_code: i32,
-    /// The command's standard output (UTF-8, lossy; at most 64 KiB).
-    pub output: String,
-    pub run_ms: f64,
-}
+// Checkpoint, ResetOutcome and Reward are in thaw-types (types/src/rollout.rs): API clients
+// share them without compiling the engine.
+pub use thaw_types::rollout::{Checkpoint, ResetOutcome, Reward};
 
 /// What a batch of sessions is made from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::{info, info_span, Instrument};
 
-use super::spec::{parse_file_mode, BaseSpec, TemplateSpec, MAX_BUILD_TIMEOUT_S};
+use super::spec::{
+    parse_file_mode, BaseSpec, TemplateSpec, TemplateSpecExt as _, MAX_BUILD_TIMEOUT_S,
+};
 use crate::cleanup::Scratch;
 use crate::container::oci::{self, ContainerConfig, Network};
 use crate::container::userns::{self, IdMap};

@@ -3,250 +3,19 @@
 //! Parsing is strict (unknown fields are errors) because a typo such as `comand` silently
 //! ignored would publish a template that does something other than what its author wrote.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-use serde::{Deserialize, Serialize};
-use thaw_protocol::{HandlerConfig, HandlerMode};
 
 use crate::error::{Error, Result};
 
 pub const TEMPLATE_FILE: &str = "template.toml";
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct TemplateSpec {
-    /// Template name: `[a-z0-9][a-z0-9-]{0,62}`.
-    pub name: String,
-    #[serde(default)]
-    pub description: String,
-    pub base: BaseSpec,
-    /// Files copied from the template directory into the rootfs at build time.
-    #[serde(default)]
-    pub files: Vec<FileSpec>,
-    /// Shell commands run (with `/bin/sh -c`) inside the rootfs at build time, in order.
-    #[serde(default)]
-    pub setup: Vec<String>,
-    /// Run after boot and before the snapshot, so its effects are in every clone.
-    #[serde(default)]
-    pub warmup: Option<WarmupSpec>,
-    pub handler: HandlerSpec,
-    /// How a session scores its episode (`POST /v1/sessions/{id}/reward`): a command whose
-    /// last line of output is a number.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reward: Option<RewardSpec>,
-    #[serde(default)]
-    pub limits: Limits,
-    /// Limits of the template build (`setup`), which runs in a sandbox of its own.
-    #[serde(default)]
-    pub build: BuildLimits,
-    /// Isolation tier: `auto` (microvm where Cloud Hypervisor and hardware KVM work, else
-    /// container), `container` or `microvm`.
-    #[serde(default)]
-    pub tier: crate::tier::TierChoice,
-    /// Environment of every task and of the handler.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub enum BaseSpec {
-    /// A few MB: busybox-static and its applets.
-    Busybox,
-    /// Debian built with debootstrap (variant minbase) plus `packages`.
-    Debian {
-        #[serde(default = "default_suite")]
-        suite: String,
-        #[serde(default)]
-        packages: Vec<String>,
-    },
-}
-
-fn default_suite() -> String {
-    "bookworm".to_string()
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct FileSpec {
-    /// Path relative to the template directory (a file or a directory).
-    pub src: String,
-    /// Absolute path inside the sandbox.
-    pub dest: String,
-    /// Octal permission bits, e.g. "0755". Default: the source's.
-    #[serde(default)]
-    pub mode: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct WarmupSpec {
-    pub command: Vec<String>,
-    #[serde(default = "default_warmup_timeout")]
-    pub timeout_s: u64,
-}
-
-fn default_warmup_timeout() -> u64 {
-    120
-}
-
-/// The template's reward command, run in a session on request. It prints the reward as
-/// the last non-empty line of its standard output: a finite decimal number.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct RewardSpec {
-    pub command: Vec<String>,
-    #[serde(default = "default_reward_timeout")]
-    pub timeout_s: u64,
-}
-
-fn default_reward_timeout() -> u64 {
-    10
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct HandlerSpec {
-    pub command: Vec<String>,
-    #[serde(default)]
-    pub mode: HandlerModeSpec,
-    #[serde(default)]
-    pub cwd: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub enum HandlerModeSpec {
-    #[default]
-    Exec,
-    Persistent,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Limits {
-    #[serde(default = "d_vcpus")]
-    pub vcpus: u32,
-    #[serde(default = "d_memory")]
-    pub memory_mib: u64,
-    #[serde(default = "d_pids")]
-    pub pids: u64,
-    #[serde(default = "d_disk")]
-    pub disk_mib: u64,
-    #[serde(default = "d_timeout")]
-    pub timeout_s: u64,
-    #[serde(default = "d_output")]
-    pub output_kib: u64,
-    /// Mount the read-only cgroup view (`/sys/fs/cgroup`) in the sandbox, for tasks that read
-    /// their own limits there (a JVM, Go's runtime). Off by default: on a cgroup v1 host it
-    /// is nine mounts that every restore recreates, each through CRIU's user-namespace
-    /// daemon (docs/benchmarks.md), and it shows the host's controller layout.
-    #[serde(default)]
-    pub cgroup_view: bool,
-}
-
-fn d_vcpus() -> u32 {
-    1
-}
-fn d_memory() -> u64 {
-    512
-}
-fn d_pids() -> u64 {
-    256
-}
-fn d_disk() -> u64 {
-    256
-}
-fn d_timeout() -> u64 {
-    30
-}
-fn d_output() -> u64 {
-    1024
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            vcpus: d_vcpus(),
-            memory_mib: d_memory(),
-            pids: d_pids(),
-            disk_mib: d_disk(),
-            timeout_s: d_timeout(),
-            output_kib: d_output(),
-            cgroup_view: false,
-        }
-    }
-}
-
-/// Limits of a template build: the `setup` commands run in a sandbox under these. The
-/// defaults fit a package install; a tenant may lower them, and raise them up to the ranges
-/// in [`TemplateSpec::validate`] (the timeout up to [`MAX_BUILD_TIMEOUT_S`]).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct BuildLimits {
-    /// Memory of setup's processes (no swap), MiB. The build's writes live in a tmpfs
-    /// charged to the same cgroup, so the cgroup's limit is `memory_mib + disk_mib`.
-    #[serde(default = "b_memory")]
-    pub memory_mib: u64,
-    #[serde(default = "b_pids")]
-    pub pids: u64,
-    #[serde(default = "b_vcpus")]
-    pub vcpus: u32,
-    /// Size of the tmpfs that holds everything setup writes (the layer), MiB.
-    #[serde(default = "b_disk")]
-    pub disk_mib: u64,
-    /// Output of each setup command the host keeps (the tail), KiB.
-    #[serde(default = "b_output")]
-    pub output_kib: u64,
-    /// Wall-clock limit of each setup command, seconds.
-    #[serde(default = "b_timeout")]
-    pub timeout_s: u64,
-}
-
-/// The longest a single setup command may be allowed to run, whatever a template asks.
-pub const MAX_BUILD_TIMEOUT_S: u64 = 3600;
-
-fn b_memory() -> u64 {
-    2048
-}
-fn b_pids() -> u64 {
-    512
-}
-fn b_vcpus() -> u32 {
-    2
-}
-fn b_disk() -> u64 {
-    4096
-}
-fn b_output() -> u64 {
-    1024
-}
-fn b_timeout() -> u64 {
-    600
-}
-
-impl Default for BuildLimits {
-    fn default() -> Self {
-        BuildLimits {
-            memory_mib: b_memory(),
-            pids: b_pids(),
-            vcpus: b_vcpus(),
-            disk_mib: b_disk(),
-            output_kib: b_output(),
-            timeout_s: b_timeout(),
-        }
-    }
-}
+// TemplateSpec and the types of its fields are in thaw-types (types/src/spec.rs): API clients
+// share them without compiling the engine. Loading and validating are here
+// ([`TemplateSpecExt`]).
+pub use thaw_types::spec::{
+    BaseSpec, BuildLimits, FileSpec, HandlerModeSpec, HandlerSpec, Limits, RewardSpec,
+    TemplateSpec, WarmupSpec, MAX_BUILD_TIMEOUT_S,
+};
 
 /// Parses a `files[].mode` ("0755", "755" or "0o755") into permission bits. Only the nine
 /// rwx bits are accepted: setuid and setgid files would be privilege escalation waiting for
@@ -279,9 +48,23 @@ pub fn parse_file_mode(m: &str) -> std::result::Result<u32, String> {
     Ok(mode)
 }
 
-impl TemplateSpec {
+/// The engine's side of [`TemplateSpec`] (the type is in thaw-types, which API clients share):
+/// reading a template.toml, its strict parsing and validation, and resolving its files.
+pub trait TemplateSpecExt: Sized {
     /// Reads and validates `<dir>/template.toml`.
-    pub fn load(dir: &Path) -> Result<TemplateSpec> {
+    fn load(dir: &Path) -> Result<TemplateSpec>;
+    /// Parses and validates the text of `file`.
+    fn parse(text: &str, file: &Path) -> Result<TemplateSpec>;
+    /// Checks what serde cannot: names, ranges, paths, modes (part of [`Self::parse`]).
+    fn validate(&self, file: &Path) -> Result<()>;
+    /// Resolves a `files[].src` against the template directory, following symlinks, and
+    /// refuses one that ends up outside it (an uploaded template is a stranger's tree).
+    fn file_source(dir: &Path, i: usize, f: &FileSpec) -> Result<PathBuf>;
+}
+
+impl TemplateSpecExt for TemplateSpec {
+    /// Reads and validates `<dir>/template.toml`.
+    fn load(dir: &Path) -> Result<TemplateSpec> {
         let file = dir.join(TEMPLATE_FILE);
         let text = std::fs::read_to_string(&file).map_err(|e| Error::BadTemplate {
             file: file.clone(),
@@ -293,7 +76,7 @@ impl TemplateSpec {
         Self::parse(&text, &file)
     }
 
-    pub fn parse(text: &str, file: &Path) -> Result<TemplateSpec> {
+    fn parse(text: &str, file: &Path) -> Result<TemplateSpec> {
         let spec: TemplateSpec = toml::from_str(text).map_err(|e| Error::BadTemplate {
             file: file.to_path_buf(),
             message: one_line(&e.to_string()),
@@ -411,29 +194,9 @@ impl TemplateSpec {
         Ok(())
     }
 
-    pub fn handler_config(&self) -> HandlerConfig {
-        HandlerConfig {
-            command: self.handler.command.clone(),
-            mode: match self.handler.mode {
-                HandlerModeSpec::Exec => HandlerMode::Exec,
-                HandlerModeSpec::Persistent => HandlerMode::Persistent,
-            },
-            cwd: self.handler.cwd.clone(),
-            env: self.env.clone(),
-            start_timeout_ms: Some(self.warmup_timeout_s() * 1000),
-        }
-    }
-
-    pub fn warmup_timeout_s(&self) -> u64 {
-        self.warmup
-            .as_ref()
-            .map(|w| w.timeout_s)
-            .unwrap_or_else(default_warmup_timeout)
-    }
-
     /// Resolves a `files[].src` against the template directory, following symlinks, and
     /// refuses one that ends up outside it (an uploaded template is a stranger's tree).
-    pub fn file_source(dir: &Path, i: usize, f: &FileSpec) -> Result<PathBuf> {
+    fn file_source(dir: &Path, i: usize, f: &FileSpec) -> Result<PathBuf> {
         let bad = |why: String| Error::BadTemplate {
             file: dir.join(TEMPLATE_FILE),
             message: format!("field `files[{i}].src`: {why}"),
