@@ -382,3 +382,46 @@ async fn rewards_are_numbers_and_failures_say_whose_they_are() {
     c.session_delete(&s.id).await.expect("delete");
     server.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_leaves_mid_batch_has_its_sessions_reaped_after_their_idle_timeout() {
+    let (server, c, secret) = shell_server(8).await;
+    // A streamed batch whose client reads one line, then goes away.
+    let mut resp = reqwest::Client::new()
+        .post(server.url("/v1/sessions/batch?stream=true"))
+        .bearer_auth(&secret)
+        .json(&json!({"n": 3, "template": "shell", "idle_timeout_s": 1, "checkpointable": false}))
+        .send()
+        .await
+        .expect("batch");
+    assert_eq!(resp.status().as_u16(), 200);
+    let first = resp.chunk().await.expect("read").expect("a first line");
+    assert!(String::from_utf8_lossy(&first).contains("\"session\""));
+    drop(resp);
+    // The batch still completes: every session it made is the key's, and idles out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let sessions = loop {
+        let s = c.sessions().await.expect("list");
+        if s.len() == 3 && s.iter().all(|s| s.state == SessionState::Running) {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch never completed: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let changed = server
+        .engine
+        .enforce_session_timeouts()
+        .await
+        .expect("timeouts");
+    assert_eq!(changed.len(), 3, "{changed:?}");
+    for s in sessions {
+        let now = c.session(&s.id).await.expect("get");
+        assert_eq!(now.state, SessionState::Stopped, "{now:?}");
+        c.session_delete(&s.id).await.expect("delete");
+    }
+    server.finish().await;
+}

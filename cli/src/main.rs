@@ -153,6 +153,9 @@ enum Cmd {
         /// restores that prepare their sandbox themselves).
         #[arg(long, default_value_t = thaw_server::ServerConfig::default().prepared)]
         prepared: usize,
+        /// Highest concurrency of the throughput figures (1, 4 and 16 up to it).
+        #[arg(long, default_value_t = 16)]
+        max_concurrency: usize,
     },
 }
 
@@ -473,6 +476,7 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
             cold_cache,
             payload,
             prepared,
+            max_concurrency,
         } => {
             let Backend::Local(engine) = backend else {
                 unreachable!("local only")
@@ -484,6 +488,7 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
                 idle_clones: clones,
                 drop_caches: cold_cache,
                 prepared,
+                max_concurrency,
             };
             let log = |m: &str| eprintln!("bench: {m}");
             let report = thaw_platform::bench::run(std::sync::Arc::new(engine), &cfg, &log).await?;

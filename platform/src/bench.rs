@@ -23,6 +23,8 @@ pub struct BenchConfig {
     pub drop_caches: bool,
     /// Sandboxes kept prepared per snapshot, as `thaw serve` keeps them.
     pub prepared: usize,
+    /// Highest concurrency of the throughput figures (1, 4 and 16 up to it).
+    pub max_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -159,7 +161,10 @@ pub async fn run(engine: Arc<Engine>, cfg: &BenchConfig, log: &dyn Fn(&str)) -> 
     engine.settle().await;
 
     let mut throughput = Vec::new();
-    for conc in [1usize, 4, 16] {
+    for conc in [1usize, 4, 16]
+        .into_iter()
+        .filter(|c| *c <= cfg.max_concurrency.max(1))
+    {
         let total = (conc * 3).max(12);
         log(&format!(
             "throughput at concurrency {conc} ({total} invocations)"

@@ -151,9 +151,13 @@ impl Store {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut delay = Duration::from_millis(2);
         loop {
+            // No background flusher: every write here is flushed before it is acknowledged,
+            // and the database is open only for the millisecond a unit of work takes, so
+            // the thread sled would start (and stop) at each open is pure cost.
             match sled::Config::new()
                 .path(path)
                 .mode(sled::Mode::LowSpace)
+                .flush_every_ms(None)
                 .open()
             {
                 Ok(db) => {

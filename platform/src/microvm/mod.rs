@@ -383,9 +383,14 @@ impl VmSandbox {
         async {
             if self.dir.join(WORKDIR).exists() {
                 match self.vm() {
+                    // Killed, not shut down: whatever the guest holds is being thrown away,
+                    // and a VMM that stopped answering must not hold up the teardown (a
+                    // polite shutdown of one waited out two API timeouts, minutes under
+                    // nested emulation, and hung `thaw bench`'s settle).
                     Ok(vm) => {
-                        if let Err(e) = vm.shutdown().await {
-                            warn!(error = %e, "vm shutdown");
+                        // It waits (briefly) for the process to be gone: off the runtime.
+                        if let Err(e) = tokio::task::spawn_blocking(move || vm.kill()).await {
+                            warn!(error = %e, "vm kill task");
                         }
                     }
                     // Still end the VMM, by its recorded identity.

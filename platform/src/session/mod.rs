@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -158,7 +159,14 @@ struct SessionLock {
     calls: Mutex<tokio_util::sync::CancellationToken>,
     /// Calls running now.
     active: std::sync::atomic::AtomicUsize,
+    /// Unix seconds of the last call's start or end, in this process (the record is
+    /// written at most every [`ACTIVITY_WRITE_S`]).
+    active_at: std::sync::atomic::AtomicU64,
 }
+
+/// The longest a session's recorded activity lags its last call. Idle timeouts are minutes;
+/// another thaw process (the CLI enforcing timeouts) sees activity this late at worst.
+const ACTIVITY_WRITE_S: u64 = 5;
 
 impl SessionLock {
     /// The token the next call watches.
@@ -330,22 +338,61 @@ impl Engine {
             .await
     }
 
-    /// Checks that the session can take a call and marks it active.
+    /// Checks that the session can take a call and marks it active: in this process's
+    /// memory at once, in its record when that is [`ACTIVITY_WRITE_S`] behind. A rollout
+    /// makes a call every few milliseconds, and a flushed write for each was most of
+    /// thaw's own time on its path.
     fn touch_running(&self, id: &str, action: &str) -> Result<SessionRecord> {
+        let rec = self.session_record(id)?;
+        if rec.session.state != SessionState::Running {
+            return Err(conflict(&rec.session, action));
+        }
+        let now = now_secs();
+        self.session_locks
+            .get(id)
+            .active_at
+            .store(now, Ordering::SeqCst);
+        if now.saturating_sub(rec.session.last_active_at) < ACTIVITY_WRITE_S {
+            return Ok(rec);
+        }
         self.transition(id, |r| {
             if r.session.state != SessionState::Running {
                 return Err(conflict(&r.session, action));
             }
-            r.session.last_active_at = now_secs();
+            r.session.last_active_at = now;
             Ok(())
         })
     }
 
+    /// Marks a session active (as [`Engine::touch_running`] does, in any state).
     fn touch(&self, id: &str) {
-        let _ = self.transition(id, |r| {
-            r.session.last_active_at = now_secs();
-            Ok(())
-        });
+        let now = now_secs();
+        self.session_locks
+            .get(id)
+            .active_at
+            .store(now, Ordering::SeqCst);
+        let stale = self
+            .session_record(id)
+            .map(|r| now.saturating_sub(r.session.last_active_at) >= ACTIVITY_WRITE_S)
+            .unwrap_or(false);
+        if stale {
+            let _ = self.transition(id, |r| {
+                r.session.last_active_at = now;
+                Ok(())
+            });
+        }
+    }
+
+    /// When the session was last active: its record, or this process's memory if later.
+    fn last_active(&self, s: &Session) -> u64 {
+        let seen = self
+            .session_locks
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&s.id)
+            .map_or(0, |l| l.active_at.load(Ordering::SeqCst));
+        s.last_active_at.max(seen)
     }
 
     /// One call into a running session: it shares the session's lock with other calls
@@ -874,7 +921,7 @@ impl Engine {
         for rec in all {
             let s = &rec.session;
             let expired = now >= s.expires_at;
-            let idle = now.saturating_sub(s.last_active_at) >= s.idle_timeout_s;
+            let idle = now.saturating_sub(self.last_active(s)) >= s.idle_timeout_s;
             let due = match s.state {
                 SessionState::Running => expired || idle,
                 SessionState::Paused => expired && s.on_timeout == TimeoutAction::Stop,

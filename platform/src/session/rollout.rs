@@ -290,17 +290,28 @@ impl Engine {
         // Sessions that share their memory with the snapshot take a spare restored ahead.
         let spare_key =
             (!rec.session.checkpointable).then(|| super::spares::Key::of(rec.tier, &spec, &dir));
-        let spare = spare_key.as_ref().and_then(|k| self.take_spare(k));
-        let sb = match spare {
-            Some(sb) => {
-                if let Err(e) = sb.rename_host(&rec.session.id).await {
-                    sb.destroy().await;
-                    return Err(e);
-                }
-                sb
+        // A spare may have died while it waited (killed from outside, the host out of
+        // memory): it is discarded and the next one, or a restore, takes its place.
+        while let Some(sb) = spare_key.as_ref().and_then(|k| self.take_spare(k)) {
+            let handed = async {
+                sb.rename_host(&rec.session.id).await?;
+                self.adopt(rec, &sb).await
             }
-            None => self.restore_sandbox(rec.tier, &spec, &dir, false).await?,
-        };
+            .await;
+            match handed {
+                Ok(()) => {
+                    if let Some(k) = spare_key {
+                        self.refill_spares(k, spec);
+                    }
+                    return Ok(sb);
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %sb.id, error = %e, "a spare could not be handed over; discarding it");
+                    self.discard(sb);
+                }
+            }
+        }
+        let sb = self.restore_sandbox(rec.tier, &spec, &dir, false).await?;
         if let Some(k) = spare_key {
             self.refill_spares(k, spec);
         }
