@@ -146,10 +146,29 @@ SRC
   log "criu $(criu --version | head -n1) installed at $PREFIX/sbin/criu"
 }
 
+# Every sandbox of a template runs as that template's host uid, and the kernel caps the pipe
+# buffers one uid holds (fs.pipe-user-pages-soft: 16384 pages, 64 MiB, by default). Past about
+# 250 live python sessions of one template, CRIU could not restore a pipe's size (EPERM, "Can't
+# restore pipe size") and every further restore failed (measured by `thaw bench rollouts`).
+# Each sandbox's memory cgroup bounds what its pipes hold instead; 0 lifts the per-uid cap
+# (until the next boot; this script runs before every build and test).
+raise_pipe_cap() {
+  local cur
+  cur=$(cat /proc/sys/fs/pipe-user-pages-soft 2>/dev/null || echo unknown)
+  if [ "$cur" != 0 ]; then
+    if sysctl -qw fs.pipe-user-pages-soft=0; then
+      log "fs.pipe-user-pages-soft: $cur -> 0 (no per-uid cap on pipe buffers; see the comment)"
+    else
+      log "warning: cannot set fs.pipe-user-pages-soft (it is $cur): about 250 live sessions per template at most"
+    fi
+  fi
+}
+
 main() {
   need_root
   apt_install "${APT_PACKAGES[@]}"
   install_criu
+  raise_pipe_cap
 }
 
 main "$@"

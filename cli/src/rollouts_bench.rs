@@ -45,9 +45,11 @@ pub struct Report {
     pub cores: usize,
     pub checkpointable_sessions: bool,
     pub rollouts: Vec<Rate>,
-    /// Reset as the server timed it (from the request to the session running again).
+    /// Reset of one session on an otherwise idle server, as the server timed it (from the
+    /// request to the session running again): what a reset costs, without the queueing
+    /// that a loaded machine adds (each rate below has its own).
     pub reset: Dist,
-    /// Reset as the worker sees it: the HTTP round trip.
+    /// The same resets as the worker sees them: the HTTP round trip.
     pub reset_round_trip: Dist,
     pub fork: Fork,
     pub idle: Idle,
@@ -64,6 +66,8 @@ pub struct Rate {
     pub per_second: f64,
     pub step: Dist,
     pub reward: Dist,
+    /// Resets at this concurrency (server-side): mostly waiting for a core.
+    pub reset: Dist,
     pub task_errors: usize,
     pub infrastructure_errors: usize,
 }
@@ -165,19 +169,20 @@ async fn measure(engine: &Engine, c: &Client, cfg: &Config, log: &dyn Fn(&str)) 
         "template `{}` declares no [reward] command; the rollout bench scores every rollout",
         t.name
     );
-    let resets = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+    log("reset of one session x20, nothing else running");
+    let (server_side, round_trip) = reset_latency(c, &t.name, cfg).await?;
     let mut rates = Vec::new();
     for &n in &cfg.concurrency {
         log(&format!(
             "{} three-step rollouts at concurrency {n}",
             n * cfg.rollouts_per_worker
         ));
-        rates.push(rollouts(c, &t.name, n, cfg, resets.clone()).await?);
+        let resets = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+        rates.push(rollouts(c, &t.name, n, cfg, resets).await?);
     }
     let fork = fork(c, &t.name, cfg, log).await?;
     log("capacity: live idle sessions until a limit");
     let (idle, capacity) = capacity(engine, c, &t.name, cfg).await?;
-    let (server_side, round_trip) = std::mem::take(&mut *resets.lock().await);
     Ok(Report {
         template: t.name.clone(),
         tier: t.tier.as_str().to_string(),
@@ -272,6 +277,7 @@ async fn rollouts(
     for s in &batch.sessions {
         let _ = c.session_delete(&s.id).await;
     }
+    let (reset_server, _) = std::mem::take(&mut *resets.lock().await);
     Ok(Rate {
         concurrency: n,
         batch_ready_ms: (batch_ready_ms * 100.0).round() / 100.0,
@@ -280,9 +286,37 @@ async fn rollouts(
         per_second: ((all.rollouts as f64 / secs) * 100.0).round() / 100.0,
         step: Dist::of(all.steps),
         reward: Dist::of(all.rewards),
+        reset: Dist::of(reset_server),
         task_errors: all.task_errors,
         infrastructure_errors: all.infrastructure_errors,
     })
+}
+
+/// Resets of one session, each after a step that changed it, with nothing else running.
+async fn reset_latency(c: &Client, template: &str, cfg: &Config) -> Result<(Vec<f64>, Vec<f64>)> {
+    let batch = c.session_batch(&batch_body(template, 1, cfg)).await?;
+    let s = batch
+        .sessions
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no session for the reset figure: {:?}", batch.errors))?;
+    let (mut server, mut round_trip) = (Vec::new(), Vec::new());
+    // The first reset fills the spares; it is not counted.
+    for i in 0..21 {
+        c.session_exec(
+            &s.id,
+            &ExecBody::new(["sh", "-c", "echo dirty > /tmp/step"]),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let out = c.session_reset(&s.id, None).await?;
+        if i > 0 {
+            server.push(out.reset_ms);
+            round_trip.push(ms_since(t));
+        }
+    }
+    let _ = c.session_delete(&s.id).await;
+    Ok((server, round_trip))
 }
 
 /// Three steps and a reward in one session.
@@ -425,13 +459,13 @@ pub fn table(r: &Report) -> String {
     );
     for rate in &r.rollouts {
         s += &format!(
-            "  concurrency {:>3}: {:>7.2} rollouts/s ({} in {} s; batch ready in {:.0} ms; step p50 {:.1} ms; reward p50 {:.1} ms; errors: {} task, {} infrastructure)\n",
+            "  concurrency {:>3}: {:>7.2} rollouts/s ({} in {} s; batch ready in {:.0} ms; p50 step {:.1} ms, reward {:.1} ms, reset {:.1} ms; errors: {} task, {} infrastructure)\n",
             rate.concurrency, rate.per_second, rate.rollouts, rate.seconds, rate.batch_ready_ms,
-            rate.step.p50_ms, rate.reward.p50_ms, rate.task_errors, rate.infrastructure_errors
+            rate.step.p50_ms, rate.reward.p50_ms, rate.reset.p50_ms, rate.task_errors, rate.infrastructure_errors
         );
     }
     s += &format!(
-        "  reset p50 / p99: {:.1} / {:.1} ms (server), {:.1} / {:.1} ms (round trip), n={}\n",
+        "  reset, one session, idle server, p50 / p99: {:.1} / {:.1} ms (server), {:.1} / {:.1} ms (round trip), n={}\n",
         r.reset.p50_ms,
         r.reset.p99_ms,
         r.reset_round_trip.p50_ms,
