@@ -26,17 +26,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        if let Some(ct) = req.headers().get(CONTENT_TYPE) {
-            let ct = ct.to_str().unwrap_or_default();
-            let essence = ct.split(';').next().unwrap_or_default().trim();
-            if essence != "application/json" && !essence.ends_with("+json") {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    format!("expected a Content-Type of application/json, got `{ct}`"),
-                ));
-            }
-        }
+        json_content_type(req.headers())?;
         let limit = state.cfg.max_body_bytes as u64;
         let (parts, body) = req.into_parts();
         let stall = state.cfg.header_read_timeout;
@@ -55,29 +45,31 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJsonBody<T
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let limit = state.cfg.max_body_bytes as u64;
         let stall = state.cfg.header_read_timeout;
-        let has_type = req.headers().contains_key(CONTENT_TYPE);
         let (parts, body) = req.into_parts();
         let bytes = read_body(&parts.headers, body, limit, stall, "request body").await?;
         if bytes.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(OptionalJsonBody(T::default()));
         }
-        if has_type {
-            let ct = parts
-                .headers
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            let essence = ct.split(';').next().unwrap_or_default().trim();
-            if essence != "application/json" && !essence.ends_with("+json") {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    format!("expected a Content-Type of application/json, got `{ct}`"),
-                ));
-            }
-        }
+        json_content_type(&parts.headers)?;
         parse_json(&bytes).map(OptionalJsonBody)
     }
+}
+
+/// A body's declared type, if any, must be JSON.
+fn json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let Some(ct) = headers.get(CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let ct = ct.to_str().unwrap_or_default();
+    let essence = ct.split(';').next().unwrap_or_default().trim();
+    if essence != "application/json" && !essence.ends_with("+json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("expected a Content-Type of application/json, got `{ct}`"),
+        ));
+    }
+    Ok(())
 }
 
 /// Deserializes a JSON body, reporting where it went wrong.

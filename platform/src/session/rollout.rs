@@ -343,17 +343,23 @@ impl Engine {
             snapshot: None,
             sandbox: Some(sandbox.clone()),
         });
+        // The record (naming this live process) comes before the origin's tag: another
+        // thaw process opening the engine meanwhile sees a session being made and leaves
+        // its snapshots alone (`sweep_session_snapshots`).
+        rec.has_origin = source.is_some();
+        self.meta
+            .with(|s| s.put(Store::sessions_tree(), &id, &rec))?;
         if let Some(src) = source {
             let snaps = self.snapshots.clone();
             let (src, dst) = (src.to_string(), origin_snapshot(&id));
-            tokio::task::spawn_blocking(move || snaps.tag(&src, &dst))
+            let tagged = tokio::task::spawn_blocking(move || snaps.tag(&src, &dst))
                 .await
-                .map_err(|e| Error::Other(format!("tag task: {e}")))??;
-            rec.has_origin = true;
-        }
-        if let Err(e) = self.meta.with(|s| s.put(Store::sessions_tree(), &id, &rec)) {
-            self.drop_snapshots_later(rec.owned_snapshots());
-            return Err(e);
+                .map_err(|e| Error::Other(format!("tag task: {e}")))
+                .and_then(|r| r.map_err(Error::from));
+            if let Err(e) = tagged {
+                let _ = self.meta.with(|s| s.remove(Store::sessions_tree(), &id));
+                return Err(e);
+            }
         }
         let span = info_span!("session.create", session = %id, template = %rec.session.template);
         async {
