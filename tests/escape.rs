@@ -132,8 +132,18 @@ fn local_session(home: &Home) -> String {
         .to_string()
 }
 
-fn sandbox_dir(home: &Home, id: &str) -> PathBuf {
-    home.path().join("sandboxes").join(id)
+/// The sandbox that runs a session now (each restore makes a new one), from its record.
+fn session_sandbox(show: Run) -> String {
+    let s = show.ok().json();
+    s["sandbox"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a running session names its sandbox: {s}"))
+        .to_string()
+}
+
+fn sandbox_dir(home: &Home, session: &str) -> PathBuf {
+    let sb = session_sandbox(home.run(&["--json", "session", "show", session]));
+    home.path().join("sandboxes").join(sb)
 }
 
 /// Attack 1 of the issue: a sandbox replaces its end of the host's channel with a symlink
@@ -168,11 +178,12 @@ fn a_sandbox_cannot_hijack_another_tenants_guest_init_nor_break_its_own_session(
     assert_ne!(v_root, a_root, "two tenants share a uid range");
 
     // The old attack: point the host's socket path at the victim's guest-init.
+    let v_sandbox = session_sandbox(victim.run(&["--json", "session", "show", &v]));
     let victim_init: Vec<u32> = sandbox_procs(home.path(), "")
         .into_iter()
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-                .is_ok_and(|c| c.contains(&format!("/thaw/{v}")))
+                .is_ok_and(|c| c.contains(&format!("/thaw/{v_sandbox}")))
         })
         .collect();
     assert!(
@@ -327,6 +338,7 @@ fn a_local_user_reads_nothing_of_thaws_state() {
         .push(("THAW_CACHE".into(), cache.path().display().to_string()));
     home.deploy("shell");
     let id = local_session(&home);
+    let sb = session_sandbox(home.run(&["--json", "session", "show", &id]));
     let h = home.path().display().to_string();
     let c = cache.path().display().to_string();
     for path in [
@@ -334,8 +346,8 @@ fn a_local_user_reads_nothing_of_thaws_state() {
         format!("{h}/meta.sled"),
         format!("{h}/runc"),
         format!("{h}/checkpoints"),
-        format!("{h}/sandboxes/{id}"),
-        format!("{h}/sandboxes/{id}/rootfs"),
+        format!("{h}/sandboxes/{sb}"),
+        format!("{h}/sandboxes/{sb}/rootfs"),
         c.clone(),
         format!("{c}/rootfs"),
     ] {
