@@ -204,10 +204,14 @@ fn assert_clean_sees_a_live_sandboxs_processes_and_cgroups() {
     let (h, _t) = flood_home();
     let r = h.run(&["session", "new", "flood"]).ok();
     let id = r.stdout().trim().to_string();
+    let show = h.run(&["--json", "session", "show", &id]).ok().json();
+    let sandbox = show["sandbox"]
+        .as_str()
+        .expect("a running session names its sandbox");
     let found = h.leftovers().join("; ");
     assert!(found.contains("sandbox processes left behind"), "{found}");
     assert!(found.contains("sandbox cgroups left behind"), "{found}");
-    assert!(found.contains(&format!("thaw/{id}")), "{found}");
+    assert!(found.contains(&format!("thaw/{sandbox}")), "{found}");
     h.run(&["session", "rm", &id]).ok();
     h.assert_clean();
 }

@@ -68,9 +68,13 @@ fn server_killed_at_several_points_loses_nothing_stored() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().to_string())
         .collect();
+    let running_sandbox = cli.json(&["session", "show", &running])["sandbox"]
+        .as_str()
+        .expect("a running session names its sandbox")
+        .to_string();
     assert_eq!(
         sandboxes,
-        vec![running.clone()],
+        vec![running_sandbox],
         "the killed invocation's clone must be cleaned up, the session's kept"
     );
     assert_eq!(

@@ -392,7 +392,9 @@ fn clones_map_the_snapshot_memory_copy_on_write_and_sessions_copy_it() {
             .await
             .unwrap();
         assert!(
-            !maps_of(&s.id).iter().any(|l| l.contains("/criu/pages-")),
+            !maps_of(s.sandbox.as_deref().expect("sandbox"))
+                .iter()
+                .any(|l| l.contains("/criu/pages-")),
             "a session's memory must be its own copy: it is checkpointed later"
         );
         for n in 1..=2 {
@@ -466,7 +468,7 @@ fn clones_restored_without_runc_are_confined_as_runc_confines_sessions() {
             .unwrap();
         let known = String::from_utf8_lossy(&runc.stdout).to_string();
         assert!(
-            known.contains(&session.id),
+            known.contains(session.sandbox.as_deref().expect("sandbox")),
             "the session is runc's: {known}"
         );
         assert!(
@@ -474,7 +476,7 @@ fn clones_restored_without_runc_are_confined_as_runc_confines_sessions() {
             "the clone is not runc's: {known}"
         );
 
-        let theirs = confinement_of(&session.id);
+        let theirs = confinement_of(session.sandbox.as_deref().expect("sandbox"));
         let ours = confinement_of(&clone_id);
         assert!(
             theirs.iter().any(|l| l.contains("pids.max: 40")),
