@@ -480,12 +480,6 @@ impl Vm {
     }
 
     /// Shuts the guest down (`vm.shutdown`, best effort), ends the VMM and removes the workdir.
-    /// Ends the VM at once: its VMM is killed and its directory removed (see
-    /// [`crate::vmm::Vmm::kill_and_remove`]). For VMs whose state is thrown away.
-    pub fn kill(self) {
-        self.vmm.kill_and_remove();
-    }
-
     pub async fn shutdown(self) -> Result<(), VmError> {
         let span = info_span!("vm_shutdown", cid = self.cid);
         async {

@@ -246,14 +246,6 @@ impl Vmm {
         }
     }
 
-    /// SIGKILL now and remove the VMM's directory: the end of a VM that is thrown away.
-    /// Nothing in it is worth waiting for, and a VMM that stopped answering cannot make
-    /// its caller wait (a polite shutdown waits for two API answers, each up to the API
-    /// timeout, which `THAW_VMM_PATIENCE_S` stretches to minutes).
-    pub fn kill_and_remove(mut self) {
-        self.cleanup();
-    }
-
     /// Asks the VMM to exit (`vmm.shutdown`), kills it if it does not within a grace period,
     /// and removes its directory.
     pub async fn shutdown(mut self) {

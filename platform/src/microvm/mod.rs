@@ -383,14 +383,20 @@ impl VmSandbox {
         async {
             if self.dir.join(WORKDIR).exists() {
                 match self.vm() {
-                    // Killed, not shut down: whatever the guest holds is being thrown away,
-                    // and a VMM that stopped answering must not hold up the teardown (a
-                    // polite shutdown of one waited out two API timeouts, minutes under
-                    // nested emulation, and hung `thaw bench`'s settle).
+                    // Shut down, within a bound that the host's patience does not stretch:
+                    // a VMM that stopped answering held a teardown for two API timeouts,
+                    // minutes each under nested emulation, and hung `thaw bench`'s settle.
+                    // Past it the VMM is killed. (Killing every VMM outright instead was
+                    // followed by soft lockups of L1's KVM in the nested run; the polite
+                    // path is the one the nested suite passed with.)
                     Ok(vm) => {
-                        // It waits (briefly) for the process to be gone: off the runtime.
-                        if let Err(e) = tokio::task::spawn_blocking(move || vm.kill()).await {
-                            warn!(error = %e, "vm kill task");
+                        match tokio::time::timeout(SHUTDOWN_BOUND, vm.shutdown()).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => warn!(error = %e, "vm shutdown"),
+                            Err(_) => {
+                                warn!(bound = ?SHUTDOWN_BOUND, "vm shutdown did not finish; killing the VMM");
+                                kill_orphan_vmm(&self.dir);
+                            }
                         }
                     }
                     // Still end the VMM, by its recorded identity.
@@ -408,6 +414,9 @@ impl VmSandbox {
         .await
     }
 }
+
+/// Longest a teardown waits for a VMM to shut down before killing it.
+const SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Kills the VMM of an orphaned sandbox directory, if it has one that still runs (the crash
 /// sweep; the directory itself is removed by the caller).
