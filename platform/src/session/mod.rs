@@ -366,16 +366,19 @@ impl Engine {
 
     /// Marks a session active (as [`Engine::touch_running`] does, in any state).
     fn touch(&self, id: &str) {
+        let recorded = self.session_record(id).map(|r| r.session.last_active_at);
+        self.touch_since(id, recorded.unwrap_or(u64::MAX));
+    }
+
+    /// [`Engine::touch`] for a caller that knows the recorded activity already (a call
+    /// into the session read its record when it started): no second read.
+    fn touch_since(&self, id: &str, recorded: u64) {
         let now = now_secs();
         self.session_locks
             .get(id)
             .active_at
             .store(now, Ordering::SeqCst);
-        let stale = self
-            .session_record(id)
-            .map(|r| now.saturating_sub(r.session.last_active_at) >= ACTIVITY_WRITE_S)
-            .unwrap_or(false);
-        if stale {
+        if recorded != u64::MAX && now.saturating_sub(recorded) >= ACTIVITY_WRITE_S {
             let _ = self.transition(id, |r| {
                 r.session.last_active_at = now;
                 Ok(())
@@ -417,7 +420,7 @@ impl Engine {
             r = work(&rec, &sb).instrument(info_span!("session.call", session = %id, action)) => r,
         }
         .map_err(|e| sb.explain(e));
-        self.touch(id);
+        self.touch_since(id, rec.session.last_active_at);
         match r {
             Err(e @ (Error::HostTimeout { .. } | Error::OutputFlood { .. })) => {
                 Err(self.contain(id, sb, e).await)
