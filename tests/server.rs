@@ -94,7 +94,7 @@ async fn health_metrics_openapi_and_authentication() {
     assert_eq!(h, json!({"status": "ok"}));
 
     // Everything else does: none, garbage, unknown, and revoked keys are all 401 + Bearer.
-    let (revoked_rec, revoked) = s.engine.create_key("old", 1).unwrap();
+    let (revoked_rec, revoked) = s.engine.create_key("old", 1, false).unwrap();
     s.engine.revoke_key(&revoked_rec.id).unwrap();
     // The real key with its last hex digit changed (to any other digit: 1/16 of keys end
     // in 0, and a "forgery" equal to the key is no forgery).

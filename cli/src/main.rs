@@ -293,6 +293,9 @@ enum KeysCmd {
         /// Sandboxes the key may hold at once (invocations in flight plus live sessions).
         #[arg(long, default_value_t = 16)]
         max_sandboxes: u32,
+        /// An operator's key: sees and may end every key's sandboxes and audit records.
+        #[arg(long)]
+        admin: bool,
     },
     Ls,
     Revoke {
@@ -748,8 +751,9 @@ fn keys(engine: &Engine, cmd: KeysCmd, json: bool) -> Result<ExitCode> {
         KeysCmd::Create {
             name,
             max_sandboxes,
+            admin,
         } => {
-            let (k, secret) = engine.create_key(&name, max_sandboxes)?;
+            let (k, secret) = engine.create_key(&name, max_sandboxes, admin)?;
             if json {
                 print_json(&serde_json::json!({"key": k, "secret": secret}))?;
             } else {
@@ -772,10 +776,10 @@ fn keys(engine: &Engine, cmd: KeysCmd, json: bool) -> Result<ExitCode> {
                         k.id,
                         k.name,
                         k.max_sandboxes,
-                        if k.revoked_at.is_some() {
-                            "revoked"
-                        } else {
-                            "active"
+                        match (k.revoked_at.is_some(), k.admin) {
+                            (true, _) => "revoked",
+                            (false, true) => "active, admin",
+                            (false, false) => "active",
                         }
                     );
                 }

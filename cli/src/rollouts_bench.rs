@@ -133,6 +133,7 @@ pub async fn run(engine: Engine, cfg: &Config, log: &dyn Fn(&str)) -> Result<Rep
     let (key, secret) = engine.create_key(
         &format!("bench-rollouts-{}", std::process::id()),
         u32::try_from(max).unwrap_or(u32::MAX),
+        false,
     )?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(thaw_server::serve_on(

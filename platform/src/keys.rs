@@ -92,7 +92,12 @@ fn validate(name: &str, max_sandboxes: u32) -> Result<()> {
 }
 
 /// Creates a key; returns its record and the secret, which exists nowhere else afterwards.
-pub fn create(meta: &Meta, name: &str, max_sandboxes: u32) -> Result<(KeyRecord, String)> {
+pub fn create(
+    meta: &Meta,
+    name: &str,
+    max_sandboxes: u32,
+    admin: bool,
+) -> Result<(KeyRecord, String)> {
     validate(name, max_sandboxes)?;
     meta.with(|store| {
         // 48 random bits: a collision is unlikely but would hand one key's sandboxes to
@@ -110,6 +115,7 @@ pub fn create(meta: &Meta, name: &str, max_sandboxes: u32) -> Result<(KeyRecord,
             created_at: now_secs(),
             revoked_at: None,
             max_sandboxes,
+            admin,
         };
         let stored = StoredKey {
             record: record.clone(),
@@ -169,8 +175,13 @@ pub fn verify(meta: &Meta, secret: &str) -> Result<Option<KeyRecord>> {
 
 impl Engine {
     /// Creates an API key. The returned secret is shown once and stored nowhere.
-    pub fn create_key(&self, name: &str, max_sandboxes: u32) -> Result<(KeyRecord, String)> {
-        create(&self.meta, name, max_sandboxes)
+    pub fn create_key(
+        &self,
+        name: &str,
+        max_sandboxes: u32,
+        admin: bool,
+    ) -> Result<(KeyRecord, String)> {
+        create(&self.meta, name, max_sandboxes, admin)
     }
 
     /// Every API key on this machine, revoked ones included.
@@ -201,7 +212,7 @@ mod tests {
     #[test]
     fn created_key_verifies_and_has_the_documented_shape() {
         let (_d, m) = meta();
-        let (rec, secret) = create(&m, "ci", 4).unwrap();
+        let (rec, secret) = create(&m, "ci", 4, false).unwrap();
         assert_eq!(rec.id.len(), 12);
         assert!(rec
             .id
@@ -217,7 +228,7 @@ mod tests {
     #[test]
     fn the_secret_is_not_stored() {
         let (d, m) = meta();
-        let (_rec, secret) = create(&m, "ci", 1).unwrap();
+        let (_rec, secret) = create(&m, "ci", 1, false).unwrap();
         drop(m);
         let cred = secret.rsplit('_').next().unwrap();
         let db = sled::open(d.path().join("meta.sled")).unwrap();
@@ -233,7 +244,7 @@ mod tests {
     #[test]
     fn wrong_or_malformed_secrets_do_not_verify() {
         let (_d, m) = meta();
-        let (rec, secret) = create(&m, "ci", 1).unwrap();
+        let (rec, secret) = create(&m, "ci", 1, false).unwrap();
         // Same id, different credential.
         let mut forged = secret.clone();
         let last = forged.pop().unwrap();
@@ -256,8 +267,8 @@ mod tests {
     #[test]
     fn revoked_keys_stop_verifying_but_stay_listed() {
         let (_d, m) = meta();
-        let (a, sa) = create(&m, "a", 1).unwrap();
-        let (b, sb) = create(&m, "b", 2).unwrap();
+        let (a, sa) = create(&m, "a", 1, false).unwrap();
+        let (b, sb) = create(&m, "b", 2, false).unwrap();
         let revoked = revoke(&m, &a.id).unwrap();
         let at = revoked.revoked_at.expect("revoked_at set");
         assert_eq!(verify(&m, &sa).unwrap(), None);
@@ -283,11 +294,11 @@ mod tests {
     #[test]
     fn bad_names_and_zero_limits_are_refused() {
         let (_d, m) = meta();
-        assert!(create(&m, "", 1).is_err());
-        assert!(create(&m, "  ", 1).is_err());
-        assert!(create(&m, "a\nb", 1).is_err());
-        assert!(create(&m, &"x".repeat(65), 1).is_err());
-        assert!(create(&m, "ok", 0).is_err());
+        assert!(create(&m, "", 1, false).is_err());
+        assert!(create(&m, "  ", 1, false).is_err());
+        assert!(create(&m, "a\nb", 1, false).is_err());
+        assert!(create(&m, &"x".repeat(65), 1, false).is_err());
+        assert!(create(&m, "ok", 0, false).is_err());
         assert!(list(&m).unwrap().is_empty());
     }
 
@@ -296,7 +307,7 @@ mod tests {
         let (_d, m) = meta();
         let mut ids = std::collections::HashSet::new();
         for i in 0..20 {
-            let (rec, _) = create(&m, &format!("k{i}"), 1).unwrap();
+            let (rec, _) = create(&m, &format!("k{i}"), 1, false).unwrap();
             assert!(ids.insert(rec.id));
         }
     }

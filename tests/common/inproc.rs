@@ -61,7 +61,10 @@ impl Server {
 
     /// A new API key's secret.
     pub fn key(&self, name: &str, max_sandboxes: u32) -> String {
-        self.engine.create_key(name, max_sandboxes).expect("key").1
+        self.engine
+            .create_key(name, max_sandboxes, false)
+            .expect("key")
+            .1
     }
 
     pub fn client(&self, secret: &str) -> Client {

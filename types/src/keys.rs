@@ -16,4 +16,8 @@ pub struct KeyRecord {
     /// How many sandboxes the key may hold at once: in-flight invokes and execs plus
     /// running sessions.
     pub max_sandboxes: u32,
+    /// An operator's key: it sees and may end every key's sandboxes and audit records
+    /// (`thaw keys create --admin`). Keys made before the flag existed are not admins.
+    #[serde(default)]
+    pub admin: bool,
 }
