@@ -40,6 +40,8 @@ APT_PACKAGES=(
   ca-certificates
   xz-utils
   python3         # the Python client's tests (make test-python)
+  iptables        # the egress gateway's redirect in each sandbox's network namespace
+  iproute2        # its route there
   python3-venv
 )
 

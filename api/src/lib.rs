@@ -48,8 +48,8 @@ pub use client::{pack_dir, Client, ClientError, ExecOutput, Result};
 pub use thaw_protocol::{InvokeStatus, Outcome, Stream};
 // The engine's data types, shared through thaw-types so that a client compiles no engine.
 pub use thaw_types::{
-    Checkpoint, ExecResult, Invocation, InvokeDone, KeyRecord, ResetOutcome, Reward, Session,
-    SessionState, SnapshotSize, StartKind, TemplateRecord, TemplateSpec, TemplateState, Tier,
-    TimeoutAction, Timings,
+    Checkpoint, ExecResult, Invocation, InvokeDone, KeyRecord, NetworkGrant, NetworkSpec,
+    ResetOutcome, Reward, Session, SessionState, SnapshotSize, StartKind, TemplateRecord,
+    TemplateSpec, TemplateState, Tier, TimeoutAction, Timings,
 };
 pub use types::*;

@@ -29,6 +29,13 @@ pub struct InvokeBody {
     /// Wall-clock limit; default: the template's `limits.timeout_s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Egress granted to this call on top of the template's `[network]`: domains
+    /// (`example.com`, `*.example.com`), IPs and CIDRs, each with an optional `:port`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    /// IPs and CIDRs kept out even when a broader `allow_out` range covers them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
 }
 
 /// Body of the exec routes (`/v1/templates/{name}/exec`, `/v1/sessions/{id}/exec`).
@@ -45,6 +52,13 @@ pub struct ExecBody {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Egress granted to this call on top of the template's `[network]`: domains
+    /// (`example.com`, `*.example.com`), IPs and CIDRs, each with an optional `:port`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    /// IPs and CIDRs kept out even when a broader `allow_out` range covers them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
 }
 
 impl ExecBody {
@@ -85,9 +99,44 @@ pub struct SessionCreateBody {
     pub checkpointable: Option<bool>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Egress granted to the session on top of the template's `[network]`: domains
+    /// (`example.com`, `*.example.com`), IPs and CIDRs, each with an optional `:port`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    /// IPs and CIDRs kept out even when a broader `allow_out` range covers them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
+}
+
+impl InvokeBody {
+    /// The call's egress grant.
+    pub fn network(&self) -> crate::NetworkGrant {
+        crate::NetworkGrant {
+            allow_out: self.allow_out.clone(),
+            deny_out: self.deny_out.clone(),
+        }
+    }
+}
+
+impl ExecBody {
+    /// The call's egress grant.
+    pub fn network(&self) -> crate::NetworkGrant {
+        crate::NetworkGrant {
+            allow_out: self.allow_out.clone(),
+            deny_out: self.deny_out.clone(),
+        }
+    }
 }
 
 impl SessionCreateBody {
+    /// The session's egress grant.
+    pub fn network(&self) -> crate::NetworkGrant {
+        crate::NetworkGrant {
+            allow_out: self.allow_out.clone(),
+            deny_out: self.deny_out.clone(),
+        }
+    }
+
     pub fn new(template: impl Into<String>) -> SessionCreateBody {
         SessionCreateBody {
             template: template.into(),
@@ -96,6 +145,8 @@ impl SessionCreateBody {
             on_timeout: None,
             checkpointable: None,
             env: BTreeMap::new(),
+            allow_out: Vec::new(),
+            deny_out: Vec::new(),
         }
     }
 }

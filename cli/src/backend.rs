@@ -12,6 +12,8 @@ use thaw_platform::session::{Session, SessionOptions};
 use thaw_platform::Engine;
 use thaw_protocol::Stream;
 
+// One per process, never moved in a loop: the size difference is irrelevant.
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
     Local(Engine),
     Remote(thaw_api::Client),
@@ -95,6 +97,8 @@ impl Backend {
                     on_timeout: Some(opts.on_timeout),
                     checkpointable: Some(opts.checkpointable),
                     env: opts.env,
+                    allow_out: opts.network.allow_out,
+                    deny_out: opts.network.deny_out,
                 })
                 .await?
             }
@@ -221,6 +225,8 @@ fn invoke_body(payload: serde_json::Value, opts: &RunOptions) -> thaw_api::Invok
         payload,
         env: opts.env.clone(),
         timeout_ms: timeout_ms(opts),
+        allow_out: opts.network.allow_out.clone(),
+        deny_out: opts.network.deny_out.clone(),
     }
 }
 
@@ -231,5 +237,7 @@ fn exec_body(argv: Vec<String>, stdin: Option<Vec<u8>>, opts: &RunOptions) -> th
         stdin_b64: stdin.map(|s| base64::engine::general_purpose::STANDARD.encode(s)),
         env: opts.env.clone(),
         timeout_ms: timeout_ms(opts),
+        allow_out: opts.network.allow_out.clone(),
+        deny_out: opts.network.deny_out.clone(),
     }
 }

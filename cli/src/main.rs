@@ -197,6 +197,29 @@ struct RunArgs {
     /// Wall-clock limit in seconds (default: the template's limits.timeout_s).
     #[arg(long)]
     timeout: Option<f64>,
+    #[command(flatten)]
+    network: NetworkArgs,
+}
+
+/// An egress grant on top of the template's `[network]` (templates/README.md).
+#[derive(clap::Args, Clone, Default)]
+struct NetworkArgs {
+    /// Let the sandbox reach a domain (`example.com`, `*.example.com`), IP or CIDR, with an
+    /// optional `:PORT` or `:FIRST-LAST` (repeatable).
+    #[arg(long = "allow-out", value_name = "DEST")]
+    allow_out: Vec<String>,
+    /// Keep an IP or CIDR out even when a broader --allow-out covers it (repeatable).
+    #[arg(long = "deny-out", value_name = "CIDR")]
+    deny_out: Vec<String>,
+}
+
+impl NetworkArgs {
+    fn grant(&self) -> thaw_types::NetworkGrant {
+        thaw_types::NetworkGrant {
+            allow_out: self.allow_out.clone(),
+            deny_out: self.deny_out.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -222,6 +245,8 @@ enum SessionCmd {
         /// Environment for every call in the session (repeatable).
         #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_kv)]
         env: Vec<(String, String)>,
+        #[command(flatten)]
+        network: NetworkArgs,
     },
     /// Run a command in a session, streaming its output.
     Exec {
@@ -341,6 +366,7 @@ impl RunArgs {
             env: self.env.iter().cloned().collect::<BTreeMap<_, _>>(),
             timeout,
             cancel: None,
+            network: self.network.grant(),
         })
     }
 }
@@ -647,6 +673,7 @@ async fn session(backend: &Backend, cmd: SessionCmd, json: bool) -> Result<ExitC
             max_lifetime,
             on_timeout,
             env,
+            network,
         } => {
             anyhow::ensure!(
                 idle_timeout > 0 && max_lifetime > 0,
@@ -661,6 +688,7 @@ async fn session(backend: &Backend, cmd: SessionCmd, json: bool) -> Result<ExitC
                 },
                 env: env.into_iter().collect(),
                 checkpointable: true,
+                network: network.grant(),
             };
             let s = backend.session_create(&template, opts).await?;
             output::session(&s, json, "created")?;

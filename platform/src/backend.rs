@@ -179,6 +179,12 @@ pub trait TierSandbox: Debug + Send + Sync + 'static {
 
     /// For the tier's own [`TierBackend::checkpoint`], to get its type back.
     fn as_any(&self) -> &dyn Any;
+
+    /// The sandbox's network namespace, for the egress gateway to wire; `None` on a tier
+    /// whose sandboxes it cannot reach that way (a microvm).
+    fn network_namespace(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
 }
 
 /// Every tier this build has: the engine's one map from a [`Tier`] to its implementation.

@@ -79,6 +79,8 @@ pub struct RunOptions {
     /// cancel) and a fresh sandbox is discarded as on every other path. A restore in
     /// progress is finished first, never abandoned.
     pub cancel: Option<tokio_util::sync::CancellationToken>,
+    /// Egress granted to this call on top of the template's (and session's) `[network]`.
+    pub network: thaw_types::spec::NetworkGrant,
 }
 
 impl RunOptions {
@@ -118,6 +120,8 @@ pub struct Engine {
     gc: std::sync::Arc<GcRequests>,
     /// Session sandboxes restored ahead ([`crate::session::Spares`]).
     pub(crate) spares: std::sync::Arc<crate::session::Spares>,
+    /// The egress gateway: sandboxes granted a network are wired to it.
+    pub(crate) gateway: thaw_gateway::Gateway,
     owner: String,
 }
 
@@ -167,6 +171,7 @@ impl Engine {
             teardowns: tokio_util::task::TaskTracker::new(),
             gc: Default::default(),
             spares: Default::default(),
+            gateway: crate::egress::open_gateway()?,
             owner: LOCAL_OWNER.to_string(),
         };
         engine.recover_sessions().await?;
@@ -652,7 +657,31 @@ impl Engine {
                 Request::SetEnv { env, replace: true },
             ])
             .await?;
-        Ok(())
+        let policy = self.egress_policy(spec, &opts.network)?;
+        crate::egress::open(
+            &self.gateway,
+            sb,
+            policy,
+            crate::egress::limits_of(&spec.network),
+        )
+        .await
+    }
+
+    /// The egress policy of a sandbox of `spec` with `grant` added (a session's or a
+    /// call's). The template's part was checked at publish.
+    pub(crate) fn egress_policy(
+        &self,
+        spec: &TemplateSpec,
+        grant: &thaw_types::spec::NetworkGrant,
+    ) -> Result<thaw_gateway::Policy> {
+        let base = crate::egress::policy_of(&spec.network.allow_out, &spec.network.deny_out)
+            .map_err(Error::BadNetwork)?;
+        Ok(base.union(&crate::egress::grant_policy(grant)?))
+    }
+
+    /// Traffic figures of a sandbox granted egress (`None`: it has none).
+    pub fn egress_figures(&self, sandbox: &str) -> Option<thaw_gateway::NetFigures> {
+        self.gateway.figures(sandbox)
     }
 
     pub(crate) fn limits(spec: &TemplateSpec, opts: &RunOptions) -> TaskLimits {

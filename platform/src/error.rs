@@ -37,6 +37,15 @@ pub enum Error {
     #[error("warm-up failed: {0}")]
     WarmupFailed(String),
 
+    /// An egress grant (`allow_out`/`deny_out`) of a session or call that does not parse;
+    /// names the entry.
+    #[error("{0}")]
+    BadNetwork(String),
+
+    /// The egress gateway could not serve a sandbox that was granted egress.
+    #[error("sandbox {sandbox}: egress: {message}")]
+    Egress { sandbox: String, message: String },
+
     #[error("missing system dependency: {what}. Fix: {fix}")]
     MissingDependency { what: String, fix: String },
 

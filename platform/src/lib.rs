@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cleanup;
 pub mod container;
 pub mod doctor;
+pub mod egress;
 pub mod engine;
 pub mod error;
 pub mod keys;

@@ -57,6 +57,8 @@ impl Sandbox {
 
     /// Ends every process and removes every file of the sandbox (best effort throughout).
     pub async fn destroy(self) {
+        // The gateway's listeners live in the sandbox's namespace and would keep it alive.
+        crate::egress::release(&self.id);
         self.handle.destroy().await
     }
 

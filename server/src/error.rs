@@ -135,6 +135,8 @@ pub fn classify(e: &E) -> (StatusCode, &'static str) {
     match e {
         E::BadTemplate { .. } => (S::BAD_REQUEST, "bad_template"),
         E::BadPayload(_) => (S::BAD_REQUEST, "bad_payload"),
+        E::BadNetwork(_) => (S::BAD_REQUEST, "bad_network"),
+        E::Egress { .. } => (S::INTERNAL_SERVER_ERROR, "egress"),
         E::UnknownTemplate { .. } => (S::NOT_FOUND, "unknown_template"),
         E::UnknownSession { .. } => (S::NOT_FOUND, "unknown_session"),
         E::NotFound(_) => (S::NOT_FOUND, "not_found"),

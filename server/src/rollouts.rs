@@ -59,6 +59,7 @@ pub fn session_options(
         on_timeout: on_timeout.unwrap_or(defaults.on_timeout),
         env,
         checkpointable,
+        network: Default::default(),
     })
 }
 

@@ -100,6 +100,7 @@ pub fn run_options(
         env,
         timeout: timeout_ms.map(Duration::from_millis),
         cancel: Some(cancel.clone()),
+        ..RunOptions::default()
     }
 }
 
@@ -474,7 +475,10 @@ pub async fn invoke(
     limits::call_timeout(body.timeout_ms, &t.spec.limits, &state.cfg)?;
     let slot = state.slots.acquire(&owner).await?;
     let cancel = CancellationToken::new();
-    let opts = run_options(body.env, body.timeout_ms, &cancel);
+    let network = body.network();
+    thaw_platform::egress::grant_policy(&network)?;
+    let mut opts = run_options(body.env, body.timeout_ms, &cancel);
+    opts.network = network;
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -542,7 +546,10 @@ pub async fn exec(
     limits::call_timeout(body.timeout_ms, &t.spec.limits, &state.cfg)?;
     let slot = state.slots.acquire(&owner).await?;
     let cancel = CancellationToken::new();
-    let opts = run_options(body.env, body.timeout_ms, &cancel);
+    let network = body.network();
+    thaw_platform::egress::grant_policy(&network)?;
+    let mut opts = run_options(body.env, body.timeout_ms, &cancel);
+    opts.network = network;
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();

@@ -50,7 +50,9 @@ pub async fn create(
     owner: Owner,
     JsonBody(body): JsonBody<SessionCreateBody>,
 ) -> Result<(StatusCode, Json<Session>), ApiError> {
-    let opts = crate::rollouts::session_options(
+    let network = body.network();
+    thaw_platform::egress::grant_policy(&network)?;
+    let mut opts = crate::rollouts::session_options(
         body.idle_timeout_s,
         body.max_lifetime_s,
         body.on_timeout,
@@ -58,6 +60,7 @@ pub async fn create(
         body.env,
         &state.cfg,
     )?;
+    opts.network = network;
     let (e, t) = (owner.engine.clone(), body.template.clone());
     blocking(move || e.ready_template(&t)).await?;
     let slot = state.slots.acquire(&owner).await?;
@@ -162,7 +165,10 @@ pub async fn exec(
     let lim = blocking(move || e.session_call_limits(&i, "exec")).await?;
     limits::call_timeout(body.timeout_ms, &lim, &state.cfg)?;
     let cancel = CancellationToken::new();
-    let opts = run_options(body.env, body.timeout_ms, &cancel);
+    let network = body.network();
+    thaw_platform::egress::grant_policy(&network)?;
+    let mut opts = run_options(body.env, body.timeout_ms, &cancel);
+    opts.network = network;
     let engine = owner.engine.clone();
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -223,7 +229,10 @@ pub async fn invoke(
     let lim = blocking(move || e.session_call_limits(&i, "invoke")).await?;
     limits::call_timeout(body.timeout_ms, &lim, &state.cfg)?;
     let cancel = CancellationToken::new();
-    let opts = run_options(body.env, body.timeout_ms, &cancel);
+    let network = body.network();
+    thaw_platform::egress::grant_policy(&network)?;
+    let mut opts = run_options(body.env, body.timeout_ms, &cancel);
+    opts.network = network;
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();

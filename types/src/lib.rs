@@ -24,8 +24,8 @@ pub use rollout::{Checkpoint, ResetOutcome, Reward};
 pub use run::{ExecResult, Invocation, InvokeDone, StartKind, Timings};
 pub use session::{Session, SessionState, TimeoutAction};
 pub use spec::{
-    BaseSpec, BuildLimits, FileSpec, HandlerModeSpec, HandlerSpec, Limits, RewardSpec,
-    TemplateSpec, WarmupSpec,
+    BaseSpec, BuildLimits, FileSpec, HandlerModeSpec, HandlerSpec, Limits, NetworkGrant,
+    NetworkSpec, RewardSpec, TemplateSpec, WarmupSpec,
 };
 pub use template::{SnapshotSize, TemplateRecord, TemplateState};
 pub use tier::{Tier, TierChoice};

@@ -83,6 +83,9 @@ pub struct Session {
     pub on_timeout: TimeoutAction,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The session's egress grant, added to its template's `[network]`.
+    #[serde(default, skip_serializing_if = "crate::spec::NetworkGrant::is_empty")]
+    pub network: crate::spec::NetworkGrant,
     /// Why the session failed, or why the last transition was rolled back.
     #[serde(default)]
     pub error: Option<String>,

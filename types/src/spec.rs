@@ -41,6 +41,53 @@ pub struct TemplateSpec {
     /// Environment of every task and of the handler.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Egress: what the sandbox may reach through thaw's gateway. Nothing by default.
+    #[serde(default, skip_serializing_if = "NetworkSpec::is_empty")]
+    pub network: NetworkSpec,
+}
+
+/// `[network]`: a template's egress grant and limits (`templates/README.md`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NetworkSpec {
+    /// Domains (`example.com`, `*.example.com`, `*` for every name), IPs and CIDRs, each
+    /// with an optional `:port` or `:first-last`.
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    /// IPs and CIDRs kept out even when a broader `allow_out` range covers them (a named
+    /// domain in `allow_out` still wins).
+    #[serde(default)]
+    pub deny_out: Vec<String>,
+    /// Connections open at once per sandbox; 0 means the default, 64.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// Bandwidth per sandbox each way, KiB/s; 0 means unlimited.
+    #[serde(default)]
+    pub bandwidth_kib_s: u64,
+}
+
+impl NetworkSpec {
+    pub fn is_empty(&self) -> bool {
+        *self == NetworkSpec::default()
+    }
+}
+
+/// An egress grant of a session or of one call: added to the template's `[network]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NetworkGrant {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
+}
+
+impl NetworkGrant {
+    pub fn is_empty(&self) -> bool {
+        self.allow_out.is_empty() && self.deny_out.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

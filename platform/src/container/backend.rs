@@ -164,6 +164,10 @@ impl TierSandbox for ContainerSandbox {
         })
     }
 
+    fn network_namespace(&self) -> Option<std::os::fd::OwnedFd> {
+        self.channel.netns()
+    }
+
     fn oom_killed(&self) -> bool {
         crate::engine::oom_kills(&self.id) > 0
     }

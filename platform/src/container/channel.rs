@@ -35,6 +35,11 @@ impl NetnsChannel {
         }
     }
 
+    /// A descriptor of the sandbox's namespace, once known.
+    pub fn netns(&self) -> Option<OwnedFd> {
+        self.netns.get().and_then(|n| n.try_clone().ok())
+    }
+
     /// Whether the sandbox's namespace is known yet.
     pub fn is_bound(&self) -> bool {
         self.netns.get().is_some()

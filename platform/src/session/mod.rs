@@ -56,6 +56,8 @@ pub struct SessionOptions {
     /// snapshot: it restores faster and costs a fraction of the memory. Such a session's
     /// timeouts stop it.
     pub checkpointable: bool,
+    /// Egress granted to the session on top of its template's `[network]`.
+    pub network: thaw_types::spec::NetworkGrant,
 }
 
 impl Default for SessionOptions {
@@ -66,6 +68,7 @@ impl Default for SessionOptions {
             on_timeout: TimeoutAction::Pause,
             env: BTreeMap::new(),
             checkpointable: true,
+            network: Default::default(),
         }
     }
 }
@@ -474,6 +477,7 @@ impl Engine {
     ) -> Result<ExecResult> {
         self.in_running(id, "exec", async |rec: &SessionRecord, sb: &Sandbox| {
             let started = Instant::now();
+            let _grant = self.call_grant(rec, sb, &opts).await?;
             let req = ExecRequest {
                 argv,
                 env: opts.env.clone(),
@@ -509,6 +513,7 @@ impl Engine {
     ) -> Result<Invocation> {
         self.in_running(id, "invoke", async |rec: &SessionRecord, sb: &Sandbox| {
             let started = Instant::now();
+            let _grant = self.call_grant(rec, sb, &opts).await?;
             let req = InvokeRequest {
                 payload,
                 env: opts.env.clone(),
@@ -528,6 +533,31 @@ impl Engine {
             })
         })
         .await
+    }
+
+    /// Makes sure a running session's sandbox is wired when it has a grant (a `thaw serve`
+    /// restarted since the session started, or another process started it, holds no
+    /// wiring for it yet), and widens it by the call's grant for as long as the returned
+    /// guard lives.
+    async fn call_grant(
+        &self,
+        rec: &SessionRecord,
+        sb: &Sandbox,
+        opts: &RunOptions,
+    ) -> Result<Option<thaw_gateway::CallGrant>> {
+        let base = self.egress_policy(&rec.spec, &rec.session.network)?;
+        let call = crate::egress::grant_policy(&opts.network)?;
+        if self.gateway.get(&sb.id).is_none() && !(base.is_closed() && call.is_closed()) {
+            let limits = crate::egress::limits_of(&rec.spec.network);
+            // Wired with the call's grant too, so the wiring is not skipped for a session
+            // whose own policy allows nothing; the base is set right after.
+            crate::egress::open(&self.gateway, sb, base.union(&call), limits).await?;
+            crate::egress::open(&self.gateway, sb, base, limits).await?;
+        }
+        if opts.network.is_empty() {
+            return Ok(None);
+        }
+        Ok(self.gateway.grant(&sb.id, call))
     }
 
     /// When a call to a running session fails because its sandbox is gone, the session

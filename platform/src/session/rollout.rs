@@ -139,6 +139,8 @@ pub(super) struct Lineage {
     layers: Vec<std::path::PathBuf>,
     tier: crate::tier::Tier,
     ids: Option<IdMap>,
+    /// A forked session keeps its source's egress grant.
+    network: thaw_types::spec::NetworkGrant,
 }
 
 impl Lineage {
@@ -150,6 +152,7 @@ impl Lineage {
             layers: t.layers.clone(),
             tier: t.tier,
             ids: Some(t.ids()?),
+            network: Default::default(),
         })
     }
 
@@ -161,6 +164,7 @@ impl Lineage {
             layers: r.layers.clone(),
             tier: r.tier,
             ids: r.ids,
+            network: r.session.network.clone(),
         }
     }
 }
@@ -186,6 +190,11 @@ fn child_record(parent: &Lineage, origin: String, opts: &SessionOptions) -> Sess
                 crate::session::TimeoutAction::Stop
             },
             env: opts.env.clone(),
+            network: if opts.network.is_empty() {
+                parent.network.clone()
+            } else {
+                opts.network.clone()
+            },
             error: None,
             snapshot: None,
             snapshot_size: None,
@@ -258,6 +267,7 @@ impl Engine {
     pub(super) async fn adopt(&self, rec: &SessionRecord, sb: &Sandbox) -> Result<()> {
         let opts = RunOptions {
             env: rec.session.env.clone(),
+            network: rec.session.network.clone(),
             ..RunOptions::default()
         };
         self.hygiene_as(sb, &rec.spec, &opts, &rec.session.id)

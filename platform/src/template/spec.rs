@@ -107,6 +107,8 @@ impl TemplateSpecExt for TemplateSpec {
                 return Err(bad("reward.timeout_s", "must be at least 1".into()));
             }
         }
+        crate::egress::policy_of(&self.network.allow_out, &self.network.deny_out)
+            .map_err(|e| bad("network", e.to_string()))?;
         if let BaseSpec::Debian { suite, packages } = &self.base {
             if suite.is_empty() || !suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
                 return Err(bad(

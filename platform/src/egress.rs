@@ -1,0 +1,140 @@
+//! The engine's side of the egress gateway ([`thaw_gateway`]): which sandboxes get a
+//! network, under which rules, and what becomes of each decision.
+//!
+//! A sandbox is wired only when something grants it egress (its template's `[network]`, its
+//! session's or its call's `allow_out`): a sandbox with no grant keeps a namespace with
+//! loopback alone, and pays nothing. The grant in force is the union of the three; a call's
+//! part lasts as long as the call ([`thaw_gateway::CallGrant`]).
+//!
+//! Only the container tier is wired so far: a microvm's guest has no network device, and a
+//! grant on it is refused with that reason rather than ignored.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use thaw_gateway::{EgressEvent, EgressObserver, Gateway, Limits, Policy};
+use thaw_types::spec::{NetworkGrant, NetworkSpec};
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::sandbox::Sandbox;
+
+/// Environment variable: the resolver the gateway asks for allowed names (`IP:PORT`);
+/// default, the host's first `nameserver`.
+pub const UPSTREAM_DNS_ENV: &str = "THAW_UPSTREAM_DNS";
+/// Environment variable: a network namespace file (`/run/netns/NAME`) the gateway's own
+/// connections leave from; default, the host's namespace.
+pub const EGRESS_NETNS_ENV: &str = "THAW_EGRESS_NETNS";
+
+/// Parses allow/deny lists; the error names the bad entry.
+pub fn policy_of(allow: &[String], deny: &[String]) -> std::result::Result<Policy, String> {
+    Policy::parse(allow, deny).map_err(|e| e.to_string())
+}
+
+/// A grant from a session or a call, checked.
+pub fn grant_policy(g: &NetworkGrant) -> Result<Policy> {
+    policy_of(&g.allow_out, &g.deny_out).map_err(Error::BadNetwork)
+}
+
+pub(crate) fn limits_of(n: &NetworkSpec) -> Limits {
+    Limits {
+        max_connections: n.max_connections,
+        bandwidth_bytes_per_s: n.bandwidth_kib_s.saturating_mul(1024),
+    }
+}
+
+/// Forwards decisions to tracing (and, through the engine, to the audit log).
+struct Observer;
+
+impl EgressObserver for Observer {
+    fn egress(&self, e: &EgressEvent) {
+        tracing::info!(
+            target: "thaw::egress",
+            sandbox = %e.sandbox,
+            kind = e.kind,
+            name = e.name.as_deref().unwrap_or(""),
+            ip = ?e.ip,
+            port = e.port,
+            allowed = e.allowed,
+            reason = %e.reason,
+            "egress"
+        );
+    }
+}
+
+/// The engine's gateway, configured from the environment.
+pub fn open_gateway() -> Result<Gateway> {
+    let upstream_dns = match std::env::var(UPSTREAM_DNS_ENV) {
+        Ok(v) if !v.is_empty() => v.parse().map_err(|_| Error::MissingDependency {
+            what: format!("a valid {UPSTREAM_DNS_ENV} (`{v}` is not IP:PORT)"),
+            fix: format!("set {UPSTREAM_DNS_ENV} to e.g. 192.0.2.53:53, or unset it"),
+        })?,
+        _ => thaw_gateway::Config::host_resolver(),
+    };
+    let egress_netns = match std::env::var(EGRESS_NETNS_ENV) {
+        Ok(p) if !p.is_empty() => Some(
+            std::fs::File::open(&p)
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| Error::MissingDependency {
+                    what: format!("the egress network namespace {p} ({EGRESS_NETNS_ENV}): {e}"),
+                    fix: format!("create it (`ip netns add`) or unset {EGRESS_NETNS_ENV}"),
+                })?,
+        ),
+        _ => None,
+    };
+    Ok(Gateway::new(
+        thaw_gateway::Config {
+            upstream_dns,
+            egress_netns,
+        },
+        Arc::new(Observer),
+    ))
+}
+
+/// Which gateway serves each wired sandbox. Session calls reach a sandbox through a fresh
+/// handle each time ([`crate::engine::Engine::attach`]), so the wiring cannot live in a
+/// handle; it ends when the sandbox is destroyed ([`release`]), whichever handle does it.
+/// Sandbox ids are unique per machine, so one map serves every engine of the process.
+static WIRED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, Gateway>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Stops serving `sandbox`: its listeners, and with them the host's hold on its network
+/// namespace, go. Called by [`Sandbox::destroy`].
+pub(crate) fn release(sandbox: &str) {
+    let g = WIRED.lock().ok().and_then(|mut m| m.remove(sandbox));
+    if let Some(g) = g {
+        g.detach(sandbox);
+    }
+}
+
+/// Wires `sb` under `policy` (its template's, session's and call's grants together) if
+/// the policy allows anything; a sandbox already wired gets the new policy.
+pub(crate) async fn open(
+    gateway: &Gateway,
+    sb: &Sandbox,
+    policy: Policy,
+    limits: Limits,
+) -> Result<()> {
+    if policy.is_closed() && gateway.get(&sb.id).is_none() {
+        return Ok(());
+    }
+    let ns = sb.handle.network_namespace().ok_or_else(|| Error::Egress {
+        sandbox: sb.id.clone(),
+        message: format!(
+            "the {} tier has no egress yet (only container sandboxes are wired); remove the network grant or use `tier = \"container\"`",
+            sb.tier().as_str()
+        ),
+    })?;
+    gateway
+        .attach(&sb.id, ns.as_fd(), policy, limits)
+        .instrument(tracing::info_span!("sandbox.egress", sandbox = %sb.id))
+        .await
+        .map_err(|e| Error::Egress {
+            sandbox: sb.id.clone(),
+            message: e.to_string(),
+        })?;
+    if let Ok(mut m) = WIRED.lock() {
+        m.insert(sb.id.clone(), gateway.clone());
+    }
+    Ok(())
+}
