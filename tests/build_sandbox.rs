@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use thaw_e2e::{Home, Run};
+use thaw_e2e::{repo_root, Home, Run};
+
+#[path = "common/internet.rs"]
+mod internet;
 
 /// A home whose rootfs cache is its own.
 fn home() -> Home {
@@ -382,5 +385,99 @@ fn setup_writes_into_directories_the_template_files_made() {
         ])
         .ok();
     assert_eq!(r.stdout(), "built\n0\necho hi\n");
+    h.assert_clean();
+}
+
+/// `[build] allow_out` lets setup reach what it names through the egress gateway, and
+/// nothing else: the test's own internet (a network namespace it makes) serves both the
+/// allowed and a denied address, and only the allowed one sees a connection.
+#[test]
+fn setup_reaches_its_build_allowlist_and_nothing_else() {
+    let net = internet::Internet::shared();
+    let mut h = home();
+    h.env.push((
+        "THAW_EGRESS_NETNS".into(),
+        format!("/run/netns/{}", net.netns),
+    ));
+    h.env
+        .push(("THAW_UPSTREAM_DNS".into(), format!("{}:53", internet::DNS)));
+    let get = |host: &str| {
+        format!("printf 'GET /hello HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n' | nc -w 5 {host} 80")
+    };
+    let allowed_before = net.tcp_seen(internet::ALLOWED, 80);
+    let other_before = net.tcp_seen(internet::OTHER, 80);
+    let fetch = format!("{} > /app/fetched", get("allowed.test"));
+    let denied = format!(
+        "if {} | grep -q hello; then echo REACHED\"\"OTHER; exit 9; fi",
+        get(internet::OTHER)
+    );
+    let dir = template(
+        &h,
+        &["mkdir -p /app", &fetch, &denied],
+        "[build]\nallow_out = [\"allowed.test:80\"]\n",
+    );
+    let r = deploy(&h, &dir);
+    assert_eq!(
+        r.code(),
+        0,
+        "stdout: {}\nstderr: {}",
+        r.stdout(),
+        r.stderr()
+    );
+    assert_eq!(net.tcp_seen(internet::ALLOWED, 80), allowed_before + 1);
+    assert_eq!(
+        net.tcp_seen(internet::OTHER, 80),
+        other_before,
+        "setup reached an address its allowlist does not name"
+    );
+    // What setup fetched is in the template: a sandbox of it reads it (with no network).
+    let out = h.run(&["exec", "t", "--", "cat", "/app/fetched"]).ok();
+    assert!(
+        out.stdout().contains("host=allowed.test"),
+        "{}",
+        out.stdout()
+    );
+    h.assert_clean();
+}
+
+/// templates/pip: setup installs a package from PyPI through the gateway (the build may
+/// reach PyPI's index and file host, and nothing else), and a sandbox of it imports it.
+/// This test reaches the real PyPI, as `pip install` does.
+#[test]
+fn the_pip_template_installs_from_pypi_through_the_gateway() {
+    let _ = internet::Internet::shared; // (the other tests of this binary use it)
+    let mut h = Home::new();
+    for var in ["THAW_EGRESS_NETNS", "THAW_UPSTREAM_DNS"] {
+        h.env.push((var.into(), String::new()));
+    }
+    // Behind a TLS-intercepting proxy (as on CI's machines), builds trust the host's bundle.
+    let bundle = std::env::var("SSL_CERT_FILE")
+        .ok()
+        .filter(|p| Path::new(p).is_file())
+        .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+    h.env.push(("THAW_BUILD_CA_BUNDLE".into(), bundle));
+    let r = h.run(&[
+        "deploy",
+        repo_root().join("templates/pip").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        r.code(),
+        0,
+        "stdout: {}\nstderr: {}",
+        r.stdout(),
+        r.stderr()
+    );
+    let out = h
+        .run(&[
+            "invoke",
+            "pip",
+            "--payload",
+            r#"{"bytes": 123456789}"#,
+            "--json",
+        ])
+        .ok();
+    let v = out.json();
+    assert_eq!(v["result"]["size"], "123.5 MB", "{v}");
+    assert_eq!(v["result"]["humanize"], "4.9.0", "{v}");
     h.assert_clean();
 }

@@ -187,6 +187,17 @@ enum BenchKind {
         #[arg(long, default_value_t = thaw_server::ServerConfig::default().prepared)]
         prepared: usize,
     },
+    /// The egress gateway's cost: a 1 KiB HTTPS request through the proxy against the same
+    /// request direct, and wiring a sandbox's network namespace. In namespaces it makes; no
+    /// packet leaves this machine.
+    Egress {
+        /// HTTPS requests each way.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// Fresh namespaces wired.
+        #[arg(long, default_value_t = 30)]
+        wires: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -461,6 +472,34 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
     match cmd {
         Cmd::Doctor | Cmd::Openapi => unreachable!("handled above"),
+        Cmd::Bench {
+            kind: Some(BenchKind::Egress { requests, wires }),
+            ..
+        } => {
+            anyhow::ensure!(
+                requests >= 1 && wires >= 1,
+                "--requests and --wires must be at least 1"
+            );
+            let r = thaw_gateway::bench::run(requests, wires).await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                let line = |what: &str, d: &thaw_gateway::bench::Dist| {
+                    println!(
+                        "{what:<34} p50 {:>7.2} ms   p99 {:>7.2} ms   min {:>6.2} ms   (n={})",
+                        d.p50_ms, d.p99_ms, d.min_ms, d.n
+                    )
+                };
+                line("HTTPS 1 KiB, direct", &r.https_direct);
+                line("HTTPS 1 KiB, through the proxy", &r.https_via_proxy);
+                println!(
+                    "{:<34} {:>7.2} ms (p50)",
+                    "added by the proxy", r.proxy_added_p50_ms
+                );
+                line("wiring a sandbox's namespace", &r.wire);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Bench {
             kind:
                 Some(BenchKind::Rollouts {

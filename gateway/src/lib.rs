@@ -15,6 +15,7 @@
 //!
 //! Every decision is reported to an [`EgressObserver`] (the engine's audit log).
 
+pub mod bench;
 pub mod dns;
 pub mod netns;
 pub mod policy;

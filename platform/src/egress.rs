@@ -107,6 +107,69 @@ pub(crate) fn release(sandbox: &str) {
     }
 }
 
+/// A template build's network: a namespace the host makes, wired to the gateway under the
+/// template's `[build] allow_out`, for runc to put the build container in. Dropped after the
+/// build, which ends its wiring.
+pub(crate) struct BuildNetwork {
+    gateway: Gateway,
+    id: String,
+    ns: std::os::fd::OwnedFd,
+}
+
+impl BuildNetwork {
+    /// `None` when the build is granted nothing (it keeps a loopback-only namespace).
+    pub(crate) async fn open(
+        gateway: &Gateway,
+        id: &str,
+        build: &thaw_types::spec::BuildLimits,
+    ) -> Result<Option<BuildNetwork>> {
+        let policy = policy_of(&build.allow_out, &build.deny_out).map_err(Error::BadNetwork)?;
+        if policy.is_closed() {
+            return Ok(None);
+        }
+        let bad = |message: String| Error::Egress {
+            sandbox: id.to_string(),
+            message,
+        };
+        let ns = tokio::task::spawn_blocking(|| {
+            std::thread::spawn(|| -> std::io::Result<std::os::fd::OwnedFd> {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("namespace thread panicked"))?
+        })
+        .await
+        .map_err(|e| bad(format!("namespace task: {e}")))?
+        .map_err(|e| bad(format!("making the build's network namespace: {e}")))?;
+        gateway
+            .attach(id, ns.as_fd(), policy, Limits::default())
+            .await
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Some(BuildNetwork {
+            gateway: gateway.clone(),
+            id: id.to_string(),
+            ns,
+        }))
+    }
+
+    /// The path runc joins: this process's descriptor of the namespace.
+    pub(crate) fn path(&self) -> std::path::PathBuf {
+        use std::os::fd::AsRawFd;
+        std::path::PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.ns.as_raw_fd()
+        ))
+    }
+}
+
+impl Drop for BuildNetwork {
+    fn drop(&mut self) {
+        self.gateway.detach(&self.id);
+    }
+}
+
 /// Wires `sb` under `policy` (its template's, session's and call's grants together) if
 /// the policy allows anything; a sandbox already wired gets the new policy.
 pub(crate) async fn open(

@@ -274,7 +274,8 @@ impl Engine {
             )?;
             let key = self.template_key(&spec.name);
             let ids = self.allocate_ids(&key)?;
-            let built = rootfs::build(&self.paths, &spec, dir, ids, progress).await?;
+            let built =
+                rootfs::build(&self.paths, &self.gateway, &spec, dir, ids, progress).await?;
             self.backend(tier)
                 .prepare_template(&built.layers, &spec.limits, progress)
                 .await?;

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // shared by several test binaries, each using a part
 //! A small "internet" for egress tests, inside a network namespace the test makes: a DNS
 //! zone, HTTP servers, a TLS server with a test CA, raw TCP and UDP echo servers, at
 //! documentation addresses (198.51.100.0/24, 203.0.113.0/24) that exist only in that

@@ -251,6 +251,12 @@ pub struct BuildLimits {
     /// Wall-clock limit of each setup command, seconds.
     #[serde(default = "b_timeout")]
     pub timeout_s: u64,
+    /// What `setup` may reach through the egress gateway (package indexes), as
+    /// `[network] allow_out`; nothing by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
 }
 
 /// The longest a single setup command may be allowed to run, whatever a template asks.
@@ -284,6 +290,8 @@ impl Default for BuildLimits {
             disk_mib: b_disk(),
             output_kib: b_output(),
             timeout_s: b_timeout(),
+            allow_out: Vec::new(),
+            deny_out: Vec::new(),
         }
     }
 }

@@ -204,6 +204,7 @@ impl ContainerTier {
             ids: spec.ids,
             cgroup_view: spec.limits.cgroup_view,
             guest_init: Some(guest_init.to_path_buf()),
+            ca_bundle: None,
             cgroup_path: format!("/thaw/{}", spec.id),
             criu_config: Some(self.criu_config_for(spec.memory)),
         }

@@ -13,13 +13,22 @@ use serde_json::{json, Value};
 
 use super::seccomp;
 
+/// Where a build finds the operator's CA bundle (`THAW_BUILD_CA_BUNDLE`).
+pub const CA_BUNDLE_PATH: &str = "/etc/thaw/ca-bundle.crt";
+
 /// Which network a container sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Network {
     /// A fresh network namespace with loopback only (every sandbox, and every template
     /// build: a build runs a tenant's commands, and the host's network would hand them
     /// the host's loopback services and its whole LAN).
     Loopback,
+    /// A namespace the host made and wired to the egress gateway (a build granted
+    /// `[build] allow_out`). Owned by the host's user namespace, so the build's root, whose
+    /// capabilities are its own user namespace's, can change nothing in it. Never used for
+    /// sandboxes that are checkpointed: CRIU refuses a namespace its user namespace does not
+    /// own.
+    Path(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +50,9 @@ pub struct ContainerConfig {
     pub cgroup_view: bool,
     /// The static guest-init binary, bind-mounted read-only at [`GUEST_INIT_PATH`].
     pub guest_init: Option<PathBuf>,
+    /// A CA bundle bound read-only at [`CA_BUNDLE_PATH`] (a build's, behind an operator's
+    /// TLS-intercepting proxy: `THAW_BUILD_CA_BUNDLE`).
+    pub ca_bundle: Option<PathBuf>,
     /// cgroup path below each hierarchy root.
     pub cgroup_path: String,
     /// CRIU configuration file for runc's checkpoint and restore (annotation
@@ -90,14 +102,25 @@ pub fn render(c: &ContainerConfig) -> Value {
                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
                "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
-               "options": ["nosuid", "noexec", "nodev", "ro"]}),
     ];
+    // sysfs can be mounted only by a user namespace that owns the network namespace; a
+    // build in a host-made namespace ([`Network::Path`]) gets an empty, read-only /sys
+    // instead (binding the host's would show it the host's devices).
+    mounts.push(match c.network {
+        Network::Loopback => json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+               "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        Network::Path(_) => json!({"destination": "/sys", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "noexec", "nodev", "ro", "size=4k"]}),
+    });
     if c.cgroup_view {
         mounts.push(
             json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
         );
+    }
+    if let Some(ca) = &c.ca_bundle {
+        mounts.push(json!({"destination": CA_BUNDLE_PATH, "type": "bind",
+            "source": ca, "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}));
     }
     if let Some(init) = &c.guest_init {
         mounts.push(json!({"destination": GUEST_INIT_PATH, "type": "bind",
@@ -111,8 +134,9 @@ pub fn render(c: &ContainerConfig) -> Value {
         json!({"type": "cgroup"}),
         json!({"type": "user"}),
     ];
-    match c.network {
+    match &c.network {
         Network::Loopback => namespaces.push(json!({"type": "network"})),
+        Network::Path(p) => namespaces.push(json!({"type": "network", "path": p})),
     }
 
     let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
@@ -194,6 +218,7 @@ mod tests {
             ids: crate::container::userns::IdMap::range(3),
             cgroup_view: false,
             guest_init: Some("/gi".into()),
+            ca_bundle: None,
             cgroup_path: "/thaw/x".into(),
             criu_config: Some("/c.conf".into()),
         }

@@ -96,9 +96,14 @@ pub fn layer_key(spec: &TemplateSpec, dir: &Path) -> Result<String> {
 
 const BUSYBOX: &str = "/bin/busybox";
 
+/// Environment variable: a PEM bundle that template builds granted egress trust, for hosts
+/// whose outbound HTTPS goes through a TLS-intercepting proxy of the operator's.
+pub const BUILD_CA_ENV: &str = "THAW_BUILD_CA_BUNDLE";
+
 /// Builds (or reuses) the base and the template layer.
 pub async fn build(
     paths: &Paths,
+    gateway: &thaw_gateway::Gateway,
     spec: &TemplateSpec,
     dir: &Path,
     ids: IdMap,
@@ -125,7 +130,10 @@ pub async fn build(
         progress.step(&format!("building template layer ({lkey})"));
         let _lock = FileLock::acquire(&cache.join(format!(".{lkey}.lock")))?;
         if !layer.exists() {
-            build_layer(paths, &cache, &lkey, &base, spec, dir, ids, progress).await?;
+            build_layer(
+                paths, gateway, &cache, &lkey, &base, spec, dir, ids, progress,
+            )
+            .await?;
         }
     } else {
         progress.step("template layer cached");
@@ -334,6 +342,7 @@ fn common_dirs(root: &Path) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 async fn build_layer(
     paths: &Paths,
+    gateway: &thaw_gateway::Gateway,
     cache: &Path,
     key: &str,
     base: &Path,
@@ -397,6 +406,7 @@ async fn build_layer(
             progress.step(&format!("setup {}/{}: {cmd}", i + 1, spec.setup.len()));
             run_setup(
                 paths,
+                gateway,
                 &scratch.path,
                 &disk,
                 &merged,
@@ -484,6 +494,7 @@ fn tmpfs_full(disk: &Path) -> bool {
 #[allow(clippy::too_many_arguments)]
 async fn run_setup(
     paths: &Paths,
+    gateway: &thaw_gateway::Gateway,
     scratch: &Path,
     disk: &Path,
     merged: &Path,
@@ -505,13 +516,36 @@ async fn run_setup(
             "DEBIAN_FRONTEND=noninteractive".to_string(),
         ];
         envv.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
+        // Granted egress ([build] allow_out): a host-made namespace wired to the gateway,
+        // kept until the container is gone.
+        let net = crate::egress::BuildNetwork::open(gateway, &id, b).await?;
+        // Behind an operator's TLS-intercepting proxy, a build granted egress trusts the
+        // operator's bundle too (the usual variables point every common client at it).
+        let ca_bundle = match (&net, std::env::var_os(BUILD_CA_ENV)) {
+            (Some(_), Some(p)) if !p.is_empty() => {
+                let p = PathBuf::from(p);
+                if !p.is_file() {
+                    return Err(Error::MissingDependency {
+                        what: format!("the CA bundle {} ({BUILD_CA_ENV})", p.display()),
+                        fix: format!("point {BUILD_CA_ENV} at a PEM file, or unset it"),
+                    });
+                }
+                for var in ["SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"] {
+                    envv.push(format!("{var}={}", oci::CA_BUNDLE_PATH));
+                }
+                Some(p)
+            }
+            _ => None,
+        };
         let cfg = ContainerConfig {
             rootfs: merged.to_path_buf(),
             hostname: "thaw-build".into(),
             args: vec!["/bin/sh".into(), "-c".into(), cmd.to_string()],
             env: envv,
             cwd: "/".into(),
-            network: Network::Loopback,
+            network: net
+                .as_ref()
+                .map_or(Network::Loopback, |n| Network::Path(n.path())),
             build_caps: true,
             // The tmpfs holding the build's writes is charged to the build's memory
             // cgroup, so the cgroup gets room for both.
@@ -521,6 +555,7 @@ async fn run_setup(
             ids,
             cgroup_view: false,
             guest_init: None,
+            ca_bundle,
             cgroup_path: format!("/{}/{id}", crate::container::cgroups::PARENT),
             criu_config: None,
         };

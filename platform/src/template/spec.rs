@@ -109,6 +109,8 @@ impl TemplateSpecExt for TemplateSpec {
         }
         crate::egress::policy_of(&self.network.allow_out, &self.network.deny_out)
             .map_err(|e| bad("network", e.to_string()))?;
+        crate::egress::policy_of(&self.build.allow_out, &self.build.deny_out)
+            .map_err(|e| bad("build", e.to_string()))?;
         if let BaseSpec::Debian { suite, packages } = &self.base {
             if suite.is_empty() || !suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
                 return Err(bad(
