@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod engine;
 pub mod error;
 pub mod keys;
+pub mod live;
 pub mod microvm;
 pub mod paths;
 pub mod progress;
