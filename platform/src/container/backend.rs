@@ -136,7 +136,7 @@ fn disk_used(disk: &Path) -> Option<u64> {
         return None;
     }
     let st = nix::sys::statvfs::statvfs(disk).ok()?;
-    let used = u64::from(st.blocks()).saturating_sub(u64::from(st.blocks_free()));
+    let used = st.blocks().saturating_sub(st.blocks_free());
     Some(used.saturating_mul(st.fragment_size()))
 }
 

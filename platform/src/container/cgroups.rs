@@ -678,6 +678,56 @@ mod tests {
         let _ = init.wait();
     }
 
+    /// Real cgroups (root only; skipped elsewhere): a fork bomb under a pids limit is
+    /// ended with every process it made, the cgroup is left empty and in place, and its
+    /// figures were readable while it ran.
+    #[test]
+    fn kill_now_ends_a_fork_bomb_and_leaves_the_cgroup_empty() {
+        if !nix::unistd::geteuid().is_root() || hierarchies().is_empty() {
+            eprintln!("skipped: needs root and cgroups");
+            return;
+        }
+        let id = format!("test-kill-now-{}", std::process::id());
+        let limits = Limits {
+            pids: 32,
+            ..Limits::default()
+        };
+        let cg = SandboxCgroup::create(&id, &limits).unwrap();
+        let procs = cg.procs_files();
+        let mut c = std::process::Command::new("sh");
+        // Each copy forks copies of itself for ever; the first shell spins without forking.
+        c.args([
+            "-c",
+            "exec 2>/dev/null; f(){ while :; do f & done; }; f & while :; do :; done",
+        ]);
+        // SAFETY: `join` only makes async-signal-safe calls.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, move || join(&procs));
+        }
+        let mut child = c.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut most = 0;
+        while Instant::now() < deadline && most < 8 {
+            most = most.max(usage(&id).pids.unwrap_or(0));
+        }
+        let u = usage(&id);
+        assert!(most >= 8, "the bomb never got going: {u:?}");
+        assert!(u.memory_bytes.is_some() && u.cpu_seconds.is_some(), "{u:?}");
+        let started = Instant::now();
+        let killed = kill_now(&id).unwrap();
+        let took = started.elapsed();
+        assert!(killed.processes >= 1, "{killed:?}");
+        assert!(!populated(&id), "processes left after kill_now");
+        assert!(took < Duration::from_millis(100), "kill_now took {took:?}");
+        let st = child.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+        assert!(
+            hierarchies().iter().any(|h| h.dir(&id).exists()),
+            "left in place"
+        );
+        destroy(&id).unwrap();
+    }
+
     const HYBRID: &str = "\
 25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw
 30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755

@@ -561,6 +561,10 @@ impl Engine {
         let Ok(rec) = self.session_record(id) else {
             return e;
         };
+        // Killed by `thaw kill` (from another process, whose cancel this call never saw).
+        if rec.killed.is_some() {
+            return kill::refused(&rec);
+        }
         if rec.session.state == SessionState::Running
             && !rec.init.as_deref().map(alive).unwrap_or(false)
         {
