@@ -157,6 +157,10 @@ async fn health_metrics_openapi_and_authentication() {
         ("/v1/sessions/{id}/fork", &["post"]),
         ("/v1/sessions/{id}/reward", &["post"]),
         ("/v1/sessions/batch", &["post"]),
+        ("/v1/sandboxes", &["get"]),
+        ("/v1/sandboxes/{id}", &["get"]),
+        ("/v1/sandboxes/{id}/kill", &["post"]),
+        ("/v1/sandboxes/kill", &["post"]),
     ] {
         let p = paths
             .get(path)
@@ -167,7 +171,7 @@ async fn health_metrics_openapi_and_authentication() {
     }
     assert_eq!(
         paths.len(),
-        21,
+        25,
         "undocumented or unexpected paths: {:?}",
         paths.keys()
     );

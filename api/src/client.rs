@@ -621,6 +621,41 @@ impl Client {
     }
 }
 
+impl Client {
+    // ---- live sandboxes ----
+
+    /// `GET /v1/sandboxes`: the key's live sandboxes (an admin key: every key's).
+    pub async fn sandboxes(&self) -> Result<Vec<crate::LiveSandbox>> {
+        let l: crate::SandboxList = self
+            .call(self.request(Method::GET, self.url(&["v1", "sandboxes"])))
+            .await?;
+        Ok(l.sandboxes)
+    }
+
+    /// `GET /v1/sandboxes/{id}`: one live sandbox, by its id or its session's.
+    pub async fn sandbox(&self, id: &str) -> Result<crate::LiveSandbox> {
+        self.call(self.request(Method::GET, self.url(&["v1", "sandboxes", id])))
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/kill`: ends a sandbox (or a session, for good) now.
+    pub async fn kill(&self, id: &str) -> Result<crate::KillReport> {
+        self.call(self.request(Method::POST, self.url(&["v1", "sandboxes", id, "kill"])))
+            .await
+    }
+
+    /// `POST /v1/sandboxes/kill`: ends every live sandbox of the key; an admin key ends
+    /// every key's, or only `key`'s.
+    pub async fn kill_all(&self, key: Option<&str>) -> Result<Vec<crate::KillReport>> {
+        let mut url = self.url(&["v1", "sandboxes", "kill"]);
+        if let Some(k) = key {
+            url.query_pairs_mut().append_pair("key", k);
+        }
+        let l: crate::KillList = self.call(self.request(Method::POST, url)).await?;
+        Ok(l.killed)
+    }
+}
+
 /// Packs a template directory as the tar `POST /v1/templates` takes: paths relative to the
 /// directory, symlinks stored as symlinks (never followed, so nothing outside the directory
 /// is sent by accident), permission bits kept.

@@ -29,6 +29,10 @@
 //! | `POST /v1/sessions/{id}/fork` | [`ForkBody`] | [`BatchResponse`] |
 //! | `POST /v1/sessions/batch` | [`BatchBody`] | [`BatchResponse`], or a stream of [`BatchEvent`] |
 //! | `POST /v1/sessions/{id}/reward` | [`RewardBody`] | [`Reward`] |
+//! | `GET /v1/sandboxes` | | [`SandboxList`] |
+//! | `GET /v1/sandboxes/{id}` | | [`LiveSandbox`] |
+//! | `POST /v1/sandboxes/{id}/kill` | | [`KillReport`] |
+//! | `POST /v1/sandboxes/kill?key=` | | [`KillList`] |
 //!
 //! Streams: with `Accept: application/x-ndjson` (or `?stream=true`), invoke and exec answer
 //! with one [`StreamEvent`] per line, and a batch with one [`BatchEvent`] per line (the
@@ -52,4 +56,6 @@ pub use thaw_types::{
     ResetOutcome, Reward, Session, SessionState, SnapshotSize, StartKind, TemplateRecord,
     TemplateSpec, TemplateState, Tier, TimeoutAction, Timings,
 };
+// Live sandboxes (`thaw ps`, `thaw kill`).
+pub use thaw_types::{KillList, KillReport, LiveSandbox, RunningTask, SandboxFigures, SandboxList};
 pub use types::*;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use thaw_platform::engine::{ExecResult, Invocation, RunOptions, TemplateRecord};
+use thaw_platform::live::{KillReport, KilledBy, LiveSandbox};
 use thaw_platform::progress::Progress;
 use thaw_platform::session::{Session, SessionOptions};
 use thaw_platform::Engine;
@@ -212,6 +213,38 @@ impl Backend {
         Ok(match self {
             Backend::Local(e) => e.session_delete(id).await?,
             Backend::Remote(c) => c.session_delete(id).await?,
+        })
+    }
+}
+
+impl Backend {
+    pub async fn ps(&self) -> Result<Vec<LiveSandbox>> {
+        Ok(match self {
+            Backend::Local(e) => {
+                let e = e.clone();
+                tokio::task::spawn_blocking(move || e.live_sandboxes()).await??
+            }
+            Backend::Remote(c) => c.sandboxes().await?,
+        })
+    }
+
+    pub async fn kill(&self, id: &str) -> Result<KillReport> {
+        Ok(match self {
+            Backend::Local(e) => e.kill(id, &KilledBy::local()).await?,
+            Backend::Remote(c) => c.kill(id).await?,
+        })
+    }
+
+    pub async fn kill_all(&self, key: Option<&str>) -> Result<Vec<KillReport>> {
+        Ok(match self {
+            Backend::Local(e) => {
+                let e = match key {
+                    Some(k) => e.as_owner(k),
+                    None => e.clone(),
+                };
+                e.kill_all(&KilledBy::local()).await?
+            }
+            Backend::Remote(c) => c.kill_all(key).await?,
         })
     }
 }

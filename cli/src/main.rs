@@ -8,6 +8,7 @@
 mod backend;
 mod output;
 mod progress;
+mod ps;
 mod rollouts_bench;
 
 use std::collections::BTreeMap;
@@ -117,6 +118,26 @@ enum Cmd {
         /// Largest session lifetime a caller may ask for, in seconds.
         #[arg(long, value_name = "SECS", default_value_t = thaw_server::ServerConfig::default().max_session_lifetime.as_secs_f64(), value_parser = parse_secs)]
         max_session_lifetime: f64,
+    },
+    /// List live sandboxes with what each uses now: CPU, memory, processes, disk, network,
+    /// the running task. Locally this process's engine sees sessions' sandboxes (every key's,
+    /// from the machine's store) but not invocations or execs run by other thaw processes
+    /// (a `thaw serve`): use --server with an admin key for everything a server runs.
+    Ps,
+    /// End a live sandbox now, whatever it does (a fork bomb, a task ignoring SIGTERM). ID is
+    /// a sandbox id or a session id; a killed session, paused or not, ends for good. Locally
+    /// this reaches sessions and this process's own calls only: use --server to end what a
+    /// `thaw serve` runs.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["id", "all"])))]
+    Kill {
+        id: Option<String>,
+        /// Every live sandbox you may see (an admin key: every key's; paused sessions are
+        /// left alone).
+        #[arg(long)]
+        all: bool,
+        /// With --all and an admin key: only this key's sandboxes.
+        #[arg(long, requires = "all")]
+        key: Option<String>,
     },
     /// Manage the API keys `thaw serve` accepts (on the server's machine).
     Keys {
@@ -700,6 +721,19 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
         Cmd::Session { cmd } => {
             backend.enforce_timeouts().await?;
             session(&backend, cmd, json).await
+        }
+        Cmd::Ps => {
+            ps::print_ps(&backend.ps().await?, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Kill { id, all, key } => {
+            let killed = match (id, all) {
+                (Some(id), false) => vec![backend.kill(&id).await?],
+                (None, true) => backend.kill_all(key.as_deref()).await?,
+                _ => anyhow::bail!("give a sandbox or session ID, or --all"),
+            };
+            ps::print_killed(&killed, json)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -123,6 +123,25 @@ pub trait TierBackend: Send + Sync {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
+
+    /// Ends every host process of live sandbox `id` now, whatever it does (a fork bomb, a
+    /// task ignoring SIGTERM, a paused VM), and returns once none is left: `thaw kill`.
+    /// Without asking the guest (it may not answer) and without a grace period. Leaves
+    /// the sandbox's files, mounts and cgroups to its usual teardown. Blocking; callers run
+    /// it off the async workers. The default: the tier cannot.
+    fn kill_now(&self, id: &str) -> Result<crate::live::KillStats> {
+        Err(Error::Other(format!(
+            "sandbox {id}: the {} tier cannot kill a sandbox outright",
+            self.tier().as_str()
+        )))
+    }
+
+    /// What live sandbox `id` uses now, read by the host from the kernel (cgroups, /proc,
+    /// its disk), never from the guest. A figure the tier cannot read is `None`, never 0.
+    /// Blocking but cheap (a few small file reads): `ps` and `/metrics` call it per sandbox.
+    fn usage(&self, _id: &str) -> crate::live::HostUsage {
+        crate::live::HostUsage::default()
+    }
 }
 
 /// A live sandbox of one tier, as only its tier can handle it. Dropping it does not end

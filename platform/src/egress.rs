@@ -91,6 +91,22 @@ pub fn open_gateway() -> Result<Gateway> {
     ))
 }
 
+/// `thaw ps` and `/metrics`'s network figures, from the gateway's counters. A live sandbox
+/// the gateway does not serve has no network at all: its figures are truly 0.
+pub(crate) struct Counters(pub(crate) Gateway);
+
+impl crate::live::NetCounters for Counters {
+    fn get(&self, sandbox: &str) -> Option<crate::live::NetFigures> {
+        let f = self.0.figures(sandbox).unwrap_or_default();
+        Some(crate::live::NetFigures {
+            rx_bytes: f.rx_bytes,
+            tx_bytes: f.tx_bytes,
+            connections_open: f.connections_open,
+            connections_total: f.connections_total,
+        })
+    }
+}
+
 /// Which gateway serves each wired sandbox. Session calls reach a sandbox through a fresh
 /// handle each time ([`crate::engine::Engine::attach`]), so the wiring cannot live in a
 /// handle; it ends when the sandbox is destroyed ([`release`]), whichever handle does it.

@@ -122,6 +122,10 @@ pub struct Engine {
     pub(crate) spares: std::sync::Arc<crate::session::Spares>,
     /// The egress gateway: sandboxes granted a network are wired to it.
     pub(crate) gateway: thaw_gateway::Gateway,
+    /// The live sandboxes this process runs ([`crate::live`]: `thaw ps`, `thaw kill`).
+    pub(crate) live: std::sync::Arc<crate::live::Registry>,
+    /// Whether live views and kills span every owner (see [`Engine::sees_all_owners`]).
+    pub(crate) all_owners: bool,
     owner: String,
 }
 
@@ -172,8 +176,14 @@ impl Engine {
             gc: Default::default(),
             spares: Default::default(),
             gateway: crate::egress::open_gateway()?,
+            live: Default::default(),
+            // The local CLI is the machine's operator: it sees every owner's sandboxes.
+            all_owners: true,
             owner: LOCAL_OWNER.to_string(),
         };
+        engine.set_net_counters(std::sync::Arc::new(crate::egress::Counters(
+            engine.gateway.clone(),
+        )));
         engine.recover_sessions().await?;
         Ok(engine)
     }
@@ -182,6 +192,15 @@ impl Engine {
     pub fn as_owner(&self, owner: &str) -> Engine {
         let mut e = self.clone();
         e.owner = owner.to_string();
+        e.all_owners = false;
+        e
+    }
+
+    /// The same engine whose live views and kills ([`crate::live`]) span every owner: an
+    /// admin key's (its templates and sessions stay its own).
+    pub fn as_admin(&self) -> Engine {
+        let mut e = self.clone();
+        e.all_owners = true;
         e
     }
 
@@ -723,17 +742,25 @@ impl Engine {
         &self,
         t: &TemplateRecord,
         opts: &RunOptions,
+        task: crate::live::RunningTask,
         work: impl AsyncFnOnce(&Sandbox) -> Result<T>,
     ) -> Result<(T, String, StartKind, Timings)> {
         if opts.cancelled() {
             return Err(Error::Cancelled);
         }
         let started = Instant::now();
+        // Listed by `thaw ps` and ended by `thaw kill` while it runs ([`crate::live`]).
+        let call = self.live.begin(self.owner(), &t.name, t.tier, task);
         let (sb, kind, ready, warm) = self.start(t, opts).await?;
+        call.started(&sb.id);
         let run_started = Instant::now();
-        let r = opts.cancellable(work(&sb)).await.map_err(|e| sb.explain(e));
+        let r = call
+            .watch(&sb.id, opts.cancellable(work(&sb)))
+            .await
+            .map_err(|e| sb.explain(e));
         let run_ms = ms(run_started.elapsed());
         let id = sb.id.clone();
+        drop(call);
         self.discard(sb);
         let timings = Timings {
             start_ms: ms(ready),
@@ -791,8 +818,13 @@ impl Engine {
         let t = self.ready_template(name)?;
         let limits = Self::limits(&t.spec, &opts);
         let env = opts.env.clone();
+        let task = crate::live::RunningTask {
+            kind: "invoke".into(),
+            argv: t.spec.handler.command.clone(),
+            since_ms: crate::live::now_ms(),
+        };
         let (done, sandbox_id, start, timings) = self
-            .run_once(&t, &opts, async |sb: &Sandbox| {
+            .run_once(&t, &opts, task, async |sb: &Sandbox| {
                 let mut done = sb
                     .agent
                     .invoke(
@@ -831,6 +863,11 @@ impl Engine {
         on_output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExecResult> {
         let t = self.ready_template(name)?;
+        let task = crate::live::RunningTask {
+            kind: "exec".into(),
+            argv: argv.clone(),
+            since_ms: crate::live::now_ms(),
+        };
         let req = ExecRequest {
             argv,
             env: opts.env.clone(),
@@ -839,7 +876,7 @@ impl Engine {
             limits: Self::limits(&t.spec, &opts),
         };
         let (d, sandbox_id, start, timings) = self
-            .run_once(&t, &opts, async |sb: &Sandbox| {
+            .run_once(&t, &opts, task, async |sb: &Sandbox| {
                 let mut d: ExecDone = sb.agent.exec(req, on_output).await?;
                 if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && sb.oom_killed() {
                     d.outcome = Outcome::Oom;

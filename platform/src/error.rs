@@ -149,6 +149,11 @@ pub enum Error {
     #[error("cancelled: its caller went away")]
     Cancelled,
 
+    /// `thaw kill` (or `POST /v1/sandboxes/.../kill`) ended the sandbox the call ran in: an
+    /// operator's or the key's own decision, so retrying would undo it.
+    #[error("{what} was ended by `thaw kill`{}: the call in it did not finish and its processes and state are gone", by.as_deref().map(|k| format!(" (by API key {k})")).unwrap_or_default())]
+    Killed { what: String, by: Option<String> },
+
     /// A reset of the session killed the call's task (the reset said so too).
     #[error("cancelled: session `{id}` was reset while this call ran, which killed its task")]
     ResetCancelled { id: String },

@@ -17,6 +17,7 @@ pub mod egress;
 pub mod engine;
 pub mod error;
 pub mod keys;
+pub mod live;
 pub mod microvm;
 pub mod paths;
 pub mod progress;

@@ -119,6 +119,9 @@ pub fn fault_of(status: StatusCode, code: &str) -> Fault {
         "reward_not_a_number" | "output_flood" | "host_timeout" | "handler_failed" => Fault::Task,
         // The sandbox died under the call.
         "session_lost" => Fault::Infrastructure,
+        // Ended on purpose by `thaw kill` (the key's own or an operator's): a retry would
+        // undo that decision.
+        "killed" => Fault::Caller,
         // The template must be deployed again.
         "snapshot_corrupt" => Fault::Caller,
         _ if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS => {
@@ -147,6 +150,8 @@ pub fn classify(e: &E) -> (StatusCode, &'static str) {
         E::SessionBusy { .. } => (S::CONFLICT, "session_busy"),
         E::SessionLost { .. } => (S::BAD_GATEWAY, "session_lost"),
         E::ResetCancelled { .. } => (S::CONFLICT, "cancelled"),
+        // The sandbox is gone, on purpose (`thaw kill`).
+        E::Killed { .. } => (S::GONE, "killed"),
         E::UnknownCheckpoint { .. } => (S::NOT_FOUND, "unknown_checkpoint"),
         E::CheckpointExists { .. } => (S::CONFLICT, "checkpoint_exists"),
         E::InvalidName { .. } => (S::BAD_REQUEST, "bad_request"),
@@ -302,6 +307,23 @@ mod tests {
                 source: std::io::Error::other("x")
             }),
             500
+        );
+    }
+
+    #[test]
+    fn a_killed_call_is_gone_the_callers_doing_and_not_retried() {
+        let a = ApiError::from(E::Killed {
+            what: "sandbox sb-1".into(),
+            by: Some("k1".into()),
+        });
+        assert_eq!((a.status, a.code), (StatusCode::GONE, "killed"));
+        let d = a.detail();
+        assert_eq!(d.fault, Fault::Caller);
+        assert!(!d.retryable);
+        assert!(
+            d.message.contains("thaw kill") && d.message.contains("k1"),
+            "{}",
+            d.message
         );
     }
 

@@ -34,6 +34,7 @@ mod limits;
 mod metrics;
 mod rollouts;
 mod routes;
+mod sandboxes;
 mod sessions;
 mod slots;
 pub mod upload;
@@ -247,6 +248,10 @@ fn protected_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(rollouts::fork))
         .routes(routes!(rollouts::batch))
         .routes(routes!(rollouts::reward))
+        .routes(routes!(sandboxes::list))
+        .routes(routes!(sandboxes::get))
+        .routes(routes!(sandboxes::kill))
+        .routes(routes!(sandboxes::kill_all))
 }
 
 #[derive(utoipa::OpenApi)]
@@ -261,6 +266,7 @@ fn protected_routes() -> OpenApiRouter<AppState> {
         (name = "service", description = "Health, metrics and this document"),
         (name = "templates", description = "Publish templates; invoke and exec in fresh sandboxes"),
         (name = "sessions", description = "Long-lived sandboxes: exec, files, pause and resume"),
+        (name = "sandboxes", description = "Live sandboxes and what they use (`thaw ps`); ending them now (`thaw kill`)"),
     )
 )]
 struct ApiDoc;
@@ -435,6 +441,10 @@ mod tests {
             "fork_session",
             "batch_sessions",
             "reward_session",
+            "list_sandboxes",
+            "get_sandbox",
+            "kill_sandbox",
+            "kill_sandboxes",
         ] {
             assert!(seen.contains(id), "no operation {id}: {seen:?}");
         }

@@ -167,7 +167,7 @@ pub async fn healthz() -> Json<Health> {
 )]
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let engine = state.engine.clone();
-    let (running, paused, store_bytes) = blocking(move || {
+    let (running, paused, store_bytes, live, kills) = blocking(move || {
         // Sessions of every owner: each key's, and the embedded CLI's.
         let (mut running, mut paused) = (0i64, 0i64);
         for s in engine.all_sessions()? {
@@ -179,10 +179,19 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             }
         }
         let usage = engine.snapshots.usage()?;
-        Ok((running, paused, usage.chunk_bytes))
+        // Every owner's live sandboxes (the server's engine sees all).
+        let live = engine.live_sandboxes()?;
+        Ok((
+            running,
+            paused,
+            usage.chunk_bytes,
+            live,
+            engine.kills_by_template(),
+        ))
     })
     .await?;
     let m = &state.metrics;
+    m.sandboxes.set(&live, &kills);
     m.live_sandboxes
         .set(running + i64::try_from(state.slots.total()).unwrap_or(i64::MAX));
     m.paused_sessions.set(paused);

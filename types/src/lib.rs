@@ -11,6 +11,7 @@
 
 pub mod ids;
 pub mod keys;
+pub mod live;
 pub mod rollout;
 pub mod run;
 pub mod session;
@@ -20,6 +21,7 @@ pub mod tier;
 
 pub use ids::IdMap;
 pub use keys::KeyRecord;
+pub use live::{KillList, KillReport, LiveSandbox, RunningTask, SandboxFigures, SandboxList};
 pub use rollout::{Checkpoint, ResetOutcome, Reward};
 pub use run::{ExecResult, Invocation, InvokeDone, StartKind, Timings};
 pub use session::{Session, SessionState, TimeoutAction};

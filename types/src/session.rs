@@ -21,7 +21,8 @@ pub enum SessionState {
     Paused,
     /// Being restored from its snapshot.
     Resuming,
-    /// Ended by its timeout with `on_timeout = stop`; kept for inspection until removed.
+    /// Ended by its timeout with `on_timeout = stop`, or by `thaw kill` (for good: it can
+    /// only be removed); kept for inspection until removed. `error` says which.
     Stopped,
     /// Its sandbox was lost (killed, machine restarted while running) or its snapshot is
     /// unusable; `error` says which.

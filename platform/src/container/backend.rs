@@ -105,6 +105,39 @@ impl TierBackend for ContainerTier {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.close_pool())
     }
+
+    /// Through its cgroups ([`cgroups::kill_now`]): frozen, killed, thawed until empty.
+    fn kill_now(&self, id: &str) -> Result<crate::live::KillStats> {
+        cgroups::kill_now(id).map(|k| crate::live::KillStats {
+            processes: k.processes,
+        })
+    }
+
+    /// Its cgroups' CPU time, memory and process count, and what its tmpfs disk holds.
+    fn usage(&self, id: &str) -> crate::live::HostUsage {
+        let cg = cgroups::usage(id);
+        crate::live::HostUsage {
+            cpu_seconds: cg.cpu_seconds,
+            memory_bytes: cg.memory_bytes,
+            pids: cg.pids,
+            disk_bytes: disk_used(&self.sandbox_dir(id).disk()),
+        }
+    }
+}
+
+/// Bytes used on a sandbox's disk: the tmpfs mounted at `disk` (its upper directory and
+/// overlay work directory), whose size is the template's `disk_mib`. `None` when nothing is
+/// mounted there (statvfs would then describe the filesystem beneath).
+fn disk_used(disk: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mounted =
+        std::fs::metadata(disk).ok()?.dev() != std::fs::metadata(disk.parent()?).ok()?.dev();
+    if !mounted {
+        return None;
+    }
+    let st = nix::sys::statvfs::statvfs(disk).ok()?;
+    let used = st.blocks().saturating_sub(st.blocks_free());
+    Some(used.saturating_mul(st.fragment_size()))
 }
 
 impl TierSandbox for ContainerSandbox {

@@ -429,6 +429,164 @@ pub fn kill_all_but(id: &str, keep: i32) -> Result<usize> {
     }
 }
 
+/// What [`kill_now`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Killed {
+    /// Distinct processes signalled.
+    pub processes: usize,
+}
+
+/// Ends every process of sandbox `id` at once, its init included, and returns when none is
+/// left (the `thaw kill` path). Unlike [`destroy`] it leaves the cgroups in place: the
+/// sandbox's usual teardown removes them, with its mounts and runc's state.
+///
+/// Why through the cgroup: a fork bomb outruns any walk of a process tree, and a task that
+/// ignores SIGTERM must not be waited for. So each round freezes the cgroup (v1 freezer, or
+/// v2 `cgroup.freeze`) and waits until the kernel says it is frozen, so no process can fork
+/// between the listing and the kill; writes v2 `cgroup.kill` where it exists (the kernel
+/// kills every member itself); sends SIGKILL to every member of every hierarchy; then
+/// thaws, since a task frozen by the v1 freezer takes its SIGKILL only when thawed. Rounds
+/// repeat until `cgroup.procs` is empty everywhere (bounded: an error after 5 s).
+pub fn kill_now(id: &str) -> Result<Killed> {
+    let dirs: Vec<(&Hierarchy, PathBuf)> = hierarchies()
+        .iter()
+        .map(|h| (h, h.dir(id)))
+        .filter(|(_, d)| d.exists())
+        .collect();
+    let kill_file = dirs
+        .iter()
+        .find(|(h, _)| h.v2)
+        .map(|(_, d)| d.join("cgroup.kill"))
+        .filter(|p| p.exists());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut signalled = std::collections::BTreeSet::new();
+    loop {
+        let frozen = freeze(id);
+        wait_frozen(id, Instant::now() + Duration::from_millis(20));
+        // Listed before `cgroup.kill` empties the cgroup, so the count says what was ended.
+        let pids = members(&dirs);
+        if let Some(k) = &kill_file {
+            let _ = std::fs::write(k, "1");
+        }
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            signalled.insert(*pid);
+        }
+        drop(frozen);
+        // The killed take a moment to exit; a cgroup that stays populated gets another round.
+        let settle = Instant::now() + Duration::from_millis(50);
+        while !members(&dirs).is_empty() && Instant::now() < settle {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let left = members(&dirs);
+        if left.is_empty() {
+            return Ok(Killed {
+                processes: signalled.len(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Runtime {
+                command: format!("killing sandbox {id}"),
+                message: format!("processes {left:?} survived SIGKILL for 5 s"),
+            });
+        }
+    }
+}
+
+/// Waits (until `deadline`) for the v1 freezer to report the cgroup `FROZEN`: while it says
+/// `FREEZING`, a task may still be finishing a fork. v2's `cgroup.events` says `frozen 1`.
+fn wait_frozen(id: &str, deadline: Instant) {
+    let file = hierarchies().iter().find_map(|h| {
+        let d = h.dir(id);
+        if h.has("freezer") && d.join("freezer.state").exists() {
+            Some((d.join("freezer.state"), "FROZEN"))
+        } else if h.v2 && d.join("cgroup.freeze").exists() {
+            Some((d.join("cgroup.events"), "frozen 1"))
+        } else {
+            None
+        }
+    });
+    let Some((file, done)) = file else { return };
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if text.trim() == done || text.lines().any(|l| l.trim() == done) {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// A sandbox's figures as its cgroups count them; `None`: no hierarchy here has it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub cpu_seconds: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+/// Reads sandbox `id`'s CPU time, memory and process count from its cgroups: v1's
+/// `cpuacct.usage`, `memory.usage_in_bytes` and `pids.current`, else v2's `cpu.stat`
+/// (`usage_usec`), `memory.current` and `pids.current` (a hybrid host has both; each figure
+/// comes from the first hierarchy that has it).
+pub fn usage(id: &str) -> Usage {
+    let mut u = Usage::default();
+    for h in hierarchies() {
+        let d = h.dir(id);
+        if !d.exists() {
+            continue;
+        }
+        if h.v2 {
+            if u.cpu_seconds.is_none() {
+                u.cpu_seconds = std::fs::read_to_string(d.join("cpu.stat"))
+                    .ok()
+                    .and_then(|t| stat_field(&t, "usage_usec"))
+                    .map(|us| us as f64 / 1e6);
+            }
+            u.memory_bytes = u
+                .memory_bytes
+                .or_else(|| read_u64(&d.join("memory.current")));
+            u.pids = u.pids.or_else(|| read_u64(&d.join("pids.current")));
+            continue;
+        }
+        if h.has("cpuacct") && u.cpu_seconds.is_none() {
+            u.cpu_seconds = read_u64(&d.join("cpuacct.usage")).map(|ns| ns as f64 / 1e9);
+        }
+        if h.has("memory") && u.memory_bytes.is_none() {
+            u.memory_bytes = read_u64(&d.join("memory.usage_in_bytes"));
+        }
+        if h.has("pids") && u.pids.is_none() {
+            u.pids = read_u64(&d.join("pids.current"));
+        }
+    }
+    u
+}
+
+/// Whether any hierarchy still lists a process of sandbox `id` (what `thaw kill` leaves:
+/// none).
+pub fn populated(id: &str) -> bool {
+    let dirs: Vec<(&Hierarchy, PathBuf)> = hierarchies()
+        .iter()
+        .map(|h| (h, h.dir(id)))
+        .filter(|(_, d)| d.exists())
+        .collect();
+    !members(&dirs).is_empty()
+}
+
+fn read_u64(p: &Path) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// `key value` lines (`cpu.stat`, `memory.stat`).
+fn stat_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}
+
 fn members(dirs: &[(&Hierarchy, PathBuf)]) -> Vec<i32> {
     let mut pids: Vec<i32> = dirs
         .iter()
@@ -518,6 +676,56 @@ mod tests {
         );
         destroy(&id).unwrap();
         let _ = init.wait();
+    }
+
+    /// Real cgroups (root only; skipped elsewhere): a fork bomb under a pids limit is
+    /// ended with every process it made, the cgroup is left empty and in place, and its
+    /// figures were readable while it ran.
+    #[test]
+    fn kill_now_ends_a_fork_bomb_and_leaves_the_cgroup_empty() {
+        if !nix::unistd::geteuid().is_root() || hierarchies().is_empty() {
+            eprintln!("skipped: needs root and cgroups");
+            return;
+        }
+        let id = format!("test-kill-now-{}", std::process::id());
+        let limits = Limits {
+            pids: 32,
+            ..Limits::default()
+        };
+        let cg = SandboxCgroup::create(&id, &limits).unwrap();
+        let procs = cg.procs_files();
+        let mut c = std::process::Command::new("sh");
+        // Each copy forks copies of itself for ever; the first shell spins without forking.
+        c.args([
+            "-c",
+            "exec 2>/dev/null; f(){ while :; do f & done; }; f & while :; do :; done",
+        ]);
+        // SAFETY: `join` only makes async-signal-safe calls.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, move || join(&procs));
+        }
+        let mut child = c.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut most = 0;
+        while Instant::now() < deadline && most < 8 {
+            most = most.max(usage(&id).pids.unwrap_or(0));
+        }
+        let u = usage(&id);
+        assert!(most >= 8, "the bomb never got going: {u:?}");
+        assert!(u.memory_bytes.is_some() && u.cpu_seconds.is_some(), "{u:?}");
+        let started = Instant::now();
+        let killed = kill_now(&id).unwrap();
+        let took = started.elapsed();
+        assert!(killed.processes >= 1, "{killed:?}");
+        assert!(!populated(&id), "processes left after kill_now");
+        assert!(took < Duration::from_millis(100), "kill_now took {took:?}");
+        let st = child.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+        assert!(
+            hierarchies().iter().any(|h| h.dir(&id).exists()),
+            "left in place"
+        );
+        destroy(&id).unwrap();
     }
 
     const HYBRID: &str = "\

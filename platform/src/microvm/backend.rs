@@ -3,7 +3,9 @@
 use std::any::Any;
 use std::path::{Path, PathBuf};
 
-use super::{kill_orphan_vmm, MicrovmTier, VmSandbox, VMM_RECORD, WORKDIR};
+use super::{
+    kill_orphan_vmm, MicrovmTier, VmSandbox, DISK_FILE, OVERLAY_FILE, VMM_RECORD, WORKDIR,
+};
 use crate::agent::Agent;
 use crate::backend::{BoxFuture, TierBackend, TierSandbox};
 use crate::container::SandboxSpec;
@@ -73,6 +75,77 @@ impl TierBackend for MicrovmTier {
     fn sweep_orphan<'a>(&'a self, _id: &'a str, dir: &'a Path) -> BoxFuture<'a, ()> {
         Box::pin(async move { kill_orphan_vmm(dir) })
     }
+
+    /// SIGKILL to the VMM (the whole VM, its guest's processes with it, paused or not),
+    /// as the crash sweep does; the teardown then removes its files.
+    fn kill_now(&self, id: &str) -> Result<crate::live::KillStats> {
+        let dir = self.paths.sandbox(id);
+        let alive = vmm_pid(&dir).is_some();
+        kill_orphan_vmm(&dir);
+        if vmm_pid(&dir).is_some() {
+            return Err(Error::Other(format!(
+                "sandbox {id}: its VMM survived SIGKILL"
+            )));
+        }
+        Ok(crate::live::KillStats {
+            processes: usize::from(alive),
+        })
+    }
+
+    /// The VMM's CPU time and resident memory (the guest's memory is the VMM's), and the
+    /// blocks its disk image holds. The guest's processes are out of the host's sight:
+    /// `pids` is unknown.
+    fn usage(&self, id: &str) -> crate::live::HostUsage {
+        let dir = self.paths.sandbox(id);
+        let disk = [OVERLAY_FILE, DISK_FILE]
+            .iter()
+            .find_map(|f| std::fs::metadata(dir.join(f)).ok())
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m).saturating_mul(512));
+        let Some(pid) = vmm_pid(&dir) else {
+            return crate::live::HostUsage {
+                disk_bytes: disk,
+                ..Default::default()
+            };
+        };
+        crate::live::HostUsage {
+            cpu_seconds: process_cpu_seconds(pid),
+            memory_bytes: process_rss(pid),
+            pids: None,
+            disk_bytes: disk,
+        }
+    }
+}
+
+/// The pid of sandbox directory `dir`'s VMM, if the process recorded there still runs.
+fn vmm_pid(dir: &Path) -> Option<u32> {
+    let record = std::fs::read_to_string(dir.join(VMM_RECORD)).ok()?;
+    crate::cleanup::identity_alive(&record)
+        .then(|| crate::cleanup::identity_pid(&record))
+        .flatten()
+}
+
+/// User plus system CPU time of a process (`/proc/<pid>/stat` fields 14 and 15).
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from after the last ')'.
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let utime: u64 = rest.nth(11)?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / crate::live::clock_ticks()? as f64)
+}
+
+/// A process's resident memory (`VmRSS` in `/proc/<pid>/status`).
+fn process_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 impl TierSandbox for VmSandbox {

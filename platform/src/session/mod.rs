@@ -33,6 +33,7 @@ use crate::store::Store;
 use crate::template::spec::TemplateSpec;
 use crate::tier::Tier;
 
+mod kill;
 mod rollout;
 mod spares;
 pub use rollout::{BatchItem, BatchSource, Checkpoint, ResetOutcome, Reward};
@@ -109,6 +110,10 @@ struct SessionRecord {
     /// Named checkpoints; each is a snapshot [`rollout::checkpoint_snapshot`] names.
     #[serde(default)]
     checkpoints: BTreeMap<String, Checkpoint>,
+    /// Set when `thaw kill` ended the session ([`kill`]): the record is final, every
+    /// transition refuses, so nothing brings the session back but a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    killed: Option<kill::KilledMark>,
 }
 
 impl SessionRecord {
@@ -278,6 +283,9 @@ impl Engine {
         let owner = self.owner().to_string();
         let stored = self.meta.with(|s| {
             s.update::<SessionRecord>(Store::sessions_tree(), id, |cur| match cur {
+                // A killed session stays as the kill left it (a pause, resume or create
+                // that was in flight fails here and cleans up after itself).
+                Some(r) if r.session.owner == owner && r.killed.is_some() => Err(kill::refused(&r)),
                 Some(mut r) if r.session.owner == owner => {
                     f(&mut r)?;
                     Ok(Some(r))
@@ -419,7 +427,8 @@ impl Engine {
         // A reset cancels the call: dropping its exchange with guest-init ends the task.
         let r = tokio::select! {
             biased;
-            _ = cancel.cancelled() => Err(Error::ResetCancelled { id: id.to_string() }),
+            // A reset, or `thaw kill` (which marks the record first).
+            _ = cancel.cancelled() => Err(self.killed_error(id).unwrap_or(Error::ResetCancelled { id: id.to_string() })),
             r = work(&rec, &sb).instrument(info_span!("session.call", session = %id, action)) => r,
         }
         .map_err(|e| sb.explain(e));
@@ -475,6 +484,14 @@ impl Engine {
         opts: RunOptions,
         on_output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExecResult> {
+        let _task = self.live.session_task(
+            id,
+            crate::live::RunningTask {
+                kind: "exec".into(),
+                argv: argv.clone(),
+                since_ms: crate::live::now_ms(),
+            },
+        );
         self.in_running(id, "exec", async |rec: &SessionRecord, sb: &Sandbox| {
             let started = Instant::now();
             let _grant = self.call_grant(rec, sb, &opts).await?;
@@ -512,6 +529,14 @@ impl Engine {
         on_stderr: impl FnMut(&[u8]),
     ) -> Result<Invocation> {
         self.in_running(id, "invoke", async |rec: &SessionRecord, sb: &Sandbox| {
+            let _task = self.live.session_task(
+                id,
+                crate::live::RunningTask {
+                    kind: "invoke".into(),
+                    argv: rec.spec.handler.command.clone(),
+                    since_ms: crate::live::now_ms(),
+                },
+            );
             let started = Instant::now();
             let _grant = self.call_grant(rec, sb, &opts).await?;
             let req = InvokeRequest {
@@ -566,6 +591,10 @@ impl Engine {
         let Ok(rec) = self.session_record(id) else {
             return e;
         };
+        // Killed by `thaw kill` (from another process, whose cancel this call never saw).
+        if rec.killed.is_some() {
+            return kill::refused(&rec);
+        }
         if rec.session.state == SessionState::Running
             && !rec.init.as_deref().map(alive).unwrap_or(false)
         {

@@ -216,6 +216,7 @@ fn child_record(parent: &Lineage, origin: String, opts: &SessionOptions) -> Sess
         sandbox: None,
         has_origin: false,
         checkpoints: BTreeMap::new(),
+        killed: None,
     }
 }
 
