@@ -21,6 +21,7 @@ pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod sniff;
+pub mod xtables;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

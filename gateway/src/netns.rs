@@ -120,14 +120,13 @@ pub fn wire(ns: BorrowedFd<'_>, proxy_port: u16, dns_port: u16) -> Result<Listen
                 Command::new("ip").args(["-batch", "-"]),
                 SANDBOX_ROUTE.as_bytes(),
             )?;
-            let rules = format!(
-            "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
-             -A OUTPUT -d 127.0.0.0/8 -j RETURN\n\
-             -A OUTPUT -p tcp -j REDIRECT --to-ports {proxy_port}\n\
-             -A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {dns_port}\n\
-             COMMIT\n"
-        );
-            run(&mut Command::new("iptables-restore"), rules.as_bytes())?;
+            match nat_template(proxy_port, dns_port) {
+                Some(t) => t.install()?,
+                None => run(
+                    &mut Command::new("iptables-restore"),
+                    redirect_rules(proxy_port, dns_port).as_bytes(),
+                )?,
+            }
             // Ports below 1024: the sandbox's processes, without CAP_NET_BIND_SERVICE, cannot
             // have bound them first (a warm-up that squats a high port would survive into every
             // restored clone).
@@ -138,6 +137,33 @@ pub fn wire(ns: BorrowedFd<'_>, proxy_port: u16, dns_port: u16) -> Result<Listen
             Ok(Listeners { proxy, dns })
         },
     )
+}
+
+/// The `nat` table of a wired sandbox, in `iptables-restore` form.
+pub fn redirect_rules(proxy_port: u16, dns_port: u16) -> String {
+    format!(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+         -A OUTPUT -d 127.0.0.0/8 -j RETURN\n\
+         -A OUTPUT -p tcp -j REDIRECT --to-ports {proxy_port}\n\
+         -A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {dns_port}\n\
+         COMMIT\n"
+    )
+}
+
+/// The table built once per process ([`crate::xtables`]); `None` where that is not possible
+/// here (no `iptables-legacy-restore`), and every sandbox runs `iptables-restore` instead.
+fn nat_template(proxy_port: u16, dns_port: u16) -> Option<&'static crate::xtables::Template> {
+    static T: std::sync::OnceLock<Option<crate::xtables::Template>> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        match crate::xtables::Template::capture(&redirect_rules(proxy_port, dns_port)) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::info!("egress: running iptables-restore per sandbox ({e})");
+                None
+            }
+        }
+    })
+    .as_ref()
 }
 
 fn run(cmd: &mut Command, stdin: &[u8]) -> std::io::Result<()> {
