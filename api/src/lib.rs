@@ -29,6 +29,8 @@
 //! | `POST /v1/sessions/{id}/fork` | [`ForkBody`] | [`BatchResponse`] |
 //! | `POST /v1/sessions/batch` | [`BatchBody`] | [`BatchResponse`], or a stream of [`BatchEvent`] |
 //! | `POST /v1/sessions/{id}/reward` | [`RewardBody`] | [`Reward`] |
+//! | `GET /v1/audit?key&template&session&sandbox&action&since&until&limit&order` | | [`AuditList`] |
+//! | `GET /v1/audit/verify?head=SEQ:HASH` | | [`AuditVerify`] (admin keys) |
 //!
 //! Streams: with `Accept: application/x-ndjson` (or `?stream=true`), invoke and exec answer
 //! with one [`StreamEvent`] per line, and a batch with one [`BatchEvent`] per line (the
@@ -48,8 +50,9 @@ pub use client::{pack_dir, Client, ClientError, ExecOutput, Result};
 pub use thaw_protocol::{InvokeStatus, Outcome, Stream};
 // The engine's data types, shared through thaw-types so that a client compiles no engine.
 pub use thaw_types::{
-    Checkpoint, ExecResult, Invocation, InvokeDone, KeyRecord, ResetOutcome, Reward, Session,
-    SessionState, SnapshotSize, StartKind, TemplateRecord, TemplateSpec, TemplateState, Tier,
-    TimeoutAction, Timings,
+    AuditAction, AuditBreak, AuditHead, AuditList, AuditRecord, AuditVerify, BreakKind, Checkpoint,
+    ExecResult, Invocation, InvokeDone, KeyRecord, ResetOutcome, Reward, Session, SessionState,
+    SnapshotSize, StartKind, TemplateRecord, TemplateSpec, TemplateState, Tier, TimeoutAction,
+    Timings,
 };
 pub use types::*;

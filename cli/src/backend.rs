@@ -12,6 +12,8 @@ use thaw_platform::session::{Session, SessionOptions};
 use thaw_platform::Engine;
 use thaw_protocol::Stream;
 
+// One per process: the size of the engine's handle does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
     Local(Engine),
     Remote(thaw_api::Client),

@@ -5,6 +5,7 @@
 //! exit code (124 timeout, 137 OOM, 128+N killed by signal N); for `invoke`, 124 on timeout and
 //! 137 on OOM.
 
+mod audit;
 mod backend;
 mod output;
 mod progress;
@@ -117,6 +118,12 @@ enum Cmd {
         /// Largest session lifetime a caller may ask for, in seconds.
         #[arg(long, value_name = "SECS", default_value_t = thaw_server::ServerConfig::default().max_session_lifetime.as_secs_f64(), value_parser = parse_secs)]
         max_session_lifetime: f64,
+    },
+    /// The audit log: who did what, to which sandbox, when (`ls`), and its hash chain
+    /// checked (`verify`).
+    Audit {
+        #[command(subcommand)]
+        cmd: audit::AuditCmd,
     },
     /// Manage the API keys `thaw serve` accepts (on the server's machine).
     Keys {
@@ -636,6 +643,7 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
             backend.enforce_timeouts().await?;
             session(&backend, cmd, json).await
         }
+        Cmd::Audit { cmd } => audit::run(&backend, cmd, json).await,
     }
 }
 

@@ -12,6 +12,7 @@ use thaw_protocol::{
 use tracing::{info, info_span, Instrument};
 
 use crate::agent::{ExecDone, InvokeDone};
+use crate::audit::{call_events, capped_argv, AuditAction, AuditEvent, CallOutcome};
 use crate::backend::{TierBackend, Tiers};
 use crate::container::userns::IdMap;
 use crate::container::{CloneMemory, SandboxSpec};
@@ -118,6 +119,8 @@ pub struct Engine {
     gc: std::sync::Arc<GcRequests>,
     /// Session sandboxes restored ahead ([`crate::session::Spares`]).
     pub(crate) spares: std::sync::Arc<crate::session::Spares>,
+    /// The home's audit log ([`crate::audit`]); shared by every owner's view.
+    pub(crate) audit_log: thaw_audit::Audit,
     owner: String,
 }
 
@@ -158,7 +161,11 @@ impl Engine {
         }
         let snapshots = std::sync::Arc::new(thaw_snapshotter::Store::open(paths.snapshots())?);
         let meta = Meta::new(paths.meta_db());
+        // Never fails: a log that cannot be written is opened failed, so that the engine
+        // still reads, verifies and cleans up, but starts no new work.
+        let audit_log = thaw_audit::Audit::open(paths.audit(), thaw_audit::Options::default());
         let engine = Engine {
+            audit_log,
             tiers,
             snapshots,
             paths,
@@ -235,7 +242,8 @@ impl Engine {
         if let Some(snap) = &t.snapshot {
             self.drop_snapshot(snap);
         }
-        Ok(t)
+        let event = AuditEvent::new(AuditAction::TemplateRemove).template(name);
+        self.audited_anyway(Ok(t), vec![event])
     }
 
     /// The uid range of template `key`: the one it was given at its first publish, or the
@@ -261,7 +269,9 @@ impl Engine {
         progress.step("reading template.toml");
         let spec = TemplateSpec::load(dir)?;
         let span = info_span!("template.publish", template = %spec.name);
-        async {
+        self.audit_ready()?;
+        let name = spec.name.clone();
+        let r = async {
             let tier = crate::tier::resolve(
                 spec.tier,
                 std::env::var(crate::tier::TIER_ENV).ok().as_deref(),
@@ -311,7 +321,17 @@ impl Engine {
             Ok(record)
         }
         .instrument(span)
-        .await
+        .await;
+        // A failed publish ran the tenant's setup and warm-up too: it is recorded as well.
+        let mut event = AuditEvent::new(AuditAction::TemplatePublish).template(name);
+        event = match &r {
+            Ok(t) => event
+                .with("tier", t.tier.as_str())
+                .with("snapshot", &t.snapshot)
+                .with("publish_ms", t.publish_ms),
+            Err(e) => event.with("error", crate::audit::error_kind(e)),
+        };
+        self.audited(r, vec![event])
     }
 
     /// Checkpoints a warm template sandbox into the snapshot store. The checkpoint is
@@ -689,15 +709,19 @@ impl Engine {
 
     /// Starts a fresh sandbox of `t`, runs `work` in it, and discards it on every path.
     /// Returns what `work` produced with the sandbox id, how it started, and the timings.
+    /// `record` describes what ran for the audit log, from its result and its sandbox's id
+    /// (a call that never got a sandbox ran nothing and is not recorded).
     async fn run_once<T>(
         &self,
         t: &TemplateRecord,
         opts: &RunOptions,
         work: impl AsyncFnOnce(&Sandbox) -> Result<T>,
+        record: impl FnOnce(&Result<T>, &str) -> Vec<AuditEvent>,
     ) -> Result<(T, String, StartKind, Timings)> {
         if opts.cancelled() {
             return Err(Error::Cancelled);
         }
+        self.audit_ready()?;
         let started = Instant::now();
         let (sb, kind, ready, warm) = self.start(t, opts).await?;
         let run_started = Instant::now();
@@ -705,6 +729,8 @@ impl Engine {
         let run_ms = ms(run_started.elapsed());
         let id = sb.id.clone();
         self.discard(sb);
+        let events = record(&r, &id);
+        let r = self.audited(r, events);
         let timings = Timings {
             start_ms: ms(ready),
             warm_ms: ms(warm),
@@ -762,24 +788,37 @@ impl Engine {
         let limits = Self::limits(&t.spec, &opts);
         let env = opts.env.clone();
         let (done, sandbox_id, start, timings) = self
-            .run_once(&t, &opts, async |sb: &Sandbox| {
-                let mut done = sb
-                    .agent
-                    .invoke(
-                        InvokeRequest {
-                            payload,
-                            env,
-                            limits,
-                        },
-                        on_stderr,
-                    )
-                    .await?;
-                if sb.oom_killed() {
-                    done.status = InvokeStatus::Oom;
-                    done.outcome = Some(Outcome::Oom);
-                }
-                Ok(done)
-            })
+            .run_once(
+                &t,
+                &opts,
+                async |sb: &Sandbox| {
+                    let mut done = sb
+                        .agent
+                        .invoke(
+                            InvokeRequest {
+                                payload,
+                                env,
+                                limits,
+                            },
+                            on_stderr,
+                        )
+                        .await?;
+                    if sb.oom_killed() {
+                        done.status = InvokeStatus::Oom;
+                        done.outcome = Some(Outcome::Oom);
+                    }
+                    Ok(done)
+                },
+                |r: &Result<InvokeDone>, sandbox: &str| {
+                    let call = AuditEvent::new(AuditAction::Invoke).template(name);
+                    call_events(call, sandbox, r, |d: &InvokeDone| CallOutcome {
+                        outcome: d.outcome,
+                        exit_code: None,
+                        status: Some(d.status),
+                        truncated: d.truncated,
+                    })
+                },
+            )
             .instrument(info_span!("invoke", template = %name))
             .await?;
         Ok(Invocation {
@@ -801,6 +840,10 @@ impl Engine {
         on_output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExecResult> {
         let t = self.ready_template(name)?;
+        let call = AuditEvent::new(AuditAction::Exec)
+            .template(name)
+            .with("argv", capped_argv(&argv))
+            .with("stdin_bytes", stdin.as_ref().map(Vec::len));
         let req = ExecRequest {
             argv,
             env: opts.env.clone(),
@@ -809,13 +852,25 @@ impl Engine {
             limits: Self::limits(&t.spec, &opts),
         };
         let (d, sandbox_id, start, timings) = self
-            .run_once(&t, &opts, async |sb: &Sandbox| {
-                let mut d: ExecDone = sb.agent.exec(req, on_output).await?;
-                if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && sb.oom_killed() {
-                    d.outcome = Outcome::Oom;
-                }
-                Ok(d)
-            })
+            .run_once(
+                &t,
+                &opts,
+                async |sb: &Sandbox| {
+                    let mut d: ExecDone = sb.agent.exec(req, on_output).await?;
+                    if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && sb.oom_killed() {
+                        d.outcome = Outcome::Oom;
+                    }
+                    Ok(d)
+                },
+                |r: &Result<ExecDone>, sandbox: &str| {
+                    call_events(call, sandbox, r, |d: &ExecDone| CallOutcome {
+                        outcome: Some(d.outcome),
+                        exit_code: Some(d.outcome.exit_code()),
+                        status: None,
+                        truncated: d.truncated,
+                    })
+                },
+            )
             .instrument(info_span!("exec", template = %name))
             .await?;
         Ok(ExecResult {

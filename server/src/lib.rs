@@ -27,6 +27,7 @@ use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+mod audit;
 mod conn;
 mod error;
 mod extract;
@@ -38,6 +39,7 @@ mod sessions;
 mod slots;
 pub mod upload;
 
+pub use audit::{filter_for as audit_filter, parse_head as parse_audit_head};
 pub use error::{classify, ApiError};
 pub use metrics::Metrics;
 
@@ -247,6 +249,8 @@ fn protected_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(rollouts::fork))
         .routes(routes!(rollouts::batch))
         .routes(routes!(rollouts::reward))
+        .routes(routes!(audit::list))
+        .routes(routes!(audit::verify))
 }
 
 #[derive(utoipa::OpenApi)]
@@ -261,6 +265,7 @@ fn protected_routes() -> OpenApiRouter<AppState> {
         (name = "service", description = "Health, metrics and this document"),
         (name = "templates", description = "Publish templates; invoke and exec in fresh sandboxes"),
         (name = "sessions", description = "Long-lived sandboxes: exec, files, pause and resume"),
+        (name = "audit", description = "The audit log: who did what, to which sandbox, when; and its chain's verification"),
     )
 )]
 struct ApiDoc;
