@@ -194,6 +194,13 @@ fn print_record(r: &AuditRecord) {
     );
 }
 
+fn kind(k: thaw_api::BreakKind) -> String {
+    serde_json::to_value(k)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 fn print_verify(v: &AuditVerify) {
     if v.ok {
         println!(
@@ -209,10 +216,8 @@ fn print_verify(v: &AuditVerify) {
         );
         if let Some(b) = &v.first_break {
             println!(
-                "first break: {} line {}: {:?}: {}{}",
-                b.segment,
-                b.line,
-                b.kind,
+                "first break ({}): {}{}",
+                kind(b.kind),
                 b.message,
                 if b.acknowledged {
                     " (thaw found it when it opened the log and went on in a fresh segment linked to the last good record)"
@@ -222,10 +227,7 @@ fn print_verify(v: &AuditVerify) {
             );
         }
         for b in v.breaks.iter().skip(1) {
-            println!(
-                "also: {} line {}: {:?}: {}",
-                b.segment, b.line, b.kind, b.message
-            );
+            println!("also ({}): {}", kind(b.kind), b.message);
         }
         if let Some(r) = v.resumed_at {
             println!("the chain verifies again from record {r} to the head");

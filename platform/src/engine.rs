@@ -784,6 +784,7 @@ impl Engine {
         opts: RunOptions,
         on_stderr: impl FnMut(&[u8]),
     ) -> Result<Invocation> {
+        self.audit_ready()?;
         let t = self.ready_template(name)?;
         let limits = Self::limits(&t.spec, &opts);
         let env = opts.env.clone();
@@ -839,6 +840,7 @@ impl Engine {
         opts: RunOptions,
         on_output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExecResult> {
+        self.audit_ready()?;
         let t = self.ready_template(name)?;
         let call = AuditEvent::new(AuditAction::Exec)
             .template(name)
@@ -887,6 +889,7 @@ impl Engine {
     /// Starts a sandbox of a template and keeps it alive (benchmarks, many-clone tests,
     /// sessions). The caller must [`Live::destroy`] it.
     pub async fn spawn(&self, name: &str, opts: &RunOptions) -> Result<Live> {
+        self.audit_ready()?;
         let t = self.ready_template(name)?;
         let (sb, kind, ready, warm) = self.start(&t, opts).await?;
         Ok(Live {
@@ -900,6 +903,7 @@ impl Engine {
 
     /// Boots a sandbox from scratch even when a snapshot exists (the cold-start baseline).
     pub async fn spawn_cold(&self, name: &str, opts: &RunOptions) -> Result<Live> {
+        self.audit_ready()?;
         let t = self.ready_template(name)?;
         let started = Instant::now();
         let (sb, warm) = self

@@ -401,11 +401,13 @@ impl Engine {
         }
         .instrument(span)
         .await;
-        // Every new session (created, forked, made by a batch) has its record.
+        // Every new session (created, forked, made by a batch) has its record. Its sandbox
+        // is the one the record names (a spare handed over has an id of its own).
+        let made_sandbox = r.as_ref().ok().and_then(|s| s.sandbox.clone());
         let event = AuditEvent::new(AuditAction::SessionCreate)
             .template(&rec.session.template)
             .session(&id)
-            .sandbox(&sandbox)
+            .sandbox(made_sandbox.unwrap_or(sandbox))
             .with("origin", &rec.session.origin)
             .with("checkpointable", rec.session.checkpointable);
         let event = match &r {
@@ -655,10 +657,11 @@ impl Engine {
         }
         .instrument(span)
         .await;
+        let made_sandbox = r.as_ref().ok().and_then(|o| o.session.sandbox.clone());
         let event = AuditEvent::new(AuditAction::SessionReset)
             .template(&before.session.template)
             .session(id)
-            .sandbox(&sandbox)
+            .sandbox(made_sandbox.unwrap_or(sandbox))
             .with("previous_sandbox", before.sandbox_id())
             .with("checkpoint", checkpoint);
         let event = match &r {
