@@ -157,6 +157,8 @@ async fn health_metrics_openapi_and_authentication() {
         ("/v1/sessions/{id}/fork", &["post"]),
         ("/v1/sessions/{id}/reward", &["post"]),
         ("/v1/sessions/batch", &["post"]),
+        ("/v1/audit", &["get"]),
+        ("/v1/audit/verify", &["get"]),
     ] {
         let p = paths
             .get(path)
@@ -167,7 +169,7 @@ async fn health_metrics_openapi_and_authentication() {
     }
     assert_eq!(
         paths.len(),
-        21,
+        23,
         "undocumented or unexpected paths: {:?}",
         paths.keys()
     );
