@@ -231,6 +231,47 @@ async fn a_session_reaches_what_its_grant_allows_and_nothing_else() {
     .await;
     assert!(ok(&r), "after resume: {r}");
 
+    // Every decision is in the audit log under the session's key, refusals with why.
+    let refused = c
+        .audit(&thaw_api::AuditQuery {
+            action: Some("egress_refused".into()),
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .expect("audit");
+    let hosts: Vec<String> = refused
+        .records
+        .iter()
+        .map(|r| r.detail.to_string())
+        .collect();
+    assert!(
+        hosts
+            .iter()
+            .any(|d| d.contains("other.test") && d.contains("not in allow_out")),
+        "{hosts:?}"
+    );
+    assert!(
+        hosts.iter().any(|d| d.contains("domain fronting")),
+        "{hosts:?}"
+    );
+    let allowed = c
+        .audit(&thaw_api::AuditQuery {
+            action: Some("egress_allowed".into()),
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .expect("audit");
+    assert!(
+        allowed
+            .records
+            .iter()
+            .any(|r| r.detail.to_string().contains("tls.test")),
+        "{:?}",
+        allowed.records
+    );
+
     // A bad entry is refused before anything runs, and named.
     let mut bad = SessionCreateBody::new("python");
     bad.allow_out = vec!["exa mple.com".into()];

@@ -161,6 +161,8 @@ async fn health_metrics_openapi_and_authentication() {
         ("/v1/sandboxes/{id}", &["get"]),
         ("/v1/sandboxes/{id}/kill", &["post"]),
         ("/v1/sandboxes/kill", &["post"]),
+        ("/v1/audit", &["get"]),
+        ("/v1/audit/verify", &["get"]),
     ] {
         let p = paths
             .get(path)
@@ -171,7 +173,7 @@ async fn health_metrics_openapi_and_authentication() {
     }
     assert_eq!(
         paths.len(),
-        25,
+        27,
         "undocumented or unexpected paths: {:?}",
         paths.keys()
     );

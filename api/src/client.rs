@@ -554,6 +554,26 @@ impl Client {
         Ok(bytes.to_vec())
     }
 
+    /// `GET /v1/audit`: audit records (a key that is not an admin gets its own only).
+    pub async fn audit(&self, q: &crate::AuditQuery) -> Result<crate::AuditList> {
+        let url = self.url(&["v1", "audit"]);
+        self.call(self.request(Method::GET, url).query(q)).await
+    }
+
+    /// `GET /v1/audit/verify` (admin keys): the whole log's chain, checked; `head`: a head
+    /// taken earlier that the log must still hold.
+    pub async fn audit_verify(
+        &self,
+        head: Option<&crate::AuditHead>,
+    ) -> Result<crate::AuditVerify> {
+        let mut url = self.url(&["v1", "audit", "verify"]);
+        if let Some(h) = head {
+            url.query_pairs_mut()
+                .append_pair("head", &format!("{}:{}", h.seq, h.hash));
+        }
+        self.call(self.request(Method::GET, url)).await
+    }
+
     pub async fn session_pause(&self, id: &str) -> Result<Session> {
         self.call(self.request(Method::POST, self.url(&["v1", "sessions", id, "pause"])))
             .await

@@ -33,6 +33,8 @@
 //! | `GET /v1/sandboxes/{id}` | | [`LiveSandbox`] |
 //! | `POST /v1/sandboxes/{id}/kill` | | [`KillReport`] |
 //! | `POST /v1/sandboxes/kill?key=` | | [`KillList`] |
+//! | `GET /v1/audit?key&template&session&sandbox&action&since&until&limit&order` | | [`AuditList`] |
+//! | `GET /v1/audit/verify?head=SEQ:HASH` | | [`AuditVerify`] (admin keys) |
 //!
 //! Streams: with `Accept: application/x-ndjson` (or `?stream=true`), invoke and exec answer
 //! with one [`StreamEvent`] per line, and a batch with one [`BatchEvent`] per line (the
@@ -52,9 +54,10 @@ pub use client::{pack_dir, Client, ClientError, ExecOutput, Result};
 pub use thaw_protocol::{InvokeStatus, Outcome, Stream};
 // The engine's data types, shared through thaw-types so that a client compiles no engine.
 pub use thaw_types::{
-    Checkpoint, ExecResult, Invocation, InvokeDone, KeyRecord, NetworkGrant, NetworkSpec,
-    ResetOutcome, Reward, Session, SessionState, SnapshotSize, StartKind, TemplateRecord,
-    TemplateSpec, TemplateState, Tier, TimeoutAction, Timings,
+    AuditAction, AuditBreak, AuditHead, AuditList, AuditRecord, AuditVerify, BreakKind, Checkpoint,
+    ExecResult, Invocation, InvokeDone, KeyRecord, NetworkGrant, NetworkSpec, ResetOutcome, Reward,
+    Session, SessionState, SnapshotSize, StartKind, TemplateRecord, TemplateSpec, TemplateState,
+    Tier, TimeoutAction, Timings,
 };
 // Live sandboxes (`thaw ps`, `thaw kill`).
 pub use thaw_types::{KillList, KillReport, LiveSandbox, RunningTask, SandboxFigures, SandboxList};

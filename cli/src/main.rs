@@ -5,6 +5,7 @@
 //! exit code (124 timeout, 137 OOM, 128+N killed by signal N); for `invoke`, 124 on timeout and
 //! 137 on OOM.
 
+mod audit;
 mod backend;
 mod output;
 mod progress;
@@ -138,6 +139,12 @@ enum Cmd {
         /// With --all and an admin key: only this key's sandboxes.
         #[arg(long, requires = "all")]
         key: Option<String>,
+    },
+    /// The audit log: who did what, to which sandbox, when (`ls`), and its hash chain
+    /// checked (`verify`).
+    Audit {
+        #[command(subcommand)]
+        cmd: audit::AuditCmd,
     },
     /// Manage the API keys `thaw serve` accepts (on the server's machine).
     Keys {
@@ -735,6 +742,7 @@ async fn run_cmd(cmd: Cmd, backend: Backend, json: bool) -> Result<ExitCode> {
             ps::print_killed(&killed, json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Audit { cmd } => audit::run(&backend, cmd, json).await,
     }
 }
 

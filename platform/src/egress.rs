@@ -43,11 +43,34 @@ pub(crate) fn limits_of(n: &NetworkSpec) -> Limits {
     }
 }
 
-/// Forwards decisions to tracing (and, through the engine, to the audit log).
-struct Observer;
+/// Forwards decisions to tracing and to the audit log, as the sandbox's owner's.
+struct Observer {
+    audit: thaw_audit::Audit,
+}
 
 impl EgressObserver for Observer {
     fn egress(&self, e: &EgressEvent) {
+        let actor = WIRED
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&e.sandbox).map(|w| w.owner.clone()))
+            .unwrap_or_else(|| "unknown".into());
+        let record = thaw_audit::AuditEvent::egress(
+            &e.sandbox,
+            &thaw_audit::Destination {
+                host: e.name.clone(),
+                ip: e.ip,
+                port: e.port,
+            },
+            e.allowed,
+            &e.reason,
+        )
+        .actor(actor);
+        // A failed append puts the log in its failed state, which stops new work; the
+        // connection at hand has been decided already.
+        if let Err(err) = self.audit.append(&record) {
+            tracing::error!(sandbox = %e.sandbox, "egress decision not audited: {err}");
+        }
         tracing::info!(
             target: "thaw::egress",
             sandbox = %e.sandbox,
@@ -62,8 +85,8 @@ impl EgressObserver for Observer {
     }
 }
 
-/// The engine's gateway, configured from the environment.
-pub fn open_gateway() -> Result<Gateway> {
+/// The engine's gateway, configured from the environment; its decisions go to `audit`.
+pub fn open_gateway(audit: thaw_audit::Audit) -> Result<Gateway> {
     let upstream_dns = match std::env::var(UPSTREAM_DNS_ENV) {
         Ok(v) if !v.is_empty() => v.parse().map_err(|_| Error::MissingDependency {
             what: format!("a valid {UPSTREAM_DNS_ENV} (`{v}` is not IP:PORT)"),
@@ -87,7 +110,7 @@ pub fn open_gateway() -> Result<Gateway> {
             upstream_dns,
             egress_netns,
         },
-        Arc::new(Observer),
+        Arc::new(Observer { audit }),
     ))
 }
 
@@ -111,15 +134,21 @@ impl crate::live::NetCounters for Counters {
 /// handle each time ([`crate::engine::Engine::attach`]), so the wiring cannot live in a
 /// handle; it ends when the sandbox is destroyed ([`release`]), whichever handle does it.
 /// Sandbox ids are unique per machine, so one map serves every engine of the process.
-static WIRED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, Gateway>>> =
+static WIRED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, Wired>>> =
     std::sync::LazyLock::new(Default::default);
+
+struct Wired {
+    gateway: Gateway,
+    /// Whose sandbox (or build) it is: the actor of its egress audit records.
+    owner: String,
+}
 
 /// Stops serving `sandbox`: its listeners, and with them the host's hold on its network
 /// namespace, go. Called by [`Sandbox::destroy`].
 pub(crate) fn release(sandbox: &str) {
-    let g = WIRED.lock().ok().and_then(|mut m| m.remove(sandbox));
-    if let Some(g) = g {
-        g.detach(sandbox);
+    let w = WIRED.lock().ok().and_then(|mut m| m.remove(sandbox));
+    if let Some(w) = w {
+        w.gateway.detach(sandbox);
     }
 }
 
@@ -136,6 +165,7 @@ impl BuildNetwork {
     /// `None` when the build is granted nothing (it keeps a loopback-only namespace).
     pub(crate) async fn open(
         gateway: &Gateway,
+        owner: &str,
         id: &str,
         build: &thaw_types::spec::BuildLimits,
     ) -> Result<Option<BuildNetwork>> {
@@ -158,10 +188,22 @@ impl BuildNetwork {
         .await
         .map_err(|e| bad(format!("namespace task: {e}")))?
         .map_err(|e| bad(format!("making the build's network namespace: {e}")))?;
-        gateway
+        if let Ok(mut m) = WIRED.lock() {
+            m.insert(
+                id.to_string(),
+                Wired {
+                    gateway: gateway.clone(),
+                    owner: owner.to_string(),
+                },
+            );
+        }
+        if let Err(e) = gateway
             .attach(id, ns.as_fd(), policy, Limits::default())
             .await
-            .map_err(|e| bad(e.to_string()))?;
+        {
+            release(id);
+            return Err(bad(e.to_string()));
+        }
         Ok(Some(BuildNetwork {
             gateway: gateway.clone(),
             id: id.to_string(),
@@ -183,6 +225,9 @@ impl BuildNetwork {
 impl Drop for BuildNetwork {
     fn drop(&mut self) {
         self.gateway.detach(&self.id);
+        if let Ok(mut m) = WIRED.lock() {
+            m.remove(&self.id);
+        }
     }
 }
 
@@ -190,6 +235,7 @@ impl Drop for BuildNetwork {
 /// the policy allows anything; a sandbox already wired gets the new policy.
 pub(crate) async fn open(
     gateway: &Gateway,
+    owner: &str,
     sb: &Sandbox,
     policy: Policy,
     limits: Limits,
@@ -213,7 +259,13 @@ pub(crate) async fn open(
             message: e.to_string(),
         })?;
     if let Ok(mut m) = WIRED.lock() {
-        m.insert(sb.id.clone(), gateway.clone());
+        m.insert(
+            sb.id.clone(),
+            Wired {
+                gateway: gateway.clone(),
+                owner: owner.to_string(),
+            },
+        );
     }
     Ok(())
 }

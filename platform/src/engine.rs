@@ -12,6 +12,7 @@ use thaw_protocol::{
 use tracing::{info, info_span, Instrument};
 
 use crate::agent::{ExecDone, InvokeDone};
+use crate::audit::{call_events, capped_argv, AuditAction, AuditEvent, CallOutcome};
 use crate::backend::{TierBackend, Tiers};
 use crate::container::userns::IdMap;
 use crate::container::{CloneMemory, SandboxSpec};
@@ -126,6 +127,8 @@ pub struct Engine {
     pub(crate) live: std::sync::Arc<crate::live::Registry>,
     /// Whether live views and kills span every owner (see [`Engine::sees_all_owners`]).
     pub(crate) all_owners: bool,
+    /// The home's audit log ([`crate::audit`]); shared by every owner's view.
+    pub(crate) audit_log: thaw_audit::Audit,
     owner: String,
 }
 
@@ -166,7 +169,11 @@ impl Engine {
         }
         let snapshots = std::sync::Arc::new(thaw_snapshotter::Store::open(paths.snapshots())?);
         let meta = Meta::new(paths.meta_db());
+        // Never fails: a log that cannot be written is opened failed, so that the engine
+        // still reads, verifies and cleans up, but starts no new work.
+        let audit_log = thaw_audit::Audit::open(paths.audit(), thaw_audit::Options::default());
         let engine = Engine {
+            audit_log: audit_log.clone(),
             tiers,
             snapshots,
             paths,
@@ -175,7 +182,7 @@ impl Engine {
             teardowns: tokio_util::task::TaskTracker::new(),
             gc: Default::default(),
             spares: Default::default(),
-            gateway: crate::egress::open_gateway()?,
+            gateway: crate::egress::open_gateway(audit_log.clone())?,
             live: Default::default(),
             // The local CLI is the machine's operator: it sees every owner's sandboxes.
             all_owners: true,
@@ -259,7 +266,8 @@ impl Engine {
         if let Some(snap) = &t.snapshot {
             self.drop_snapshot(snap);
         }
-        Ok(t)
+        let event = AuditEvent::new(AuditAction::TemplateRemove).template(name);
+        self.audited_anyway(Ok(t), vec![event])
     }
 
     /// The uid range of template `key`: the one it was given at its first publish, or the
@@ -285,7 +293,9 @@ impl Engine {
         progress.step("reading template.toml");
         let spec = TemplateSpec::load(dir)?;
         let span = info_span!("template.publish", template = %spec.name);
-        async {
+        self.audit_ready()?;
+        let name = spec.name.clone();
+        let r = async {
             let tier = crate::tier::resolve(
                 spec.tier,
                 std::env::var(crate::tier::TIER_ENV).ok().as_deref(),
@@ -293,8 +303,16 @@ impl Engine {
             )?;
             let key = self.template_key(&spec.name);
             let ids = self.allocate_ids(&key)?;
-            let built =
-                rootfs::build(&self.paths, &self.gateway, &spec, dir, ids, progress).await?;
+            let built = rootfs::build(
+                &self.paths,
+                &self.gateway,
+                self.owner(),
+                &spec,
+                dir,
+                ids,
+                progress,
+            )
+            .await?;
             self.backend(tier)
                 .prepare_template(&built.layers, &spec.limits, progress)
                 .await?;
@@ -336,7 +354,17 @@ impl Engine {
             Ok(record)
         }
         .instrument(span)
-        .await
+        .await;
+        // A failed publish ran the tenant's setup and warm-up too: it is recorded as well.
+        let mut event = AuditEvent::new(AuditAction::TemplatePublish).template(name);
+        event = match &r {
+            Ok(t) => event
+                .with("tier", t.tier.as_str())
+                .with("snapshot", &t.snapshot)
+                .with("publish_ms", t.publish_ms),
+            Err(e) => event.with("error", crate::audit::error_kind(e)),
+        };
+        self.audited(r, vec![event])
     }
 
     /// Checkpoints a warm template sandbox into the snapshot store. The checkpoint is
@@ -680,6 +708,7 @@ impl Engine {
         let policy = self.egress_policy(spec, &opts.network)?;
         crate::egress::open(
             &self.gateway,
+            self.owner(),
             sb,
             policy,
             crate::egress::limits_of(&spec.network),
@@ -738,16 +767,20 @@ impl Engine {
 
     /// Starts a fresh sandbox of `t`, runs `work` in it, and discards it on every path.
     /// Returns what `work` produced with the sandbox id, how it started, and the timings.
+    /// `record` describes what ran for the audit log, from its result and its sandbox's id
+    /// (a call that never got a sandbox ran nothing and is not recorded).
     async fn run_once<T>(
         &self,
         t: &TemplateRecord,
         opts: &RunOptions,
         task: crate::live::RunningTask,
         work: impl AsyncFnOnce(&Sandbox) -> Result<T>,
+        record: impl FnOnce(&Result<T>, &str) -> Vec<AuditEvent>,
     ) -> Result<(T, String, StartKind, Timings)> {
         if opts.cancelled() {
             return Err(Error::Cancelled);
         }
+        self.audit_ready()?;
         let started = Instant::now();
         // Listed by `thaw ps` and ended by `thaw kill` while it runs ([`crate::live`]).
         let call = self.live.begin(self.owner(), &t.name, t.tier, task);
@@ -762,6 +795,8 @@ impl Engine {
         let id = sb.id.clone();
         drop(call);
         self.discard(sb);
+        let events = record(&r, &id);
+        let r = self.audited(r, events);
         let timings = Timings {
             start_ms: ms(ready),
             warm_ms: ms(warm),
@@ -815,6 +850,7 @@ impl Engine {
         opts: RunOptions,
         on_stderr: impl FnMut(&[u8]),
     ) -> Result<Invocation> {
+        self.audit_ready()?;
         let t = self.ready_template(name)?;
         let limits = Self::limits(&t.spec, &opts);
         let env = opts.env.clone();
@@ -824,24 +860,38 @@ impl Engine {
             since_ms: crate::live::now_ms(),
         };
         let (done, sandbox_id, start, timings) = self
-            .run_once(&t, &opts, task, async |sb: &Sandbox| {
-                let mut done = sb
-                    .agent
-                    .invoke(
-                        InvokeRequest {
-                            payload,
-                            env,
-                            limits,
-                        },
-                        on_stderr,
-                    )
-                    .await?;
-                if sb.oom_killed() {
-                    done.status = InvokeStatus::Oom;
-                    done.outcome = Some(Outcome::Oom);
-                }
-                Ok(done)
-            })
+            .run_once(
+                &t,
+                &opts,
+                task,
+                async |sb: &Sandbox| {
+                    let mut done = sb
+                        .agent
+                        .invoke(
+                            InvokeRequest {
+                                payload,
+                                env,
+                                limits,
+                            },
+                            on_stderr,
+                        )
+                        .await?;
+                    if sb.oom_killed() {
+                        done.status = InvokeStatus::Oom;
+                        done.outcome = Some(Outcome::Oom);
+                    }
+                    Ok(done)
+                },
+                |r: &Result<InvokeDone>, sandbox: &str| {
+                    let call = AuditEvent::new(AuditAction::Invoke).template(name);
+                    call_events(call, sandbox, r, |d: &InvokeDone| CallOutcome {
+                        outcome: d.outcome,
+                        exit_code: None,
+                        status: Some(d.status),
+                        truncated: d.truncated,
+                    })
+                },
+            )
             .instrument(info_span!("invoke", template = %name))
             .await?;
         Ok(Invocation {
@@ -862,12 +912,17 @@ impl Engine {
         opts: RunOptions,
         on_output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExecResult> {
+        self.audit_ready()?;
         let t = self.ready_template(name)?;
         let task = crate::live::RunningTask {
             kind: "exec".into(),
             argv: argv.clone(),
             since_ms: crate::live::now_ms(),
         };
+        let call = AuditEvent::new(AuditAction::Exec)
+            .template(name)
+            .with("argv", capped_argv(&argv))
+            .with("stdin_bytes", stdin.as_ref().map(Vec::len));
         let req = ExecRequest {
             argv,
             env: opts.env.clone(),
@@ -876,13 +931,26 @@ impl Engine {
             limits: Self::limits(&t.spec, &opts),
         };
         let (d, sandbox_id, start, timings) = self
-            .run_once(&t, &opts, task, async |sb: &Sandbox| {
-                let mut d: ExecDone = sb.agent.exec(req, on_output).await?;
-                if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && sb.oom_killed() {
-                    d.outcome = Outcome::Oom;
-                }
-                Ok(d)
-            })
+            .run_once(
+                &t,
+                &opts,
+                task,
+                async |sb: &Sandbox| {
+                    let mut d: ExecDone = sb.agent.exec(req, on_output).await?;
+                    if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && sb.oom_killed() {
+                        d.outcome = Outcome::Oom;
+                    }
+                    Ok(d)
+                },
+                |r: &Result<ExecDone>, sandbox: &str| {
+                    call_events(call, sandbox, r, |d: &ExecDone| CallOutcome {
+                        outcome: Some(d.outcome),
+                        exit_code: Some(d.outcome.exit_code()),
+                        status: None,
+                        truncated: d.truncated,
+                    })
+                },
+            )
             .instrument(info_span!("exec", template = %name))
             .await?;
         Ok(ExecResult {
@@ -899,6 +967,7 @@ impl Engine {
     /// Starts a sandbox of a template and keeps it alive (benchmarks, many-clone tests,
     /// sessions). The caller must [`Live::destroy`] it.
     pub async fn spawn(&self, name: &str, opts: &RunOptions) -> Result<Live> {
+        self.audit_ready()?;
         let t = self.ready_template(name)?;
         let (sb, kind, ready, warm) = self.start(&t, opts).await?;
         Ok(Live {
@@ -912,6 +981,7 @@ impl Engine {
 
     /// Boots a sandbox from scratch even when a snapshot exists (the cold-start baseline).
     pub async fn spawn_cold(&self, name: &str, opts: &RunOptions) -> Result<Live> {
+        self.audit_ready()?;
         let t = self.ready_template(name)?;
         let started = Instant::now();
         let (sb, warm) = self

@@ -189,6 +189,11 @@ pub enum Error {
         output: String,
     },
 
+    /// The audit log cannot be written: new work is refused rather than run unaudited.
+    /// The message names the file, the OS error and the fix.
+    #[error("{0}")]
+    Audit(#[from] thaw_audit::Error),
+
     #[error("{0}")]
     Other(String),
 }

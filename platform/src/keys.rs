@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{AuditAction, AuditEvent};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::store::{Meta, Store};
@@ -181,7 +182,15 @@ impl Engine {
         max_sandboxes: u32,
         admin: bool,
     ) -> Result<(KeyRecord, String)> {
-        create(&self.meta, name, max_sandboxes, admin)
+        self.audit_ready()?;
+        let (k, secret) = create(&self.meta, name, max_sandboxes, admin)?;
+        // The key's id and settings; never its secret.
+        let event = AuditEvent::new(AuditAction::KeyCreate)
+            .with("key", &k.id)
+            .with("name", &k.name)
+            .with("admin", k.admin)
+            .with("max_sandboxes", k.max_sandboxes);
+        self.audited(Ok((k, secret)), vec![event])
     }
 
     /// Every API key on this machine, revoked ones included.
@@ -189,8 +198,15 @@ impl Engine {
         list(&self.meta)
     }
 
+    /// Revokes a key. It happens even when the audit log cannot be written (its record
+    /// then goes to the error log): a broken log must not keep a key alive.
     pub fn revoke_key(&self, id: &str) -> Result<KeyRecord> {
-        revoke(&self.meta, id)
+        let r = revoke(&self.meta, id);
+        let event = AuditEvent::new(AuditAction::KeyRevoke).with("key", id);
+        match r {
+            Ok(k) => self.audited_anyway(Ok(k), vec![event]),
+            Err(e) => Err(e),
+        }
     }
 
     /// The key a bearer secret belongs to; `None` when it is unknown, malformed or revoked.

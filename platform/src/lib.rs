@@ -8,6 +8,7 @@
 //! [`doctor`] checks the host.
 
 pub mod agent;
+pub mod audit;
 pub mod backend;
 pub mod bench;
 pub mod cleanup;

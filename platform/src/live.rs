@@ -107,19 +107,41 @@ impl KilledBy {
 
 /// The hook for the audit log: called once for every sandbox or session ended by a kill,
 /// after it was ended. Emits the tracing event; the audit log is to append its record here.
-pub(crate) fn record_kill(by: &KilledBy, report: &KillReport) {
-    info!(
-        target: "thaw::kill",
-        sandbox = report.sandbox.as_deref().unwrap_or("-"),
-        session = report.session.as_deref().unwrap_or("-"),
-        template = %report.template,
-        owner = %report.owner,
-        was = %report.was,
-        by_key = by.key.as_deref().unwrap_or("local"),
-        processes = report.killed_processes,
-        kill_ms = report.kill_ms,
-        "sandbox killed"
-    );
+impl Engine {
+    /// A kill's trace event and audit record. The kill has happened whatever the log says:
+    /// a record that cannot be written is an error in the trace, and the failed log stops
+    /// new work.
+    pub(crate) fn record_kill(&self, by: &KilledBy, report: &KillReport) {
+        info!(
+            target: "thaw::kill",
+            sandbox = report.sandbox.as_deref().unwrap_or("-"),
+            session = report.session.as_deref().unwrap_or("-"),
+            template = %report.template,
+            owner = %report.owner,
+            was = %report.was,
+            by_key = by.key.as_deref().unwrap_or("local"),
+            processes = report.killed_processes,
+            kill_ms = report.kill_ms,
+            "sandbox killed"
+        );
+        let mut ev = thaw_audit::AuditEvent::kill(
+            report
+                .sandbox
+                .as_deref()
+                .or(report.session.as_deref())
+                .unwrap_or("-"),
+            &format!("thaw kill (it was {})", report.was),
+            Some(report.killed_processes),
+        )
+        .template(&report.template)
+        .actor(by.key.as_deref().unwrap_or(crate::engine::LOCAL_OWNER));
+        if let Some(s) = &report.session {
+            ev = ev.session(s);
+        }
+        if let Err(e) = self.audit_log.append(&ev) {
+            tracing::error!("kill of {:?} not audited: {e}", report.sandbox);
+        }
+    }
 }
 
 /// The switch a kill throws: the call watching it returns [`Error::Killed`] at once.
@@ -562,7 +584,7 @@ impl Engine {
             kill_ms: crate::engine::ms(started.elapsed()),
         };
         self.live.count_kill(&report.template);
-        record_kill(by, &report);
+        self.record_kill(by, &report);
         Ok(Some(report))
     }
 

@@ -79,6 +79,10 @@ impl Paths {
         Ok(())
     }
 
+    /// The audit log's segment files (the thaw-audit crate; 0700, made when it opens).
+    pub fn audit(&self) -> PathBuf {
+        self.home.join("audit")
+    }
     pub fn meta_db(&self) -> PathBuf {
         self.home.join("meta.sled")
     }

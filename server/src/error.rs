@@ -69,7 +69,10 @@ impl ApiError {
             fault,
             // The machine lacks something, or its disk is full: the operator must act.
             retryable: fault == Fault::Infrastructure
-                && !matches!(self.code, "missing_dependency" | "disk_full"),
+                && !matches!(
+                    self.code,
+                    "missing_dependency" | "disk_full" | "audit_unavailable"
+                ),
         }
     }
 }
@@ -191,6 +194,13 @@ pub fn classify(e: &E) -> (StatusCode, &'static str) {
         E::Store { .. } => (S::INTERNAL_SERVER_ERROR, "metadata_store"),
         E::Io { .. } => (S::INTERNAL_SERVER_ERROR, "io"),
         E::Other(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
+        // No new work runs unaudited: the operator must make the log writable again.
+        E::Audit(thaw_platform::audit::AuditError::Unavailable { .. }) => {
+            (S::SERVICE_UNAVAILABLE, "audit_unavailable")
+        }
+        E::Audit(thaw_platform::audit::AuditError::Read { .. }) => {
+            (S::INTERNAL_SERVER_ERROR, "audit_read")
+        }
         // Nobody reads it (the client is gone); 499 as nginx logs a client that left.
         E::Cancelled => (S::from_u16(499).unwrap_or(S::REQUEST_TIMEOUT), "cancelled"),
     }

@@ -27,6 +27,7 @@ use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+mod audit;
 mod conn;
 mod error;
 mod extract;
@@ -39,6 +40,7 @@ mod sessions;
 mod slots;
 pub mod upload;
 
+pub use audit::{filter_for as audit_filter, parse_head as parse_audit_head};
 pub use error::{classify, ApiError};
 pub use metrics::Metrics;
 
@@ -252,6 +254,8 @@ fn protected_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(sandboxes::get))
         .routes(routes!(sandboxes::kill))
         .routes(routes!(sandboxes::kill_all))
+        .routes(routes!(audit::list))
+        .routes(routes!(audit::verify))
 }
 
 #[derive(utoipa::OpenApi)]
@@ -267,6 +271,7 @@ fn protected_routes() -> OpenApiRouter<AppState> {
         (name = "templates", description = "Publish templates; invoke and exec in fresh sandboxes"),
         (name = "sessions", description = "Long-lived sandboxes: exec, files, pause and resume"),
         (name = "sandboxes", description = "Live sandboxes and what they use (`thaw ps`); ending them now (`thaw kill`)"),
+        (name = "audit", description = "The audit log: who did what, to which sandbox, when; and its chain's verification"),
     )
 )]
 struct ApiDoc;

@@ -9,6 +9,7 @@
 //! Behaviour that needs the engine (loading and validating a `template.toml`, a template's
 //! uid range or why it has none) stays in `thaw-platform`, as extension traits.
 
+pub mod audit;
 pub mod ids;
 pub mod keys;
 pub mod live;
@@ -19,6 +20,9 @@ pub mod spec;
 pub mod template;
 pub mod tier;
 
+pub use audit::{
+    AuditAction, AuditBreak, AuditHead, AuditList, AuditRecord, AuditVerify, BreakKind,
+};
 pub use ids::IdMap;
 pub use keys::KeyRecord;
 pub use live::{KillList, KillReport, LiveSandbox, RunningTask, SandboxFigures, SandboxList};

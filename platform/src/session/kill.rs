@@ -22,7 +22,7 @@ use tracing::warn;
 use super::{SessionRecord, SessionState};
 use crate::engine::{ms, now_secs, Engine};
 use crate::error::{Error, Result};
-use crate::live::{record_kill, KillReport, KilledBy};
+use crate::live::{KillReport, KilledBy};
 use crate::session::Session;
 use crate::store::Store;
 use crate::tier::Tier;
@@ -184,7 +184,7 @@ impl Engine {
             kill_ms: ms(started.elapsed()),
         };
         self.live.count_kill(&report.template);
-        record_kill(by, &report);
+        self.record_kill(by, &report);
         Ok(Some(report))
     }
 }

@@ -24,6 +24,7 @@ use thaw_protocol::{
 use tokio::sync::RwLock;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::audit::{call_events, capped_argv, file_detail, AuditAction, AuditEvent, CallOutcome};
 use crate::cleanup;
 use crate::container::userns::IdMap;
 use crate::engine::{ms, now_secs, Engine, ExecResult, Invocation, RunOptions, StartKind, Timings};
@@ -342,6 +343,7 @@ impl Engine {
 
     /// Starts a session: a clone of the template's snapshot that stays alive.
     pub async fn session_create(&self, template: &str, opts: SessionOptions) -> Result<Session> {
+        self.audit_ready()?;
         let t = self.ready_template(template)?;
         let lineage = rollout::Lineage::of_template(&t, self.owner())?;
         let origin = format!("template {}", t.name);
@@ -412,12 +414,18 @@ impl Engine {
     /// One call into a running session: it shares the session's lock with other calls
     /// (a pause refuses while any runs), checks that the session runs, marks it active
     /// before and after, and fails the session if its sandbox turns out to be dead.
+    ///
+    /// `record` describes the call for the audit log, from its result (a call refused
+    /// before it reached the sandbox is not recorded). No call starts while the audit log
+    /// cannot be written.
     async fn in_running<T>(
         &self,
         id: &str,
         action: &str,
         work: impl AsyncFnOnce(&SessionRecord, &Sandbox) -> Result<T>,
+        record: impl FnOnce(&Result<T>, AuditEvent, &str) -> Vec<AuditEvent>,
     ) -> Result<T> {
+        self.audit_ready()?;
         let lock = self.session_locks.get(id);
         let _shared = lock.rw.read().await;
         let _active = ActiveCall::new(&lock.active);
@@ -433,12 +441,18 @@ impl Engine {
         }
         .map_err(|e| sb.explain(e));
         self.touch_since(id, rec.session.last_active_at);
-        match r {
+        let sandbox = sb.id.clone();
+        let r = match r {
             Err(e @ (Error::HostTimeout { .. } | Error::OutputFlood { .. })) => {
                 Err(self.contain(id, sb, e).await)
             }
             r => r.map_err(|e| self.lost_if_dead(id, e)),
-        }
+        };
+        let base = AuditEvent::new(AuditAction::Exec)
+            .template(&rec.session.template)
+            .session(id);
+        let events = record(&r, base, &sandbox);
+        self.audited(r, events)
     }
 
     /// A call into the session broke the host's limits, so its guest-init did not enforce
@@ -451,6 +465,11 @@ impl Engine {
             Ok(killed) => {
                 warn!(session = %id, killed, error = %e,
                     "the host killed the session's tasks; the session keeps running");
+                // The call's own records (in_running) say which limit; this one how many.
+                let _ = self.audit(
+                    AuditEvent::kill(&sb.id, crate::audit::error_kind(&e), Some(killed as u64))
+                        .session(id),
+                );
                 e
             }
             Err(kill) => {
@@ -458,6 +477,13 @@ impl Engine {
                     "{e}; its tasks could not be killed alone ({kill}), so its sandbox was destroyed and the state since the last pause is lost"
                 );
                 warn!(session = %id, %why, "destroying the session's sandbox");
+                let kind = crate::audit::error_kind(&e);
+                let _ = self.audit(AuditEvent::limit_hit(&sb.id, kind).session(id));
+                let _ = self.audit(
+                    AuditEvent::kill(&sb.id, kind, None)
+                        .session(id)
+                        .with("sandbox_destroyed", true),
+                );
                 sb.destroy().await;
                 let _ = self.transition(id, |r| {
                     r.session.state = SessionState::Failed;
@@ -492,30 +518,48 @@ impl Engine {
                 since_ms: crate::live::now_ms(),
             },
         );
-        self.in_running(id, "exec", async |rec: &SessionRecord, sb: &Sandbox| {
-            let started = Instant::now();
-            let _grant = self.call_grant(rec, sb, &opts).await?;
-            let req = ExecRequest {
-                argv,
-                env: opts.env.clone(),
-                cwd: None,
-                stdin: stdin.map(Bytes),
-                limits: Engine::limits(&rec.spec, &opts),
-            };
-            let mut d = opts.cancellable(sb.agent.exec(req, on_output)).await?;
-            if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && sb.oom_killed() {
-                d.outcome = Outcome::Oom;
-            }
-            Ok(ExecResult {
-                template: rec.session.template.clone(),
-                sandbox_id: id.to_string(),
-                start: StartKind::Session,
-                exit_code: d.outcome.exit_code(),
-                outcome: d.outcome,
-                truncated: d.truncated,
-                timings: call_timings(started),
-            })
-        })
+        let detail = serde_json::json!({
+            "argv": capped_argv(&argv),
+            "stdin_bytes": stdin.as_ref().map(Vec::len),
+        });
+        self.in_running(
+            id,
+            "exec",
+            async |rec: &SessionRecord, sb: &Sandbox| {
+                let started = Instant::now();
+                let _grant = self.call_grant(rec, sb, &opts).await?;
+                let req = ExecRequest {
+                    argv,
+                    env: opts.env.clone(),
+                    cwd: None,
+                    stdin: stdin.map(Bytes),
+                    limits: Engine::limits(&rec.spec, &opts),
+                };
+                let mut d = opts.cancellable(sb.agent.exec(req, on_output)).await?;
+                if matches!(d.outcome, Outcome::Signaled { signal: 9 }) && sb.oom_killed() {
+                    d.outcome = Outcome::Oom;
+                }
+                Ok(ExecResult {
+                    template: rec.session.template.clone(),
+                    sandbox_id: id.to_string(),
+                    start: StartKind::Session,
+                    exit_code: d.outcome.exit_code(),
+                    outcome: d.outcome,
+                    truncated: d.truncated,
+                    timings: call_timings(started),
+                })
+            },
+            |r: &Result<ExecResult>, base: AuditEvent, sandbox: &str| {
+                call_events(base.detail(detail), sandbox, r, |x: &ExecResult| {
+                    CallOutcome {
+                        outcome: Some(x.outcome),
+                        exit_code: Some(x.exit_code),
+                        status: None,
+                        truncated: x.truncated,
+                    }
+                })
+            },
+        )
         .await
     }
 
@@ -528,35 +572,51 @@ impl Engine {
         opts: RunOptions,
         on_stderr: impl FnMut(&[u8]),
     ) -> Result<Invocation> {
-        self.in_running(id, "invoke", async |rec: &SessionRecord, sb: &Sandbox| {
-            let _task = self.live.session_task(
-                id,
-                crate::live::RunningTask {
-                    kind: "invoke".into(),
-                    argv: rec.spec.handler.command.clone(),
-                    since_ms: crate::live::now_ms(),
-                },
-            );
-            let started = Instant::now();
-            let _grant = self.call_grant(rec, sb, &opts).await?;
-            let req = InvokeRequest {
-                payload,
-                env: opts.env.clone(),
-                limits: Engine::limits(&rec.spec, &opts),
-            };
-            let mut done = opts.cancellable(sb.agent.invoke(req, on_stderr)).await?;
-            if sb.oom_killed() && done.status != InvokeStatus::Ok {
-                done.status = InvokeStatus::Oom;
-                done.outcome = Some(Outcome::Oom);
-            }
-            Ok(Invocation {
-                template: rec.session.template.clone(),
-                sandbox_id: id.to_string(),
-                start: StartKind::Session,
-                done,
-                timings: call_timings(started),
-            })
-        })
+        self.in_running(
+            id,
+            "invoke",
+            async |rec: &SessionRecord, sb: &Sandbox| {
+                let _task = self.live.session_task(
+                    id,
+                    crate::live::RunningTask {
+                        kind: "invoke".into(),
+                        argv: rec.spec.handler.command.clone(),
+                        since_ms: crate::live::now_ms(),
+                    },
+                );
+                let started = Instant::now();
+                let _grant = self.call_grant(rec, sb, &opts).await?;
+                let req = InvokeRequest {
+                    payload,
+                    env: opts.env.clone(),
+                    limits: Engine::limits(&rec.spec, &opts),
+                };
+                let mut done = opts.cancellable(sb.agent.invoke(req, on_stderr)).await?;
+                if sb.oom_killed() && done.status != InvokeStatus::Ok {
+                    done.status = InvokeStatus::Oom;
+                    done.outcome = Some(Outcome::Oom);
+                }
+                Ok(Invocation {
+                    template: rec.session.template.clone(),
+                    sandbox_id: id.to_string(),
+                    start: StartKind::Session,
+                    done,
+                    timings: call_timings(started),
+                })
+            },
+            |r: &Result<Invocation>, base: AuditEvent, sandbox: &str| {
+                let base = AuditEvent {
+                    action: AuditAction::Invoke,
+                    ..base
+                };
+                call_events(base, sandbox, r, |x: &Invocation| CallOutcome {
+                    outcome: x.done.outcome,
+                    exit_code: None,
+                    status: Some(x.done.status),
+                    truncated: x.done.truncated,
+                })
+            },
+        )
         .await
     }
 
@@ -576,8 +636,8 @@ impl Engine {
             let limits = crate::egress::limits_of(&rec.spec.network);
             // Wired with the call's grant too, so the wiring is not skipped for a session
             // whose own policy allows nothing; the base is set right after.
-            crate::egress::open(&self.gateway, sb, base.union(&call), limits).await?;
-            crate::egress::open(&self.gateway, sb, base, limits).await?;
+            crate::egress::open(&self.gateway, self.owner(), sb, base.union(&call), limits).await?;
+            crate::egress::open(&self.gateway, self.owner(), sb, base, limits).await?;
         }
         if opts.network.is_empty() {
             return Ok(None);
@@ -619,6 +679,8 @@ impl Engine {
         data: Vec<u8>,
         mode: Option<u32>,
     ) -> Result<()> {
+        // Its path, size and hash; never its bytes.
+        let detail = file_detail(path, &data, mode);
         let req = Request::WriteFile {
             path: path.to_string(),
             data: Bytes(data),
@@ -629,6 +691,17 @@ impl Engine {
             id,
             "write files",
             async |_: &SessionRecord, sb: &Sandbox| sb.agent.call(&req).await,
+            |r: &Result<Response>, base: AuditEvent, sandbox: &str| {
+                vec![with_error(
+                    AuditEvent {
+                        action: AuditAction::FilePut,
+                        ..base
+                    }
+                    .sandbox(sandbox)
+                    .detail(detail),
+                    r,
+                )]
+            },
         )
         .await?;
         Ok(())
@@ -640,9 +713,27 @@ impl Engine {
             max_bytes: Some(MAX_FILE + 1),
         };
         let answer = self
-            .in_running(id, "read files", async |_: &SessionRecord, sb: &Sandbox| {
-                sb.agent.call(&req).await
-            })
+            .in_running(
+                id,
+                "read files",
+                async |_: &SessionRecord, sb: &Sandbox| sb.agent.call(&req).await,
+                |r: &Result<Response>, base: AuditEvent, sandbox: &str| {
+                    let size = match r {
+                        Ok(Response::FileData { data, .. }) => Some(data.0.len()),
+                        _ => None,
+                    };
+                    vec![with_error(
+                        AuditEvent {
+                            action: AuditAction::FileGet,
+                            ..base
+                        }
+                        .sandbox(sandbox)
+                        .with("path", path)
+                        .with("size", size),
+                        r,
+                    )]
+                },
+            )
             .await?;
         match answer {
             Response::FileData { data, .. } if data.0.len() as u64 > MAX_FILE => {
@@ -690,7 +781,7 @@ impl Engine {
             Ok(())
         })?;
         let span = info_span!("session.pause", session = %id);
-        async {
+        let r = async {
             let sb = self.attach(rec.tier, rec.sandbox_id());
             match self.snapshot_sandbox(&sb, &snap, true).await {
                 Ok(size) => {
@@ -734,7 +825,15 @@ impl Engine {
             }
         }
         .instrument(span)
-        .await
+        .await;
+        let mut event = with_error(session_event(AuditAction::SessionPause, &rec), &r);
+        if let Ok(s) = &r {
+            event = event
+                .with("snapshot", &s.snapshot)
+                .with("snapshot_bytes", s.snapshot_size.map(|z| z.stored_bytes));
+        }
+        // Pausing ends work: it happens whether or not its record can be written.
+        self.audited_anyway(r, vec![event])
     }
 
     /// Resumes a paused session from its snapshot, with everything it had.
@@ -742,6 +841,7 @@ impl Engine {
         // Anything but a paused session is a conflict at once (a pause in flight, a running
         // session). A paused one may still have its lock held by the pause finishing its
         // teardown, or by a racing resume: wait for that (bounded), then the state decides.
+        self.audit_ready()?;
         let current = self.session(id)?;
         if current.state != SessionState::Paused {
             return Err(conflict(&current, "resume"));
@@ -768,7 +868,7 @@ impl Engine {
             Ok(())
         })?;
         let span = info_span!("session.resume", session = %id);
-        async {
+        let r = async {
             let Some(snap) = rec.session.snapshot.clone() else {
                 return Err(self.fail(id, "paused without a snapshot".into()));
             };
@@ -817,7 +917,17 @@ impl Engine {
             }
         }
         .instrument(span)
-        .await
+        .await;
+        let event = match &r {
+            Ok(s) => AuditEvent::new(AuditAction::SessionResume)
+                .template(&s.template)
+                .session(id)
+                .sandbox(s.sandbox.as_deref().unwrap_or(&new_sb))
+                .with("resume_ms", s.last_resume_ms),
+            Err(e) => session_event(AuditAction::SessionResume, &rec)
+                .with("error", crate::audit::error_kind(e)),
+        };
+        self.audited(r, vec![event])
     }
 
     async fn restore_session(
@@ -877,6 +987,7 @@ impl Engine {
         idle_timeout: Option<Duration>,
         max_lifetime: Option<Duration>,
     ) -> Result<Session> {
+        self.audit_ready()?;
         let r = self.transition(id, |r| {
             if !matches!(
                 r.session.state,
@@ -893,14 +1004,17 @@ impl Engine {
             r.session.last_active_at = now_secs();
             Ok(())
         })?;
-        Ok(r.view())
+        let event = session_event(AuditAction::SessionExtend, &r)
+            .with("idle_timeout_s", r.session.idle_timeout_s)
+            .with("expires_at", r.session.expires_at);
+        self.audited(Ok(r.view()), vec![event])
     }
 
     /// Ends a session in any state: kills its sandbox, deletes its snapshot and its record.
     pub async fn session_delete(&self, id: &str) -> Result<Session> {
         let rec = self.session_record(id)?;
         let span = info_span!("session.delete", session = %id);
-        async {
+        let r = async {
             if rec.session.state != SessionState::Paused {
                 self.attach(rec.tier, rec.sandbox_id()).destroy().await;
             }
@@ -934,7 +1048,10 @@ impl Engine {
             Ok(s)
         }
         .instrument(span)
-        .await
+        .await;
+        let event = with_error(session_event(AuditAction::SessionDelete, &rec), &r)
+            .with("state", rec.session.state.as_str());
+        self.audited_anyway(r, vec![event])
     }
 
     /// Stops a session for its timeout: sandbox and snapshot go, the record stays.
@@ -970,7 +1087,8 @@ impl Engine {
             r.init = None;
             Ok(())
         })?;
-        Ok(r.view())
+        let event = session_event(AuditAction::SessionStop, &before).with("reason", why);
+        self.audited_anyway(Ok(r.view()), vec![event])
     }
 
     /// Pauses or stops every session (of every owner) past its idle timeout or maximum
@@ -1174,4 +1292,21 @@ fn call_timings(started: Instant) -> Timings {
         run_ms: total,
         total_ms: total,
     }
+}
+
+/// `event`, with the kind of error its action ended with, if any.
+fn with_error<T>(event: AuditEvent, r: &Result<T>) -> AuditEvent {
+    match r {
+        Ok(_) => event,
+        Err(e) => event.with("error", crate::audit::error_kind(e)),
+    }
+}
+
+/// The record of a session's state change: its template, id, and the sandbox that runs it
+/// (or last ran it).
+fn session_event(action: AuditAction, rec: &SessionRecord) -> AuditEvent {
+    AuditEvent::new(action)
+        .template(&rec.session.template)
+        .session(&rec.session.id)
+        .sandbox(rec.sandbox_id())
 }

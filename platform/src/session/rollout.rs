@@ -24,6 +24,7 @@ use super::{
     alive, conflict, me, new_session_id, PendingOp, Session, SessionOptions, SessionRecord,
     SessionState,
 };
+use crate::audit::{AuditAction, AuditEvent};
 use crate::cleanup;
 use crate::container::userns::IdMap;
 use crate::container::CloneMemory;
@@ -373,7 +374,7 @@ impl Engine {
             }
         }
         let span = info_span!("session.create", session = %id, template = %rec.session.template);
-        async {
+        let r = async {
             let made = match source {
                 Some(_) => {
                     self.restore_for(&rec, &origin_snapshot(&id), &sandbox)
@@ -410,7 +411,21 @@ impl Engine {
             r
         }
         .instrument(span)
-        .await
+        .await;
+        // Every new session (created, forked, made by a batch) has its record. Its sandbox
+        // is the one the record names (a spare handed over has an id of its own).
+        let made_sandbox = r.as_ref().ok().and_then(|s| s.sandbox.clone());
+        let event = AuditEvent::new(AuditAction::SessionCreate)
+            .template(&rec.session.template)
+            .session(&id)
+            .sandbox(made_sandbox.unwrap_or(sandbox))
+            .with("origin", &rec.session.origin)
+            .with("checkpointable", rec.session.checkpointable);
+        let event = match &r {
+            Ok(_) => event,
+            Err(e) => event.with("error", crate::audit::error_kind(e)),
+        };
+        self.audited(r, vec![event])
     }
 
     /// A session's sandbox booted cold (its template has no snapshot).
@@ -434,6 +449,7 @@ impl Engine {
     /// call runs in it: the snapshot would hold a task half done.
     pub async fn session_checkpoint(&self, id: &str, name: &str) -> Result<Checkpoint> {
         validate_checkpoint_name(name)?;
+        self.audit_ready()?;
         let lock = self.session_locks.get(id);
         let Ok(_excl) = lock.rw.try_write() else {
             return Err(Error::SessionBusy {
@@ -453,7 +469,7 @@ impl Engine {
             });
         }
         let span = info_span!("session.checkpoint", session = %id, name);
-        async {
+        let r = async {
             let snap = checkpoint_snapshot(id, name);
             let sb = self.attach(rec.tier, rec.sandbox_id());
             let size = match self.snapshot_sandbox(&sb, &snap, true).await {
@@ -494,7 +510,17 @@ impl Engine {
             Ok(ckp)
         }
         .instrument(span)
-        .await
+        .await;
+        let event = AuditEvent::new(AuditAction::CheckpointCreate)
+            .template(&rec.session.template)
+            .session(id)
+            .sandbox(rec.sandbox_id())
+            .with("checkpoint", name);
+        let event = match &r {
+            Ok(c) => event.with("stored_bytes", c.stored_bytes),
+            Err(e) => event.with("error", crate::audit::error_kind(e)),
+        };
+        self.audited(r, vec![event])
     }
 
     /// Host pids holding a running session's memory (benchmarks sum their PSS).
@@ -533,7 +559,11 @@ impl Engine {
             Ok(())
         })?;
         self.drop_snapshots_later(vec![checkpoint_snapshot(id, name)]);
-        removed.ok_or_else(|| Error::Other("checkpoint vanished while deleted".into()))
+        let r = removed.ok_or_else(|| Error::Other("checkpoint vanished while deleted".into()));
+        let event = AuditEvent::new(AuditAction::CheckpointDelete)
+            .session(id)
+            .with("checkpoint", name);
+        self.audited_anyway(r, vec![event])
     }
 
     /// Puts a session back to the snapshot it was made from, or to one of its checkpoints,
@@ -541,6 +571,7 @@ impl Engine {
     /// answer). A paused session is restored as well (and runs afterwards), and so is a
     /// failed one whose sandbox died: how a rollout worker gets its session back.
     pub async fn session_reset(&self, id: &str, checkpoint: Option<&str>) -> Result<ResetOutcome> {
+        self.audit_ready()?;
         let started = Instant::now();
         let lock = self.session_locks.get(id);
         // Checked before anything is cancelled: a reset that cannot happen kills nothing.
@@ -579,7 +610,7 @@ impl Engine {
         let before = self.session_record(id)?;
         let sandbox = new_sandbox_id();
         let span = info_span!("session.reset", session = %id, from = %from);
-        async {
+        let r = async {
             let sb = match self.restore_for(&before, &snap, &sandbox).await {
                 Ok(sb) => sb,
                 Err(e) => {
@@ -636,7 +667,19 @@ impl Engine {
             })
         }
         .instrument(span)
-        .await
+        .await;
+        let made_sandbox = r.as_ref().ok().and_then(|o| o.session.sandbox.clone());
+        let event = AuditEvent::new(AuditAction::SessionReset)
+            .template(&before.session.template)
+            .session(id)
+            .sandbox(made_sandbox.unwrap_or(sandbox))
+            .with("previous_sandbox", before.sandbox_id())
+            .with("checkpoint", checkpoint);
+        let event = match &r {
+            Ok(o) => event.with("cancelled_calls", o.cancelled_calls),
+            Err(e) => event.with("error", crate::audit::error_kind(e)),
+        };
+        self.audited(r, vec![event])
     }
 
     /// Makes `n` sessions from `source`, restoring several at once, and hands each to
@@ -649,6 +692,7 @@ impl Engine {
         opts: &SessionOptions,
         mut on_ready: impl FnMut(BatchItem),
     ) -> Result<()> {
+        self.audit_ready()?;
         let (parent, snap, origin, fork_point) = self.batch_parent(source).await?;
         let span = info_span!("session.batch", n, origin = %origin);
         let made = async {
@@ -688,8 +732,23 @@ impl Engine {
             id: id.to_string(),
             checkpoint: checkpoint.map(str::to_string),
         };
-        self.session_batch(&source, n, opts, |item| items.push(item))
-            .await?;
+        let r = self
+            .session_batch(&source, n, opts, |item| items.push(item))
+            .await;
+        let made: Vec<&str> = items
+            .iter()
+            .filter_map(|i| i.result.as_ref().ok().map(|s| s.id.as_str()))
+            .collect();
+        let event = AuditEvent::new(AuditAction::SessionFork)
+            .session(id)
+            .with("n", n)
+            .with("checkpoint", checkpoint)
+            .with("created", &made);
+        let event = match &r {
+            Ok(()) => event,
+            Err(e) => event.with("error", crate::audit::error_kind(e)),
+        };
+        self.audited(r, vec![event])?;
         Ok(items)
     }
 
@@ -831,12 +890,18 @@ impl Engine {
             why,
             output: short,
         })?;
-        Ok(Reward {
+        let r = Reward {
             reward,
             exit_code: result.exit_code,
             output,
             run_ms: ms(started.elapsed()),
-        })
+        };
+        // The command itself has its `exec` record; this one says what it scored.
+        let event = AuditEvent::new(AuditAction::Reward)
+            .template(&rec.session.template)
+            .session(id)
+            .with("reward", r.reward);
+        self.audited(Ok(r), vec![event])
     }
 
     /// Removes snapshots of sessions that no longer exist (a crash between storing a

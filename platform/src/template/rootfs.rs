@@ -104,6 +104,7 @@ pub const BUILD_CA_ENV: &str = "THAW_BUILD_CA_BUNDLE";
 pub async fn build(
     paths: &Paths,
     gateway: &thaw_gateway::Gateway,
+    owner: &str,
     spec: &TemplateSpec,
     dir: &Path,
     ids: IdMap,
@@ -131,7 +132,7 @@ pub async fn build(
         let _lock = FileLock::acquire(&cache.join(format!(".{lkey}.lock")))?;
         if !layer.exists() {
             build_layer(
-                paths, gateway, &cache, &lkey, &base, spec, dir, ids, progress,
+                paths, gateway, owner, &cache, &lkey, &base, spec, dir, ids, progress,
             )
             .await?;
         }
@@ -343,6 +344,7 @@ fn common_dirs(root: &Path) -> Result<()> {
 async fn build_layer(
     paths: &Paths,
     gateway: &thaw_gateway::Gateway,
+    owner: &str,
     cache: &Path,
     key: &str,
     base: &Path,
@@ -407,6 +409,7 @@ async fn build_layer(
             run_setup(
                 paths,
                 gateway,
+                owner,
                 &scratch.path,
                 &disk,
                 &merged,
@@ -495,6 +498,7 @@ fn tmpfs_full(disk: &Path) -> bool {
 async fn run_setup(
     paths: &Paths,
     gateway: &thaw_gateway::Gateway,
+    owner: &str,
     scratch: &Path,
     disk: &Path,
     merged: &Path,
@@ -518,7 +522,7 @@ async fn run_setup(
         envv.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
         // Granted egress ([build] allow_out): a host-made namespace wired to the gateway,
         // kept until the container is gone.
-        let net = crate::egress::BuildNetwork::open(gateway, &id, b).await?;
+        let net = crate::egress::BuildNetwork::open(gateway, owner, &id, b).await?;
         // Behind an operator's TLS-intercepting proxy, a build granted egress trusts the
         // operator's bundle too (the usual variables point every common client at it).
         let ca_bundle = match (&net, std::env::var_os(BUILD_CA_ENV)) {
