@@ -18,7 +18,7 @@ use internet::{Internet, ALLOWED, OTHER, RAW, WILD};
 
 /// The sandbox's side of each check: one operation, one JSON line out.
 const CLIENT: &str = r#"
-import json, socket, ssl, sys
+import json, os, socket, ssl, sys
 op, a = sys.argv[1], sys.argv[2:]
 def out(**k):
     print(json.dumps(k)); sys.exit(0)
@@ -34,19 +34,23 @@ try:
         out(ok=True, addrs=sorted({ai[4][0] for ai in socket.getaddrinfo(a[0], 80, socket.AF_INET)}))
     if op == "http":
         s = socket.create_connection((a[0], int(a[1])), timeout=5)
-        s.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (a[3] if len(a) > 3 else "/hello", a[2])).encode())
+        auth = ("Authorization: Bearer %s\r\n" % os.environ[a[4]]) if len(a) > 4 else ""
+        s.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\n%s\r\n" % (a[3] if len(a) > 3 else "/hello", a[2], auth)).encode())
         out(ok=True, body=read_all(s).decode(errors="replace"))
     if op == "tls":
-        ctx = ssl.create_default_context(cafile=a[3])
+        ctx = ssl.create_default_context(cafile=a[3]) if a[3] != "-" else ssl.create_default_context()
         s = socket.create_connection((a[0], int(a[1])), timeout=5)
         t = ctx.wrap_socket(s, server_hostname=a[2])
-        t.sendall(("GET /hello HTTP/1.0\r\nHost: %s\r\n\r\n" % a[2]).encode())
+        auth = ("Authorization: Bearer %s\r\n" % os.environ[a[4]]) if len(a) > 4 else ""
+        t.sendall(("GET /hello HTTP/1.1\r\nHost: %s\r\n%sConnection: close\r\n\r\n" % (a[2], auth)).encode())
         out(ok=True, body=read_all(t).decode(errors="replace"))
     if op == "raw":
         s = socket.create_connection((a[0], int(a[1])), timeout=5)
         s.sendall(a[2].encode())
         data = s.recv(100)
         out(ok=bool(data), body=data.decode(errors="replace"))
+    if op == "env":
+        out(ok=True, body=os.environ.get(a[0], ""))
     if op == "udp":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(2)
@@ -62,6 +66,10 @@ async fn check(c: &Client, session: &str, args: &[&str], grant: &[&str]) -> Valu
     argv.extend_from_slice(args);
     let mut body = ExecBody::new(argv);
     body.allow_out = grant.iter().map(|s| s.to_string()).collect();
+    run(c, session, body, args).await
+}
+
+async fn run(c: &Client, session: &str, body: ExecBody, args: &[&str]) -> Value {
     let o = c.session_exec(session, &body).await.expect("exec");
     let text = String::from_utf8_lossy(&o.stdout).trim().to_string();
     serde_json::from_str(&text).unwrap_or_else(|e| {
@@ -349,4 +357,157 @@ async fn a_template_grant_has_its_limits_and_no_grant_means_no_network() {
     let e = c.deploy_dir(dir.path()).await.expect_err("bad network");
     assert!(e.to_string().contains("10.0.0.0/8"), "{e}");
     server.finish().await;
+}
+
+/// A secret for tls.test: the sandbox holds a placeholder; the server receives the value;
+/// another destination receives the placeholder; the value is in no snapshot, audit record
+/// or file of thaw's home.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_reaches_its_host_and_nothing_else_holds_it() {
+    let net = Internet::shared();
+    let server = Server::start().await;
+    let secret_key = server.key("egress-s", 4);
+    let c = server.client(&secret_key);
+    c.deploy_dir(&repo_root().join("templates/python"))
+        .await
+        .expect("deploy python");
+    let value = format!("s3cr3t-{}", std::process::id());
+    let mut body = SessionCreateBody::new("python");
+    body.allow_out = vec!["tls.test:443".into(), "plain.test".into()];
+    body.secrets = vec![thaw_api::SecretGrant {
+        name: "API_TOKEN".into(),
+        value: value.clone(),
+        hosts: vec!["tls.test".into()],
+    }];
+    let s = c.session_create(&body).await.expect("create");
+
+    // The sandbox sees a placeholder.
+    let r = check(&c, &s.id, &["env", "API_TOKEN"], &[]).await;
+    let placeholder = r["body"].as_str().unwrap_or("").to_string();
+    assert!(placeholder.starts_with("thaw-secret-API_TOKEN-"), "{r}");
+    assert!(!placeholder.contains(&value));
+
+    // Its HTTPS request to tls.test (trusting the sandbox's bundle, which holds its own CA)
+    // arrives with the value.
+    let r = check(
+        &c,
+        &s.id,
+        &["tls", "tls.test", "443", "tls.test", "-", "API_TOKEN"],
+        &[],
+    )
+    .await;
+    assert!(
+        ok(&r) && r["body"].as_str().unwrap_or("").contains("hello from"),
+        "{r}"
+    );
+    let auth = || net.log.lock().map(|l| l.auth.clone()).unwrap_or_default();
+    assert!(auth().contains(&format!("Bearer {value}")), "{:?}", auth());
+
+    // To another destination the placeholder stays a placeholder.
+    let r = check(
+        &c,
+        &s.id,
+        &[
+            "http",
+            "plain.test",
+            "80",
+            "plain.test",
+            "/hello",
+            "API_TOKEN",
+        ],
+        &[],
+    )
+    .await;
+    assert!(ok(&r), "{r}");
+    assert!(
+        auth().contains(&format!("Bearer {placeholder}")),
+        "{:?}",
+        auth()
+    );
+
+    // A call's secret lasts for the call.
+    let mut call = ExecBody::new([
+        "python3",
+        "-c",
+        CLIENT,
+        "tls",
+        "tls.test",
+        "443",
+        "tls.test",
+        "-",
+        "CALL_TOKEN",
+    ]);
+    call.secrets = vec![thaw_api::SecretGrant {
+        name: "CALL_TOKEN".into(),
+        value: format!("{value}-call"),
+        hosts: vec!["tls.test".into()],
+    }];
+    let r = run(&c, &s.id, call, &["tls with a call's secret"]).await;
+    assert!(ok(&r), "{r}");
+    assert!(
+        auth().contains(&format!("Bearer {value}-call")),
+        "{:?}",
+        auth()
+    );
+    let r = check(&c, &s.id, &["env", "CALL_TOKEN"], &[]).await;
+    assert_eq!(
+        r["body"], "",
+        "the call's placeholder outlived the call: {r}"
+    );
+
+    // A secret for a host allow_out does not allow is refused, naming it.
+    let mut bad = SessionCreateBody::new("python");
+    bad.allow_out = vec!["plain.test".into()];
+    bad.secrets = vec![thaw_api::SecretGrant {
+        name: "X".into(),
+        value: "v".into(),
+        hosts: vec!["tls.test".into()],
+    }];
+    let e = c
+        .session_create(&bad)
+        .await
+        .expect_err("secret for a host not allowed");
+    assert!(e.to_string().contains("tls.test"), "{e}");
+
+    // Paused: the snapshot of its memory and files does not hold the value, nor does any
+    // file of thaw's home (audit log, records, logs).
+    let paused = c.session_pause(&s.id).await.expect("pause");
+    let snap = paused.snapshot.clone().expect("snapshot name");
+    let dir = server
+        .engine
+        .snapshots
+        .materialize_cached(&snap)
+        .expect("materialize");
+    let hits = grep_tree(&dir, value.as_bytes());
+    assert!(hits.is_empty(), "the secret is in the snapshot: {hits:?}");
+    let hits = grep_tree(server.home.path(), value.as_bytes());
+    assert!(hits.is_empty(), "the secret is in thaw's home: {hits:?}");
+    c.session_delete(&s.id).await.expect("delete");
+    server.finish().await;
+}
+
+/// Files under `dir` whose bytes contain `needle`.
+fn grep_tree(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(t)
+                    if t.is_file()
+                        && std::fs::read(&p)
+                            .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) =>
+                {
+                    hits.push(p)
+                }
+                _ => {}
+            }
+        }
+    }
+    hits
 }

@@ -56,8 +56,8 @@ pub use thaw_protocol::{InvokeStatus, Outcome, Stream};
 pub use thaw_types::{
     AuditAction, AuditBreak, AuditHead, AuditList, AuditRecord, AuditVerify, BreakKind, Checkpoint,
     ExecResult, Invocation, InvokeDone, KeyRecord, NetworkGrant, NetworkSpec, ResetOutcome, Reward,
-    Session, SessionState, SnapshotSize, StartKind, TemplateRecord, TemplateSpec, TemplateState,
-    Tier, TimeoutAction, Timings,
+    SecretGrant, Session, SessionState, SnapshotSize, StartKind, TemplateRecord, TemplateSpec,
+    TemplateState, Tier, TimeoutAction, Timings,
 };
 // Live sandboxes (`thaw ps`, `thaw kill`).
 pub use thaw_types::{KillList, KillReport, LiveSandbox, RunningTask, SandboxFigures, SandboxList};

@@ -36,6 +36,11 @@ pub struct InvokeBody {
     /// IPs and CIDRs kept out even when a broader `allow_out` range covers them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny_out: Vec<String>,
+    /// Credentials the sandbox never holds: it sees a placeholder in the environment
+    /// variable `name`; the egress proxy puts `value` in its place in HTTPS requests to
+    /// `hosts` (which `allow_out` must allow). Kept in the server's memory only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::SecretGrant>,
 }
 
 /// Body of the exec routes (`/v1/templates/{name}/exec`, `/v1/sessions/{id}/exec`).
@@ -59,6 +64,11 @@ pub struct ExecBody {
     /// IPs and CIDRs kept out even when a broader `allow_out` range covers them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny_out: Vec<String>,
+    /// Credentials the sandbox never holds: it sees a placeholder in the environment
+    /// variable `name`; the egress proxy puts `value` in its place in HTTPS requests to
+    /// `hosts` (which `allow_out` must allow). Kept in the server's memory only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::SecretGrant>,
 }
 
 impl ExecBody {
@@ -106,6 +116,11 @@ pub struct SessionCreateBody {
     /// IPs and CIDRs kept out even when a broader `allow_out` range covers them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny_out: Vec<String>,
+    /// Credentials the sandbox never holds: it sees a placeholder in the environment
+    /// variable `name`; the egress proxy puts `value` in its place in HTTPS requests to
+    /// `hosts` (which `allow_out` must allow). Kept in the server's memory only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::SecretGrant>,
 }
 
 impl InvokeBody {
@@ -147,6 +162,7 @@ impl SessionCreateBody {
             env: BTreeMap::new(),
             allow_out: Vec::new(),
             deny_out: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 }

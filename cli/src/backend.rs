@@ -100,6 +100,7 @@ impl Backend {
                     env: opts.env,
                     allow_out: opts.network.allow_out,
                     deny_out: opts.network.deny_out,
+                    secrets: opts.secrets,
                 })
                 .await?
             }
@@ -260,6 +261,7 @@ fn invoke_body(payload: serde_json::Value, opts: &RunOptions) -> thaw_api::Invok
         timeout_ms: timeout_ms(opts),
         allow_out: opts.network.allow_out.clone(),
         deny_out: opts.network.deny_out.clone(),
+        secrets: opts.secrets.clone(),
     }
 }
 
@@ -272,5 +274,6 @@ fn exec_body(argv: Vec<String>, stdin: Option<Vec<u8>>, opts: &RunOptions) -> th
         timeout_ms: timeout_ms(opts),
         allow_out: opts.network.allow_out.clone(),
         deny_out: opts.network.deny_out.clone(),
+        secrets: opts.secrets.clone(),
     }
 }

@@ -250,9 +250,33 @@ struct NetworkArgs {
     /// Keep an IP or CIDR out even when a broader --allow-out covers it (repeatable).
     #[arg(long = "deny-out", value_name = "CIDR")]
     deny_out: Vec<String>,
+    /// A credential the sandbox never holds: NAME@HOST[,HOST…] takes the value of this
+    /// shell's environment variable NAME (never the command line); the sandbox sees a
+    /// placeholder in NAME, which the egress proxy replaces in HTTPS requests to the hosts.
+    #[arg(long = "secret", value_name = "NAME@HOSTS")]
+    secret: Vec<String>,
 }
 
 impl NetworkArgs {
+    fn secrets(&self) -> Result<Vec<thaw_types::SecretGrant>> {
+        self.secret
+            .iter()
+            .map(|s| {
+                let (name, hosts) = s
+                    .split_once('@')
+                    .ok_or_else(|| anyhow::anyhow!("--secret {s:?}: expected NAME@HOST[,HOST...]"))?;
+                let value = std::env::var(name).map_err(|_| {
+                    anyhow::anyhow!("--secret {name}: set the environment variable {name} to the secret's value")
+                })?;
+                Ok(thaw_types::SecretGrant {
+                    name: name.to_string(),
+                    value,
+                    hosts: hosts.split(',').map(str::to_string).collect(),
+                })
+            })
+            .collect()
+    }
+
     fn grant(&self) -> thaw_types::NetworkGrant {
         thaw_types::NetworkGrant {
             allow_out: self.allow_out.clone(),
@@ -406,6 +430,7 @@ impl RunArgs {
             timeout,
             cancel: None,
             network: self.network.grant(),
+            secrets: self.network.secrets()?,
         })
     }
 }
@@ -770,6 +795,7 @@ async fn session(backend: &Backend, cmd: SessionCmd, json: bool) -> Result<ExitC
                 env: env.into_iter().collect(),
                 checkpointable: true,
                 network: network.grant(),
+                secrets: network.secrets()?,
             };
             let s = backend.session_create(&template, opts).await?;
             output::session(&s, json, "created")?;

@@ -20,6 +20,7 @@ pub mod dns;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod secrets;
 pub mod sniff;
 pub mod xtables;
 
@@ -183,6 +184,20 @@ struct Resolved {
     by_name: HashMap<String, (Vec<IpAddr>, Instant)>,
 }
 
+/// Secrets granted to one call: withdrawn when dropped.
+pub struct SecretGrant {
+    net: Arc<SandboxNet>,
+    id: u64,
+}
+
+impl Drop for SecretGrant {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.net.secrets.lock() {
+            g.retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
 /// A grant for one call: widens the policy until dropped.
 pub struct CallGrant {
     net: Arc<SandboxNet>,
@@ -209,6 +224,10 @@ pub struct SandboxNet {
     pub(crate) up: Bucket,
     pub(crate) down: Bucket,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Secrets granted (id 0: the sandbox's own; others: calls'), and the CA made for
+    /// them on first use.
+    secrets: Mutex<Vec<(u64, Vec<secrets::Secret>)>>,
+    ca: std::sync::OnceLock<Arc<secrets::Ca>>,
 }
 
 impl SandboxNet {
@@ -219,6 +238,24 @@ impl SandboxNet {
             Ok(g) => g.iter().fold(base, |acc, (_, p)| acc.union(p)),
             Err(_) => base,
         }
+    }
+
+    /// The secrets whose values requests to `host` get.
+    pub(crate) fn secrets_for(&self, host: &str) -> Vec<secrets::Secret> {
+        self.secrets
+            .lock()
+            .map(|g| {
+                g.iter()
+                    .flat_map(|(_, v)| v.iter())
+                    .filter(|s| s.for_host(host))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn ca(&self) -> Option<Arc<secrets::Ca>> {
+        self.ca.get().cloned()
     }
 
     fn remember(&self, name: &str, addrs: &[IpAddr], ttl: u32) {
@@ -273,6 +310,7 @@ struct Inner {
     config: Config,
     observer: Arc<dyn EgressObserver>,
     sandboxes: Mutex<HashMap<String, Arc<SandboxNet>>>,
+    upstream_tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
 }
 
 impl Gateway {
@@ -282,6 +320,7 @@ impl Gateway {
                 config,
                 observer,
                 sandboxes: Mutex::new(HashMap::new()),
+                upstream_tls: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -324,6 +363,8 @@ impl Gateway {
             up: Bucket::new(limits.bandwidth_bytes_per_s),
             down: Bucket::new(limits.bandwidth_bytes_per_s),
             tasks: Mutex::new(Vec::new()),
+            secrets: Mutex::new(Vec::new()),
+            ca: std::sync::OnceLock::new(),
         });
         let proxy = tokio::net::TcpListener::from_std(listeners.proxy)
             .map_err(|e| GatewayError::io("proxy listener", e))?;
@@ -372,6 +413,52 @@ impl Gateway {
         let id = net.next_grant.fetch_add(1, Ordering::Relaxed);
         net.grants.lock().ok()?.push((id, policy));
         Some(CallGrant { net, id })
+    }
+
+    /// Grants `secrets` to a wired sandbox until the guard is dropped (a call's), or for
+    /// good (`keep`: the sandbox's own). Returns the PEM of the sandbox's CA, which its trust
+    /// bundle must hold.
+    pub fn add_secrets(
+        &self,
+        sandbox: &str,
+        secrets: Vec<secrets::Secret>,
+        keep: bool,
+    ) -> Result<(String, Option<SecretGrant>), GatewayError> {
+        let net = self
+            .get(sandbox)
+            .ok_or_else(|| GatewayError::Wiring(format!("{sandbox} is not wired")))?;
+        let ca = match net.ca.get() {
+            Some(ca) => ca.clone(),
+            None => {
+                let ca = Arc::new(secrets::Ca::new(sandbox)?);
+                net.ca.get_or_init(|| ca).clone()
+            }
+        };
+        let id = if keep {
+            0
+        } else {
+            net.next_grant.fetch_add(1, Ordering::Relaxed)
+        };
+        if let Ok(mut g) = net.secrets.lock() {
+            if keep {
+                g.retain(|(i, _)| *i != 0);
+            }
+            g.push((id, secrets));
+        }
+        let guard = (!keep).then(|| SecretGrant {
+            net: net.clone(),
+            id,
+        });
+        Ok((ca.pem(), guard))
+    }
+
+    /// The TLS client configuration for servers the proxy injects secrets for.
+    pub(crate) fn upstream_tls(&self) -> Result<Arc<rustls::ClientConfig>, GatewayError> {
+        if let Some(c) = self.inner.upstream_tls.get() {
+            return Ok(c.clone());
+        }
+        let c = secrets::upstream_client()?;
+        Ok(self.inner.upstream_tls.get_or_init(|| c).clone())
     }
 
     pub fn figures(&self, sandbox: &str) -> Option<NetFigures> {

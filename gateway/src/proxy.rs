@@ -132,8 +132,35 @@ async fn handle(gw: Gateway, net: Arc<SandboxNet>, mut conn: TcpStream) {
             };
             event.allowed = true;
             event.reason = format!("allowed by {rule}");
-            gw.report(event);
-            relay(&net, conn, upstream, first).await;
+            let secrets = match (&hello, &name) {
+                (Hello::Tls { .. }, Some(host)) => net.secrets_for(host),
+                _ => Vec::new(),
+            };
+            match (secrets.is_empty(), net.ca(), &name) {
+                (false, Some(ca), Some(host)) => {
+                    let tls = match gw.upstream_tls() {
+                        Ok(t) => t,
+                        Err(e) => {
+                            event.allowed = false;
+                            event.reason = format!("allowed by {rule}, but {e}");
+                            return refuse(&gw, &net, conn, event, None).await;
+                        }
+                    };
+                    let names: Vec<&str> = secrets.iter().map(|s| s.name.as_str()).collect();
+                    event.reason = format!("{}; secrets {names:?} injected", event.reason);
+                    gw.report(event);
+                    let client = crate::secrets::Prefixed::new(first, conn);
+                    if let Err(e) =
+                        crate::secrets::intercept(&ca, host, &secrets, client, upstream, tls).await
+                    {
+                        tracing::info!(sandbox = %net.id, host, "intercepted connection ended: {e}");
+                    }
+                }
+                _ => {
+                    gw.report(event);
+                    relay(&net, conn, upstream, first).await;
+                }
+            }
         }
     }
 }

@@ -31,6 +31,15 @@ pub fn policy_of(allow: &[String], deny: &[String]) -> std::result::Result<Polic
     Policy::parse(allow, deny).map_err(|e| e.to_string())
 }
 
+/// Secret grants' shapes (names, values, hosts), checked before anything starts; whether
+/// their hosts are allowed is checked against the sandbox's policy when it is wired.
+pub fn check_secrets(grants: &[thaw_types::spec::SecretGrant]) -> Result<()> {
+    for g in grants {
+        thaw_gateway::secrets::validate(&g.name, &g.value, &g.hosts).map_err(Error::BadNetwork)?;
+    }
+    Ok(())
+}
+
 /// A grant from a session or a call, checked.
 pub fn grant_policy(g: &NetworkGrant) -> Result<Policy> {
     policy_of(&g.allow_out, &g.deny_out).map_err(Error::BadNetwork)
@@ -229,6 +238,106 @@ impl Drop for BuildNetwork {
             m.remove(&self.id);
         }
     }
+}
+
+/// Checks secret grants against the policy in force and gives each a placeholder.
+pub(crate) fn secrets_of(
+    grants: &[thaw_types::spec::SecretGrant],
+    policy: &Policy,
+) -> Result<Vec<thaw_gateway::secrets::Secret>> {
+    let mut out = Vec::with_capacity(grants.len());
+    for g in grants {
+        thaw_gateway::secrets::validate(&g.name, &g.value, &g.hosts).map_err(Error::BadNetwork)?;
+        for h in &g.hosts {
+            let probe = match h.strip_prefix("*.") {
+                Some(suffix) => format!("x.{suffix}"),
+                None => h.clone(),
+            };
+            if !policy.resolves(&probe).allowed() {
+                return Err(Error::BadNetwork(format!(
+                    "secret {} is for {h}, which allow_out does not allow: add {h} to allow_out (a secret goes only where the sandbox may go)",
+                    g.name
+                )));
+            }
+        }
+        out.push(thaw_gateway::secrets::Secret::new(
+            &g.name,
+            &g.value,
+            g.hosts.clone(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Where a sandbox with secrets finds the trust bundle that holds its CA.
+pub const TRUST_BUNDLE: &str = "/etc/thaw/egress-ca-bundle.crt";
+
+/// The environment a sandbox with secrets gets: each placeholder under its name, and the
+/// usual variables pointing TLS clients at the bundle with the sandbox's CA.
+pub(crate) fn secret_env(
+    secrets: &[thaw_gateway::secrets::Secret],
+) -> std::collections::BTreeMap<String, String> {
+    let mut env = std::collections::BTreeMap::new();
+    if secrets.is_empty() {
+        return env;
+    }
+    for s in secrets {
+        env.insert(s.name.clone(), s.placeholder.clone());
+    }
+    for var in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "PIP_CERT",
+        "GIT_SSL_CAINFO",
+    ] {
+        env.insert(var.to_string(), TRUST_BUNDLE.to_string());
+    }
+    env
+}
+
+/// Hands `secrets` to the gateway for `sb` (for good, or until the returned grant drops)
+/// and writes the trust bundle with the sandbox's CA into it: the sandbox's own roots (its
+/// Debian bundle, if any) plus that CA, so only intercepted hosts see a thaw certificate.
+pub(crate) async fn grant_secrets(
+    gateway: &Gateway,
+    sb: &Sandbox,
+    secrets: Vec<thaw_gateway::secrets::Secret>,
+    keep: bool,
+) -> Result<Option<thaw_gateway::SecretGrant>> {
+    use thaw_protocol::{Bytes, Request, Response};
+    let (pem, grant) = gateway
+        .add_secrets(&sb.id, secrets, keep)
+        .map_err(|e| Error::Egress {
+            sandbox: sb.id.clone(),
+            message: e.to_string(),
+        })?;
+    // The sandbox's file, read through guest-init: its content only goes back into it.
+    let mut bundle = match sb
+        .agent
+        .call(&Request::ReadFile {
+            path: "/etc/ssl/certs/ca-certificates.crt".into(),
+            max_bytes: Some(4 << 20),
+        })
+        .await
+    {
+        Ok(Response::FileData { data, .. }) => data.0,
+        _ => Vec::new(),
+    };
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(pem.as_bytes());
+    sb.agent
+        .call(&Request::WriteFile {
+            path: TRUST_BUNDLE.into(),
+            data: Bytes(bundle),
+            mode: Some(0o644),
+            append: false,
+        })
+        .await?;
+    Ok(grant)
 }
 
 /// Wires `sb` under `policy` (its template's, session's and call's grants together) if

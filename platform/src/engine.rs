@@ -82,6 +82,8 @@ pub struct RunOptions {
     pub cancel: Option<tokio_util::sync::CancellationToken>,
     /// Egress granted to this call on top of the template's (and session's) `[network]`.
     pub network: thaw_types::spec::NetworkGrant,
+    /// Credentials for this call's sandbox (or, in a session, for this call).
+    pub secrets: Vec<thaw_types::spec::SecretGrant>,
 }
 
 impl RunOptions {
@@ -123,6 +125,11 @@ pub struct Engine {
     pub(crate) spares: std::sync::Arc<crate::session::Spares>,
     /// The egress gateway: sandboxes granted a network are wired to it.
     pub(crate) gateway: thaw_gateway::Gateway,
+    /// Sessions' secrets, by session id: in this process's memory only (a restarted
+    /// server's sessions have none until they are granted again).
+    pub(crate) session_secrets: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, Vec<thaw_types::spec::SecretGrant>>>,
+    >,
     /// The live sandboxes this process runs ([`crate::live`]: `thaw ps`, `thaw kill`).
     pub(crate) live: std::sync::Arc<crate::live::Registry>,
     /// Whether live views and kills span every owner (see [`Engine::sees_all_owners`]).
@@ -183,6 +190,7 @@ impl Engine {
             gc: Default::default(),
             spares: Default::default(),
             gateway: crate::egress::open_gateway(audit_log.clone())?,
+            session_secrets: Default::default(),
             live: Default::default(),
             // The local CLI is the machine's operator: it sees every owner's sandboxes.
             all_owners: true,
@@ -694,6 +702,10 @@ impl Engine {
             .unwrap_or(0);
         let mut env: Env = spec.env.clone();
         env.extend(opts.env.clone());
+        let policy = self.egress_policy(spec, &opts.network)?;
+        // Secrets: placeholders in the environment, values with the gateway only.
+        let secrets = crate::egress::secrets_of(&opts.secrets, &policy)?;
+        env.extend(crate::egress::secret_env(&secrets));
         sb.agent
             .call_all(&[
                 Request::SetIdentity {
@@ -705,7 +717,6 @@ impl Engine {
                 Request::SetEnv { env, replace: true },
             ])
             .await?;
-        let policy = self.egress_policy(spec, &opts.network)?;
         crate::egress::open(
             &self.gateway,
             self.owner(),
@@ -713,7 +724,11 @@ impl Engine {
             policy,
             crate::egress::limits_of(&spec.network),
         )
-        .await
+        .await?;
+        if !secrets.is_empty() {
+            crate::egress::grant_secrets(&self.gateway, sb, secrets, true).await?;
+        }
+        Ok(())
     }
 
     /// The egress policy of a sandbox of `spec` with `grant` added (a session's or a

@@ -60,6 +60,7 @@ pub fn session_options(
         env,
         checkpointable,
         network: Default::default(),
+        secrets: Vec::new(),
     })
 }
 

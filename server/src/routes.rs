@@ -474,7 +474,7 @@ pub async fn invoke(
     PathParam(name): PathParam<String>,
     QueryParams(q): QueryParams<StreamQuery>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<InvokeBody>,
+    JsonBody(mut body): JsonBody<InvokeBody>,
 ) -> Result<Response, ApiError> {
     // Refuse bad bodies and unknown templates before taking a slot or starting a stream,
     // so the status says so (a stream has already answered 200).
@@ -486,8 +486,11 @@ pub async fn invoke(
     let cancel = CancellationToken::new();
     let network = body.network();
     thaw_platform::egress::grant_policy(&network)?;
+    thaw_platform::egress::check_secrets(&body.secrets)?;
+    let secrets = std::mem::take(&mut body.secrets);
     let mut opts = run_options(body.env, body.timeout_ms, &cancel);
     opts.network = network;
+    opts.secrets = secrets;
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -545,7 +548,7 @@ pub async fn exec(
     PathParam(name): PathParam<String>,
     QueryParams(q): QueryParams<StreamQuery>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<ExecBody>,
+    JsonBody(mut body): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     let stdin = decode_stdin(&body)?;
     limits::argv(&body.argv)?;
@@ -557,8 +560,11 @@ pub async fn exec(
     let cancel = CancellationToken::new();
     let network = body.network();
     thaw_platform::egress::grant_policy(&network)?;
+    thaw_platform::egress::check_secrets(&body.secrets)?;
+    let secrets = std::mem::take(&mut body.secrets);
     let mut opts = run_options(body.env, body.timeout_ms, &cancel);
     opts.network = network;
+    opts.secrets = secrets;
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();

@@ -48,10 +48,12 @@ use crate::{blocking, limits, run_tracked, AppState};
 pub async fn create(
     State(state): State<AppState>,
     owner: Owner,
-    JsonBody(body): JsonBody<SessionCreateBody>,
+    JsonBody(mut body): JsonBody<SessionCreateBody>,
 ) -> Result<(StatusCode, Json<Session>), ApiError> {
     let network = body.network();
     thaw_platform::egress::grant_policy(&network)?;
+    thaw_platform::egress::check_secrets(&body.secrets)?;
+    let secrets = std::mem::take(&mut body.secrets);
     let mut opts = crate::rollouts::session_options(
         body.idle_timeout_s,
         body.max_lifetime_s,
@@ -61,6 +63,7 @@ pub async fn create(
         &state.cfg,
     )?;
     opts.network = network;
+    opts.secrets = secrets;
     let (e, t) = (owner.engine.clone(), body.template.clone());
     blocking(move || e.ready_template(&t)).await?;
     let slot = state.slots.acquire(&owner).await?;
@@ -154,7 +157,7 @@ pub async fn exec(
     PathParam(id): PathParam<String>,
     QueryParams(q): QueryParams<StreamQuery>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<ExecBody>,
+    JsonBody(mut body): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     let stdin = decode_stdin(&body)?;
     limits::argv(&body.argv)?;
@@ -167,8 +170,11 @@ pub async fn exec(
     let cancel = CancellationToken::new();
     let network = body.network();
     thaw_platform::egress::grant_policy(&network)?;
+    thaw_platform::egress::check_secrets(&body.secrets)?;
+    let secrets = std::mem::take(&mut body.secrets);
     let mut opts = run_options(body.env, body.timeout_ms, &cancel);
     opts.network = network;
+    opts.secrets = secrets;
     let engine = owner.engine.clone();
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -222,7 +228,7 @@ pub async fn invoke(
     PathParam(id): PathParam<String>,
     QueryParams(q): QueryParams<StreamQuery>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<InvokeBody>,
+    JsonBody(mut body): JsonBody<InvokeBody>,
 ) -> Result<Response, ApiError> {
     limits::env(&body.env)?;
     let (e, i) = (owner.engine.clone(), id.clone());
@@ -231,8 +237,11 @@ pub async fn invoke(
     let cancel = CancellationToken::new();
     let network = body.network();
     thaw_platform::egress::grant_policy(&network)?;
+    thaw_platform::egress::check_secrets(&body.secrets)?;
+    let secrets = std::mem::take(&mut body.secrets);
     let mut opts = run_options(body.env, body.timeout_ms, &cancel);
     opts.network = network;
+    opts.secrets = secrets;
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();

@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const DNS: &str = "198.51.100.53";
 pub const ALLOWED: &str = "198.51.100.10";
 pub const WILD: &str = "198.51.100.11";
+/// Another HTTP server, for tests that must not share counts with the others.
+pub const PLAIN: &str = "198.51.100.12";
 pub const OTHER: &str = "198.51.100.20";
 pub const TLS: &str = "203.0.113.30";
 pub const RAW: &str = "203.0.113.40";
@@ -27,6 +29,7 @@ pub fn zone() -> HashMap<&'static str, Ipv4Addr> {
     for (name, ip) in [
         ("allowed.test", ALLOWED),
         ("a.wild.test", WILD),
+        ("plain.test", PLAIN),
         ("other.test", OTHER),
         ("tls.test", TLS),
         ("rebind.test", "127.0.0.1"),
@@ -42,6 +45,8 @@ pub fn zone() -> HashMap<&'static str, Ipv4Addr> {
 pub struct Log {
     /// `local address:port` of every accepted TCP connection.
     pub tcp: Vec<SocketAddr>,
+    /// Every `Authorization` header an HTTP or HTTPS server received.
+    pub auth: Vec<String>,
     /// Every DNS question's name.
     pub dns: Vec<String>,
     /// Every UDP datagram's destination.
@@ -53,6 +58,8 @@ pub struct Internet {
     pub log: Arc<Mutex<Log>>,
     /// PEM of the test CA the TLS server's certificate is signed by.
     pub ca_pem: String,
+    /// The same, in a file (what thaw's proxy is told to trust for the test's servers).
+    pub ca_file: std::path::PathBuf,
 }
 
 impl Internet {
@@ -75,7 +82,7 @@ impl Internet {
         let _ = Command::new("ip").args(["netns", "del", &netns]).status();
         ip(&["netns", "add", &netns]);
         ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        for a in [DNS, ALLOWED, WILD, OTHER, TLS, RAW] {
+        for a in [DNS, ALLOWED, WILD, PLAIN, OTHER, TLS, RAW] {
             ip(&["-n", &netns, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
         let ns: OwnedFd = std::fs::File::open(format!("/run/netns/{netns}"))
@@ -123,7 +130,12 @@ impl Internet {
                 s
             };
             let sockets = (
-                vec![tcp(ALLOWED, 80), tcp(WILD, 80), tcp(OTHER, 80)],
+                vec![
+                    tcp(ALLOWED, 80),
+                    tcp(WILD, 80),
+                    tcp(PLAIN, 80),
+                    tcp(OTHER, 80),
+                ],
                 vec![tcp(TLS, 443), tcp(OTHER, 443)],
                 vec![tcp(RAW, 8080), tcp(RAW, 8081)],
                 udp(DNS, 53),
@@ -155,10 +167,13 @@ impl Internet {
                 serve_dns(dns, log2).await;
             });
         });
+        let ca_file = std::env::temp_dir().join(format!("{netns}-ca.pem"));
+        std::fs::write(&ca_file, ca_cert.pem()).expect("write ca");
         Internet {
             netns,
             log,
             ca_pem: ca_cert.pem(),
+            ca_file,
         }
     }
 
@@ -166,6 +181,7 @@ impl Internet {
     pub fn use_for_thaw(&self) {
         std::env::set_var("THAW_EGRESS_NETNS", format!("/run/netns/{}", self.netns));
         std::env::set_var("THAW_UPSTREAM_DNS", format!("{DNS}:53"));
+        std::env::set_var("THAW_UPSTREAM_CA_BUNDLE", &self.ca_file);
     }
 
     pub fn tcp_seen(&self, ip: &str, port: u16) -> usize {
@@ -232,6 +248,16 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+fn log_auth(head: &str, log: &Mutex<Log>) {
+    for l in head.lines() {
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("authorization") {
+                log.lock().expect("log").auth.push(v.trim().to_string());
+            }
+        }
+    }
+}
+
 fn answer(head: &str, local: SocketAddr) -> Vec<u8> {
     let host = head
         .lines()
@@ -259,8 +285,10 @@ async fn serve_http(l: std::net::TcpListener, log: Arc<Mutex<Log>>) {
         };
         let local = s.local_addr().expect("local");
         log.lock().expect("log").tcp.push(local);
+        let log = log.clone();
         tokio::spawn(async move {
             let head = read_head(&mut s).await;
+            log_auth(&head, &log);
             let _ = s.write_all(&answer(&head, local)).await;
             let _ = s.shutdown().await;
         });
@@ -280,11 +308,13 @@ async fn serve_tls(
         let local = s.local_addr().expect("local");
         log.lock().expect("log").tcp.push(local);
         let acceptor = acceptor.clone();
+        let log = log.clone();
         tokio::spawn(async move {
             let Ok(mut t) = acceptor.accept(s).await else {
                 return;
             };
             let head = read_head(&mut t).await;
+            log_auth(&head, &log);
             let _ = t.write_all(&answer(&head, local)).await;
             let _ = t.shutdown().await;
         });

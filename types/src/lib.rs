@@ -31,7 +31,7 @@ pub use run::{ExecResult, Invocation, InvokeDone, StartKind, Timings};
 pub use session::{Session, SessionState, TimeoutAction};
 pub use spec::{
     BaseSpec, BuildLimits, FileSpec, HandlerModeSpec, HandlerSpec, Limits, NetworkGrant,
-    NetworkSpec, RewardSpec, TemplateSpec, WarmupSpec,
+    NetworkSpec, RewardSpec, SecretGrant, TemplateSpec, WarmupSpec,
 };
 pub use template::{SnapshotSize, TemplateRecord, TemplateState};
 pub use tier::{Tier, TierChoice};

@@ -73,6 +73,30 @@ impl NetworkSpec {
     }
 }
 
+/// A credential for some destinations (a session's or a call's; never stored): the sandbox
+/// sees the environment variable `name` holding a placeholder, and the egress proxy puts
+/// `value` in its place in HTTPS requests to `hosts` alone (which `allow_out` must allow).
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SecretGrant {
+    /// `A-Z`, `0-9`, `_`: the environment variable the placeholder is in.
+    pub name: String,
+    pub value: String,
+    /// Domains (`api.example.com`, `*.example.com`) whose requests get the value.
+    pub hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for SecretGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretGrant")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .field("hosts", &self.hosts)
+            .finish()
+    }
+}
+
 /// An egress grant of a session or of one call: added to the template's `[network]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

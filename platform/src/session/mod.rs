@@ -60,6 +60,8 @@ pub struct SessionOptions {
     pub checkpointable: bool,
     /// Egress granted to the session on top of its template's `[network]`.
     pub network: thaw_types::spec::NetworkGrant,
+    /// Credentials for the session's sandboxes (kept in this process's memory only).
+    pub secrets: Vec<thaw_types::spec::SecretGrant>,
 }
 
 impl Default for SessionOptions {
@@ -71,7 +73,24 @@ impl Default for SessionOptions {
             env: BTreeMap::new(),
             checkpointable: true,
             network: Default::default(),
+            secrets: Vec::new(),
         }
+    }
+}
+
+/// A call's egress on a session: its grants, withdrawn when dropped, and the environment
+/// its secrets' placeholders add to the call's.
+struct CallEgress {
+    _grant: Option<thaw_gateway::CallGrant>,
+    _secrets: Option<thaw_gateway::SecretGrant>,
+    env: BTreeMap<String, String>,
+}
+
+impl CallEgress {
+    fn env(&self, call: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut env = call.clone();
+        env.extend(self.env.clone());
+        env
     }
 }
 
@@ -527,10 +546,10 @@ impl Engine {
             "exec",
             async |rec: &SessionRecord, sb: &Sandbox| {
                 let started = Instant::now();
-                let _grant = self.call_grant(rec, sb, &opts).await?;
+                let grant = self.call_grant(rec, sb, &opts).await?;
                 let req = ExecRequest {
                     argv,
-                    env: opts.env.clone(),
+                    env: grant.env(&opts.env),
                     cwd: None,
                     stdin: stdin.map(Bytes),
                     limits: Engine::limits(&rec.spec, &opts),
@@ -585,10 +604,10 @@ impl Engine {
                     },
                 );
                 let started = Instant::now();
-                let _grant = self.call_grant(rec, sb, &opts).await?;
+                let grant = self.call_grant(rec, sb, &opts).await?;
                 let req = InvokeRequest {
                     payload,
-                    env: opts.env.clone(),
+                    env: grant.env(&opts.env),
                     limits: Engine::limits(&rec.spec, &opts),
                 };
                 let mut done = opts.cancellable(sb.agent.invoke(req, on_stderr)).await?;
@@ -629,20 +648,45 @@ impl Engine {
         rec: &SessionRecord,
         sb: &Sandbox,
         opts: &RunOptions,
-    ) -> Result<Option<thaw_gateway::CallGrant>> {
+    ) -> Result<CallEgress> {
         let base = self.egress_policy(&rec.spec, &rec.session.network)?;
         let call = crate::egress::grant_policy(&opts.network)?;
+        let secrets = crate::egress::secrets_of(&opts.secrets, &base.union(&call))?;
+        let session_secrets = self
+            .session_secrets
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&rec.session.id).cloned())
+            .unwrap_or_default();
         if self.gateway.get(&sb.id).is_none() && !(base.is_closed() && call.is_closed()) {
             let limits = crate::egress::limits_of(&rec.spec.network);
             // Wired with the call's grant too, so the wiring is not skipped for a session
             // whose own policy allows nothing; the base is set right after.
             crate::egress::open(&self.gateway, self.owner(), sb, base.union(&call), limits).await?;
-            crate::egress::open(&self.gateway, self.owner(), sb, base, limits).await?;
+            crate::egress::open(&self.gateway, self.owner(), sb, base.clone(), limits).await?;
+            // A sandbox wired afresh here (a restarted server) gets back the session's
+            // secrets this process knows.
+            if !session_secrets.is_empty() {
+                let own = crate::egress::secrets_of(&session_secrets, &base)?;
+                crate::egress::grant_secrets(&self.gateway, sb, own, true).await?;
+            }
         }
-        if opts.network.is_empty() {
-            return Ok(None);
-        }
-        Ok(self.gateway.grant(&sb.id, call))
+        let grant = if opts.network.is_empty() {
+            None
+        } else {
+            self.gateway.grant(&sb.id, call)
+        };
+        let env = crate::egress::secret_env(&secrets);
+        let secret_grant = if secrets.is_empty() {
+            None
+        } else {
+            crate::egress::grant_secrets(&self.gateway, sb, secrets, false).await?
+        };
+        Ok(CallEgress {
+            _grant: grant,
+            _secrets: secret_grant,
+            env,
+        })
     }
 
     /// When a call to a running session fails because its sandbox is gone, the session
@@ -1013,6 +1057,9 @@ impl Engine {
     /// Ends a session in any state: kills its sandbox, deletes its snapshot and its record.
     pub async fn session_delete(&self, id: &str) -> Result<Session> {
         let rec = self.session_record(id)?;
+        if let Ok(mut m) = self.session_secrets.lock() {
+            m.remove(id);
+        }
         let span = info_span!("session.delete", session = %id);
         let r = async {
             if rec.session.state != SessionState::Paused {

@@ -270,6 +270,12 @@ impl Engine {
         let opts = RunOptions {
             env: rec.session.env.clone(),
             network: rec.session.network.clone(),
+            secrets: self
+                .session_secrets
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&rec.session.id).cloned())
+                .unwrap_or_default(),
             ..RunOptions::default()
         };
         self.hygiene_as(sb, &rec.spec, &opts, &rec.session.id)
@@ -348,6 +354,11 @@ impl Engine {
         opts: &SessionOptions,
     ) -> Result<Session> {
         let mut rec = child_record(parent, origin, opts);
+        if !opts.secrets.is_empty() {
+            if let Ok(mut m) = self.session_secrets.lock() {
+                m.insert(rec.session.id.clone(), opts.secrets.clone());
+            }
+        }
         let id = rec.session.id.clone();
         let sandbox = new_sandbox_id();
         rec.op = Some(PendingOp {
