@@ -520,15 +520,24 @@ impl Gateway {
     }
 }
 
+/// Questions one sandbox may have in flight at once; more are dropped (a resolver under a
+/// flood answers what it can, as any does), so a sandbox cannot make the host run
+/// unbounded tasks and upstream sockets.
+const DNS_IN_FLIGHT: usize = 32;
+
 /// Answers the sandbox's DNS questions, one task per question so a slow upstream does not
 /// hold the others.
 async fn serve_dns(gw: Gateway, net: Arc<SandboxNet>, socket: tokio::net::UdpSocket) {
     use hickory_proto::op::ResponseCode;
     use hickory_proto::rr::RecordType;
     let socket = Arc::new(socket);
+    let slots = Arc::new(tokio::sync::Semaphore::new(DNS_IN_FLIGHT));
     let mut buf = vec![0u8; dns::MAX_UDP];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let Some(q) = dns::parse_question(&buf[..n]) else {
@@ -536,6 +545,7 @@ async fn serve_dns(gw: Gateway, net: Arc<SandboxNet>, socket: tokio::net::UdpSoc
         };
         let (gw, net, socket) = (gw.clone(), net.clone(), socket.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let verdict = net.policy().resolves(&q.name);
             let event = |allowed: bool, reason: String| EgressEvent {
                 sandbox: net.id.clone(),
