@@ -9,24 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use thaw_api::{
-    AuditAction, AuditQuery, AuditRecord, BreakKind, Client, ClientError, ExecBody, Fault,
-    InvokeBody, SessionCreateBody,
+    AuditAction, AuditQuery, AuditRecord, BreakKind, Client, ExecBody, Fault, InvokeBody,
+    SessionCreateBody,
 };
-use thaw_e2e::inproc::Server;
+use thaw_e2e::inproc::{api_error, Server};
 use thaw_e2e::repo_root;
-
-fn api_error(e: &ClientError) -> (u16, &str, &str, Fault) {
-    match e {
-        ClientError::Api {
-            status,
-            code,
-            message,
-            fault,
-            ..
-        } => (*status, code, message, *fault),
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
 
 async fn records(c: &Client, q: AuditQuery) -> Vec<AuditRecord> {
     c.audit(&AuditQuery {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use thaw_api::{
     Client, ClientError, ExecBody, Fault, LiveSandbox, SessionCreateBody, SessionState,
 };
-use thaw_e2e::inproc::Server;
+use thaw_e2e::inproc::{api_error, Server};
 use thaw_e2e::repo_root;
 
 /// What `thaw kill` must take at most, from the caller's side of the HTTP API.
@@ -31,19 +31,6 @@ fn admin_key(server: &Server, name: &str) -> String {
         .create_key(name, 8, true)
         .expect("admin key")
         .1
-}
-
-fn api_error(e: &ClientError) -> (u16, &str, &str, Fault) {
-    match e {
-        ClientError::Api {
-            status,
-            code,
-            message,
-            fault,
-            ..
-        } => (*status, code, message, *fault),
-        other => panic!("expected an API error, got {other:?}"),
-    }
 }
 
 /// Waits until `c` lists a live sandbox running `argv` whose figures satisfy `ready`. If

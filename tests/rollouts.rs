@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use thaw_api::{
-    BatchBody, Client, ClientError, ExecBody, Fault, ForkBody, RewardBody, SessionCreateBody,
-    SessionState,
+    BatchBody, Client, ExecBody, Fault, ForkBody, RewardBody, SessionCreateBody, SessionState,
 };
-use thaw_e2e::inproc::Server;
+use thaw_e2e::inproc::{api_error, Server};
 use thaw_e2e::repo_root;
 
 fn sh(script: &str) -> ExecBody {
@@ -33,19 +32,6 @@ async fn shell_server(max_sandboxes: u32) -> (Server, Client, String) {
         .await
         .expect("deploy shell");
     (server, c, secret)
-}
-
-fn api_error(e: &ClientError) -> (u16, &str, &str, Fault) {
-    match e {
-        ClientError::Api {
-            status,
-            code,
-            message,
-            fault,
-            ..
-        } => (*status, code, message, *fault),
-        other => panic!("expected an API error, got {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use thaw_api::Client;
+use thaw_api::{Client, ClientError, Fault};
 use thaw_platform::{Engine, Paths};
 use thaw_server::ServerConfig;
 use tokio::sync::oneshot;
@@ -86,5 +86,19 @@ impl Server {
                 .expect("server ended with an error");
         }
         self.home.assert_clean();
+    }
+}
+
+/// Status, code, message and fault of an API error; panics on any other error.
+pub fn api_error(e: &ClientError) -> (u16, &str, &str, Fault) {
+    match e {
+        ClientError::Api {
+            status,
+            code,
+            message,
+            fault,
+            ..
+        } => (*status, code, message, *fault),
+        other => panic!("expected an API error, got {other:?}"),
     }
 }
