@@ -80,6 +80,17 @@ async fn run(c: &Client, session: &str, body: ExecBody, args: &[&str]) -> Value 
     })
 }
 
+/// A server with `templates/python` deployed by a new key named `key`, and its client.
+async fn python_server(key: &str) -> (Server, Client) {
+    let server = Server::start().await;
+    let secret = server.key(key, 4);
+    let c = server.client(&secret);
+    c.deploy_dir(&repo_root().join("templates/python"))
+        .await
+        .expect("deploy python");
+    (server, c)
+}
+
 fn ok(v: &Value) -> bool {
     v["ok"].as_bool() == Some(true)
 }
@@ -87,12 +98,7 @@ fn ok(v: &Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_reaches_what_its_grant_allows_and_nothing_else() {
     let net = Internet::shared();
-    let server = Server::start().await;
-    let secret = server.key("egress", 4);
-    let c = server.client(&secret);
-    c.deploy_dir(&repo_root().join("templates/python"))
-        .await
-        .expect("deploy python");
+    let (server, c) = python_server("egress").await;
     let mut body = SessionCreateBody::new("python");
     body.allow_out = [
         "allowed.test",
@@ -365,12 +371,7 @@ async fn a_template_grant_has_its_limits_and_no_grant_means_no_network() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_reaches_its_host_and_nothing_else_holds_it() {
     let net = Internet::shared();
-    let server = Server::start().await;
-    let secret_key = server.key("egress-s", 4);
-    let c = server.client(&secret_key);
-    c.deploy_dir(&repo_root().join("templates/python"))
-        .await
-        .expect("deploy python");
+    let (server, c) = python_server("egress-s").await;
     let value = format!("s3cr3t-{}", std::process::id());
     let mut body = SessionCreateBody::new("python");
     body.allow_out = vec!["tls.test:443".into(), "plain.test".into()];

@@ -68,7 +68,7 @@ impl EgressObserver for Quiet {
 pub async fn run(n: usize, wires: usize) -> Result<Report, GatewayError> {
     let bad =
         |what: &str, e: &dyn std::fmt::Display| GatewayError::Wiring(format!("bench: {what}: {e}"));
-    let inet = new_netns()?;
+    let inet = crate::netns::new()?;
     crate::netns::within(Some(&inet), "bench internet", || {
         run_cmd("ip", &["link", "set", "lo", "up"])?;
         run_cmd("ip", &["addr", "add", &format!("{SERVER}/32"), "dev", "lo"])?;
@@ -167,7 +167,7 @@ pub async fn run(n: usize, wires: usize) -> Result<Report, GatewayError> {
 
     let mut wire = Vec::with_capacity(wires);
     for i in 0..wires {
-        let ns = new_netns()?;
+        let ns = crate::netns::new()?;
         let t = Instant::now();
         gateway
             .attach(
@@ -181,7 +181,7 @@ pub async fn run(n: usize, wires: usize) -> Result<Report, GatewayError> {
         gateway.detach(&format!("bench-wire-{i}"));
     }
 
-    let sandbox = new_netns()?;
+    let sandbox = crate::netns::new()?;
     let net = gateway
         .attach("bench-sandbox", sandbox.as_fd(), policy, Limits::default())
         .await?;
@@ -267,16 +267,6 @@ fn answer(q: &[u8]) -> Option<Vec<u8>> {
         RData::A(A(SERVER)),
     ));
     r.to_vec().ok()
-}
-
-fn new_netns() -> Result<OwnedFd, GatewayError> {
-    std::thread::spawn(|| -> std::io::Result<OwnedFd> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
-        Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
-    })
-    .join()
-    .map_err(|_| GatewayError::Wiring("namespace thread panicked".into()))?
-    .map_err(|e| GatewayError::io("making a network namespace", e))
 }
 
 fn run_cmd(program: &str, args: &[&str]) -> std::io::Result<()> {

@@ -36,6 +36,17 @@ pub fn within<T: Send + 'static>(
         .map_err(|e| GatewayError::io(what, e))
 }
 
+/// A new, empty network namespace (loopback, down), made by a thread of its own.
+pub fn new() -> Result<OwnedFd, GatewayError> {
+    std::thread::spawn(|| -> std::io::Result<OwnedFd> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+    })
+    .join()
+    .map_err(|_| GatewayError::Wiring("namespace thread panicked".into()))?
+    .map_err(|e| GatewayError::io("making a network namespace", e))
+}
+
 /// An unconnected TCP socket of `addr`'s family made in `ns`, ready for tokio to connect.
 pub fn tcp_socket_in(ns: Option<&OwnedFd>, addr: SocketAddr) -> Result<OwnedFd, GatewayError> {
     let make = move || {

@@ -88,9 +88,7 @@ impl Rule {
         match &self.target {
             Target::AnyDomain => true,
             Target::Domain(d) => d == name,
-            Target::Wildcard(suffix) => name
-                .strip_suffix(suffix.as_str())
-                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            Target::Wildcard(suffix) => below(name, suffix),
             Target::Net(_) => false,
         }
     }
@@ -261,6 +259,13 @@ impl Policy {
             _ => false,
         })
     }
+}
+
+/// Whether `name` is strictly below `suffix` (`a.example.com` is below `example.com`;
+/// `example.com` and `badexample.com` are not): what `*.example.com` matches.
+pub fn below(name: &str, suffix: &str) -> bool {
+    name.strip_suffix(suffix)
+        .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
 }
 
 /// Lowercase, no trailing dot.

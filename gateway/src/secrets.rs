@@ -61,9 +61,7 @@ impl Secret {
 
     pub fn for_host(&self, host: &str) -> bool {
         self.hosts.iter().any(|h| match h.strip_prefix("*.") {
-            Some(suffix) => host
-                .strip_suffix(suffix)
-                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            Some(suffix) => crate::policy::below(host, suffix),
             None => h == host,
         })
     }

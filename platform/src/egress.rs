@@ -31,10 +31,15 @@ pub fn policy_of(allow: &[String], deny: &[String]) -> std::result::Result<Polic
     Policy::parse(allow, deny).map_err(|e| e.to_string())
 }
 
-/// Secret grants' shapes (names, values, hosts), checked before anything starts; whether
-/// their hosts are allowed is checked against the sandbox's policy when it is wired.
-pub fn check_secrets(grants: &[thaw_types::spec::SecretGrant]) -> Result<()> {
-    for g in grants {
+/// A session's or call's grant, checked before anything starts: every allow/deny entry,
+/// and each secret's shape (name, value, hosts). Whether a secret's hosts are allowed is
+/// checked against the sandbox's whole policy when it is wired ([`secrets_of`]).
+pub fn check_grant(
+    network: &NetworkGrant,
+    secrets: &[thaw_types::spec::SecretGrant],
+) -> Result<()> {
+    grant_policy(network)?;
+    for g in secrets {
         thaw_gateway::secrets::validate(&g.name, &g.value, &g.hosts).map_err(Error::BadNetwork)?;
     }
     Ok(())
@@ -186,17 +191,10 @@ impl BuildNetwork {
             sandbox: id.to_string(),
             message,
         };
-        let ns = tokio::task::spawn_blocking(|| {
-            std::thread::spawn(|| -> std::io::Result<std::os::fd::OwnedFd> {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
-                Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
-            })
-            .join()
-            .map_err(|_| std::io::Error::other("namespace thread panicked"))?
-        })
-        .await
-        .map_err(|e| bad(format!("namespace task: {e}")))?
-        .map_err(|e| bad(format!("making the build's network namespace: {e}")))?;
+        let ns = tokio::task::spawn_blocking(thaw_gateway::netns::new)
+            .await
+            .map_err(|e| bad(format!("namespace task: {e}")))?
+            .map_err(|e| bad(format!("the build's network namespace: {e}")))?;
         if let Ok(mut m) = WIRED.lock() {
             m.insert(
                 id.to_string(),
@@ -352,6 +350,18 @@ pub(crate) async fn open(
     if policy.is_closed() && gateway.get(&sb.id).is_none() {
         return Ok(());
     }
+    wire(gateway, owner, sb, policy, limits).await
+}
+
+/// Wires `sb` under `policy` even if it allows nothing yet (a session whose calls bring
+/// their own grants); a sandbox already wired gets the new policy.
+pub(crate) async fn wire(
+    gateway: &Gateway,
+    owner: &str,
+    sb: &Sandbox,
+    policy: Policy,
+    limits: Limits,
+) -> Result<()> {
     let ns = sb.handle.network_namespace().ok_or_else(|| Error::Egress {
         sandbox: sb.id.clone(),
         message: format!(

@@ -104,6 +104,23 @@ pub fn run_options(
     }
 }
 
+/// [`run_options`] of an invoke or exec with its egress grant, which is checked (every
+/// entry, every secret's shape) before anything starts.
+pub fn call_options(
+    env: std::collections::BTreeMap<String, String>,
+    timeout_ms: Option<u64>,
+    network: thaw_api::NetworkGrant,
+    secrets: Vec<thaw_api::SecretGrant>,
+    cancel: &CancellationToken,
+) -> Result<RunOptions, ApiError> {
+    thaw_platform::egress::check_grant(&network, &secrets)?;
+    Ok(RunOptions {
+        network,
+        secrets,
+        ..run_options(env, timeout_ms, cancel)
+    })
+}
+
 /// Awaits a tracked engine call on behalf of a buffered (non-streamed) response. hyper
 /// drops the request's future when its client disconnects; the call's task is not dropped
 /// (see the crate docs), but `cancel` fires, which kills the task and frees its sandbox.
@@ -485,12 +502,8 @@ pub async fn invoke(
     let slot = state.slots.acquire(&owner).await?;
     let cancel = CancellationToken::new();
     let network = body.network();
-    thaw_platform::egress::grant_policy(&network)?;
-    thaw_platform::egress::check_secrets(&body.secrets)?;
     let secrets = std::mem::take(&mut body.secrets);
-    let mut opts = run_options(body.env, body.timeout_ms, &cancel);
-    opts.network = network;
-    opts.secrets = secrets;
+    let opts = call_options(body.env, body.timeout_ms, network, secrets, &cancel)?;
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -559,12 +572,8 @@ pub async fn exec(
     let slot = state.slots.acquire(&owner).await?;
     let cancel = CancellationToken::new();
     let network = body.network();
-    thaw_platform::egress::grant_policy(&network)?;
-    thaw_platform::egress::check_secrets(&body.secrets)?;
     let secrets = std::mem::take(&mut body.secrets);
-    let mut opts = run_options(body.env, body.timeout_ms, &cancel);
-    opts.network = network;
-    opts.secrets = secrets;
+    let opts = call_options(body.env, body.timeout_ms, network, secrets, &cancel)?;
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();

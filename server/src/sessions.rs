@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ApiError;
 use crate::extract::{read_body, JsonBody, Owner, PathParam, QueryParams};
 use crate::routes::{
-    decode_stdin, exec_response, forward, ndjson, run_options, until_disconnect, wants_stream,
+    call_options, decode_stdin, exec_response, forward, ndjson, until_disconnect, wants_stream,
     StreamQuery,
 };
 use crate::{blocking, limits, run_tracked, AppState};
@@ -51,8 +51,7 @@ pub async fn create(
     JsonBody(mut body): JsonBody<SessionCreateBody>,
 ) -> Result<(StatusCode, Json<Session>), ApiError> {
     let network = body.network();
-    thaw_platform::egress::grant_policy(&network)?;
-    thaw_platform::egress::check_secrets(&body.secrets)?;
+    thaw_platform::egress::check_grant(&network, &body.secrets)?;
     let secrets = std::mem::take(&mut body.secrets);
     let mut opts = crate::rollouts::session_options(
         body.idle_timeout_s,
@@ -169,12 +168,8 @@ pub async fn exec(
     limits::call_timeout(body.timeout_ms, &lim, &state.cfg)?;
     let cancel = CancellationToken::new();
     let network = body.network();
-    thaw_platform::egress::grant_policy(&network)?;
-    thaw_platform::egress::check_secrets(&body.secrets)?;
     let secrets = std::mem::take(&mut body.secrets);
-    let mut opts = run_options(body.env, body.timeout_ms, &cancel);
-    opts.network = network;
-    opts.secrets = secrets;
+    let opts = call_options(body.env, body.timeout_ms, network, secrets, &cancel)?;
     let engine = owner.engine.clone();
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -236,12 +231,8 @@ pub async fn invoke(
     limits::call_timeout(body.timeout_ms, &lim, &state.cfg)?;
     let cancel = CancellationToken::new();
     let network = body.network();
-    thaw_platform::egress::grant_policy(&network)?;
-    thaw_platform::egress::check_secrets(&body.secrets)?;
     let secrets = std::mem::take(&mut body.secrets);
-    let mut opts = run_options(body.env, body.timeout_ms, &cancel);
-    opts.network = network;
-    opts.secrets = secrets;
+    let opts = call_options(body.env, body.timeout_ms, network, secrets, &cancel)?;
     let (engine, metrics) = (owner.engine.clone(), state.metrics.clone());
     if wants_stream(&headers, &q) {
         let (tx, rx) = mpsc::unbounded_channel();

@@ -652,20 +652,17 @@ impl Engine {
         let base = self.egress_policy(&rec.spec, &rec.session.network)?;
         let call = crate::egress::grant_policy(&opts.network)?;
         let secrets = crate::egress::secrets_of(&opts.secrets, &base.union(&call))?;
-        let session_secrets = self
-            .session_secrets
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&rec.session.id).cloned())
-            .unwrap_or_default();
         if self.gateway.get(&sb.id).is_none() && !(base.is_closed() && call.is_closed()) {
             let limits = crate::egress::limits_of(&rec.spec.network);
-            // Wired with the call's grant too, so the wiring is not skipped for a session
-            // whose own policy allows nothing; the base is set right after.
-            crate::egress::open(&self.gateway, self.owner(), sb, base.union(&call), limits).await?;
-            crate::egress::open(&self.gateway, self.owner(), sb, base.clone(), limits).await?;
+            crate::egress::wire(&self.gateway, self.owner(), sb, base.clone(), limits).await?;
             // A sandbox wired afresh here (a restarted server) gets back the session's
             // secrets this process knows.
+            let session_secrets = self
+                .session_secrets
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&rec.session.id).cloned())
+                .unwrap_or_default();
             if !session_secrets.is_empty() {
                 let own = crate::egress::secrets_of(&session_secrets, &base)?;
                 crate::egress::grant_secrets(&self.gateway, sb, own, true).await?;
