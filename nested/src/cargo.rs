@@ -72,3 +72,37 @@ pub fn build_tests(workspace: &Path, package: &str, tests: &[&str]) -> Result<Ve
     }
     Ok(found)
 }
+
+/// The `#[ignore]`d tests of `b` (those the nested run exists for), by asking the binary
+/// itself (`--list` runs nothing), narrowed to those containing `filter`.
+pub fn ignored_tests(b: &TestBinary, filter: Option<&str>) -> Result<Vec<String>> {
+    let mut cmd = Command::new(&b.path);
+    cmd.current_dir(&b.cwd)
+        .args(["--ignored", "--list", "--format", "terse"]);
+    cmd.args(filter);
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("listing the tests of {}", b.path.display()))?;
+    if !out.status.success() {
+        bail!("{} --list failed ({})", b.path.display(), out.status);
+    }
+    Ok(parse_list(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `name: test` lines (benchmarks and the summary are not tests).
+fn parse_list(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_terse_list_names_its_tests_only() {
+        let text = "real_a: test\nreal_b: test\nbench_c: benchmark\n";
+        assert_eq!(super::parse_list(text), ["real_a", "real_b"]);
+    }
+}

@@ -25,6 +25,7 @@ pub const L1_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
     "virtio_rng",
+    "virtio_console",
     "9pnet_virtio",
     "9p",
     "overlay",
@@ -44,6 +45,13 @@ pub const BEGIN: &str = "THAW-L1-BEGIN";
 pub const RESULT: &str = "THAW-L1-RESULT";
 pub const DONE: &str = "THAW-L1-DONE";
 pub const FATAL: &str = "THAW-L1-FATAL";
+/// A heartbeat every [`HEARTBEAT_S`] seconds: L1's user space is running.
+pub const ALIVE: &str = "THAW-L1-ALIVE";
+/// A kernel message of warning level or worse (an oops, a hung task, a soft lockup).
+pub const KERN: &str = "THAW-L1-KERN";
+/// A job outlived its timeout and its kill: something in it cannot be killed.
+pub const STUCK: &str = "THAW-L1-STUCK";
+pub const HEARTBEAT_S: u64 = 60;
 
 /// L1's kernel, built from the same Debian package as the microvm tier's guest kernel.
 pub fn kernel(cache: &ImageCache) -> Result<Kernel> {
@@ -61,15 +69,20 @@ pub struct Job {
 }
 
 impl Job {
-    /// A test binary run with `args` (`--ignored`, a filter) and `threads` test threads.
-    pub fn test(b: &TestBinary, args: &[String], threads: u32) -> Job {
-        let mut argv = vec![b.path.to_string_lossy().into_owned()];
-        argv.extend(args.iter().cloned());
-        argv.extend(["--test-threads".to_string(), threads.to_string()]);
+    /// One `#[ignore]`d test of `b`, alone: each test is a job of its own, with its own
+    /// timeout, and a job L1 did not finish can be run again by itself.
+    pub fn test(b: &TestBinary, test: &str) -> Job {
         Job {
-            name: b.name.clone(),
+            name: format!("{}/{test}", b.name),
             cwd: b.cwd.clone(),
-            argv,
+            argv: vec![
+                b.path.to_string_lossy().into_owned(),
+                "--ignored".into(),
+                "--exact".into(),
+                test.into(),
+                "--test-threads".into(),
+                "1".into(),
+            ],
         }
     }
 }
@@ -186,6 +199,11 @@ mkdir -p /dev/pts /dev/shm /dev/mqueue
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t mqueue mqueue /dev/mqueue
+# What this script and its jobs print goes to a virtio console (hvc0), the kernel's own
+# messages to the serial port: L1 has gone silent mid-run when the emulated UART was its
+# only channel, and a virtio queue takes the UART out of the suspects.
+i=0; while [ ! -c /dev/hvc0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+[ -c /dev/hvc0 ] && exec > /dev/hvc0 2>&1
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo '+cpu +memory +pids +io' > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
 hostname thaw-l1
@@ -197,6 +215,20 @@ ulimit -n 65536
 [ -c /dev/kvm ] || fatal "no /dev/kvm in L1: kvm_amd did not load (does QEMU's -cpu max emulate SVM here?)"
 echo "{READY} $(uname -r) cpus=$(nproc) mem=$(awk '/MemTotal/{{print $2}}' /proc/meminfo)kB flags=$(grep -m1 -o -w -e svm -e npt /proc/cpuinfo | tr '\n' ' ')"
 mkdir -p {L1_CACHE} {SCRATCH}/{OUT_DIR}
+# A heartbeat, so the host can tell a frozen L1 from a slow test; and L1's kernel trouble
+# (an oops, a hung task, a lockup) on the console, which `dmesg -n 1` above keeps quiet.
+( while :; do sleep {HEARTBEAT_S}; echo "{ALIVE} up=$(cut -d' ' -f1 /proc/uptime)s load=$(cut -d' ' -f1-3 /proc/loadavg | tr ' ' /) avail=$(awk '/MemAvailable/{{print $2}}' /proc/meminfo)kB"; done ) &
+echo 120 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
+( dmesg -W -l emerg,alert,crit,err,warn 2>/dev/null | grep --line-buffered -v -i -e msr -e 'ignored' | sed -u 's/^/{KERN} /' ) &
+# What a job that cannot be killed is blocked on: its processes, their kernel stacks.
+stuck_report() {{
+  ps -eo pid,ppid,stat,wchan:32,etimes,args --sort=pid | grep -v ' \[' | sed 's/^/{STUCK}   /' | head -n 60
+  for t in /proc/[0-9]*/task/[0-9]*; do
+    [ "$(awk '{{print $3}}' "$t/stat" 2>/dev/null)" = D ] || continue
+    echo "{STUCK}   D: $t $(cat "$t/comm" 2>/dev/null)"
+    sed 's/^/{STUCK}     /' "$t/stack" 2>/dev/null | head -n 25
+  done
+}}
 "#
     );
     for (k, v) in plan.env {
@@ -213,9 +245,21 @@ mkdir -p {L1_CACHE} {SCRATCH}/{OUT_DIR}
   # its output open, and must not keep this script waiting on a pipe.
   (cd "$dir" && exec timeout -k 20 {timeout} "$@") > "$log" 2>&1 &
   local pid=$!
-  tail -n +1 -s 0.5 --pid=$pid -f "$log"
-  wait $pid
-  local rc=$?
+  tail -n +1 -s 0.5 -f "$log" &
+  local tailpid=$! rc=
+  # `timeout` waits for what it killed; a task stuck in the kernel never dies, so this
+  # script gives up on it itself, says what it is blocked on, and goes on.
+  while kill -0 $pid 2>/dev/null; do
+    if [ $(( $(date +%s) - t0 )) -gt $(( {timeout} + 90 )) ]; then
+      echo "{STUCK} $name: still running after its timeout and SIGKILL"
+      stuck_report
+      rc=125
+      break
+    fi
+    sleep 2
+  done
+  [ -n "$rc" ] || {{ wait $pid; rc=$?; }}
+  sleep 1; kill $tailpid 2>/dev/null; wait $tailpid 2>/dev/null
   echo "{RESULT} $name rc=$rc secs=$(( $(date +%s) - t0 ))"
   if [ "$rc" != 0 ]; then
     # The sandboxes' own logs, for the host to print: consoles and VMM logs still on disk.

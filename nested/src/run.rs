@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::guest::{BEGIN, DONE, FATAL, READY, RESULT};
+use crate::guest::{ALIVE, BEGIN, DONE, FATAL, HEARTBEAT_S, KERN, READY, RESULT, STUCK};
+
+/// With a heartbeat every minute, this much silence on both consoles means L1 has stopped.
+pub const SILENCE: Duration = Duration::from_secs(HEARTBEAT_S * 5);
 
 pub struct Qemu {
     pub binary: String,
@@ -15,9 +18,15 @@ pub struct Qemu {
     pub initramfs: PathBuf,
     pub scratch: PathBuf,
     pub console: PathBuf,
+    /// L1's virtio console (hvc0), where its run script and jobs print.
+    pub channel: PathBuf,
+    /// QEMU's human monitor, a Unix socket: how a frozen L1's vCPUs are inspected.
+    pub monitor: PathBuf,
     pub memory_mib: u64,
     pub cpus: u32,
     pub timeout: Duration,
+    /// Silence on both consoles for this long: L1 is taken as frozen and killed.
+    pub silence: Duration,
 }
 
 /// One test binary's outcome, from its [`RESULT`] line.
@@ -36,6 +45,11 @@ pub struct Outcome {
     /// Why L1 stopped early, if it said ([`FATAL`]).
     pub fatal: Option<String>,
     pub timed_out: bool,
+    /// L1 went silent (no heartbeat) for [`Qemu::silence`] during this job: it stopped, and
+    /// was killed.
+    pub frozen: Option<String>,
+    /// Jobs L1 gave up on because they could not be killed ([`STUCK`]).
+    pub stuck: Vec<String>,
     pub wall: Duration,
     /// Every `test result:` line, prefixed by its binary.
     pub summaries: Vec<String>,
@@ -47,7 +61,11 @@ impl Qemu {
         c.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
             .args(["-m", &self.memory_mib.to_string()])
             .args(["-smp", &self.cpus.to_string()])
-            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-display", "none", "-no-reboot"])
+            .args([
+                "-monitor",
+                &format!("unix:{},server=on,wait=off", self.monitor.display()),
+            ])
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-initrd")
@@ -73,6 +91,12 @@ impl Qemu {
                 ),
             ])
             .args(["-device", "virtio-rng-pci"])
+            .args(["-device", "virtio-serial-pci"])
+            .args([
+                "-chardev",
+                &format!("file,id=channel,path={}", self.channel.display()),
+            ])
+            .args(["-device", "virtconsole,chardev=channel"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -93,29 +117,71 @@ impl Qemu {
 
     /// Runs L1 to its end or its timeout, echoing progress lines of its console as they come.
     pub fn run(&self) -> Result<Outcome> {
-        let _ = std::fs::remove_file(&self.console);
-        std::fs::write(&self.console, b"").context("creating the console log")?;
+        let _ = std::fs::remove_file(&self.monitor);
+        for f in [&self.console, &self.channel] {
+            let _ = std::fs::remove_file(f);
+            std::fs::write(f, b"").with_context(|| format!("creating {}", f.display()))?;
+        }
         let start = Instant::now();
         let mut child = self.command().spawn().with_context(|| {
             format!("starting {} (apt-get install qemu-system-x86)", self.binary)
         })?;
-        let mut follower = Follower::new(&self.console)?;
+        // Both: the serial port has the kernel's messages and anything printed before the
+        // virtio console is up, the virtio console everything after.
+        let mut followers = [Follower::new(&self.console)?, Follower::new(&self.channel)?];
         let mut outcome = Outcome {
             results: Vec::new(),
             done: false,
             fatal: None,
             timed_out: false,
+            frozen: None,
+            stuck: Vec::new(),
             wall: Duration::ZERO,
             summaries: Vec::new(),
         };
         let mut current = String::from("L1");
+        let mut heard = Instant::now();
         loop {
-            for line in follower.new_lines()? {
-                observe(&line, &mut current, &mut outcome);
+            for follower in &mut followers {
+                for line in follower.new_lines()? {
+                    heard = Instant::now();
+                    observe(&line, &mut current, &mut outcome);
+                }
+            }
+            if heard.elapsed() > self.silence {
+                outcome.frozen = Some(current.clone());
+                eprintln!(
+                    "[nested] L1 silent for {} s during {current} (no heartbeat): its kernel has stopped; its vCPUs:",
+                    heard.elapsed().as_secs()
+                );
+                for sample in 0..2 {
+                    if sample > 0 {
+                        std::thread::sleep(Duration::from_secs(5));
+                    }
+                    match self.ask_monitor("info registers -a") {
+                        Ok(regs) => {
+                            for l in regs.lines().filter(|l| {
+                                l.starts_with("CPU#")
+                                    || l.starts_with("RAX")
+                                    || l.starts_with("RIP")
+                                    || l.starts_with("RSI")
+                                    || l.starts_with("CR0")
+                            }) {
+                                eprintln!("[nested]   {}", l.trim_end());
+                            }
+                        }
+                        Err(e) => eprintln!("[nested]   (QEMU's monitor: {e:#})"),
+                    }
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
             }
             if let Some(status) = child.try_wait().context("waiting for QEMU")? {
-                for line in follower.new_lines()? {
-                    observe(&line, &mut current, &mut outcome);
+                for follower in &mut followers {
+                    for line in follower.new_lines()? {
+                        observe(&line, &mut current, &mut outcome);
+                    }
                 }
                 if !status.success() && !outcome.done {
                     let err = read_pipe(&mut child);
@@ -140,6 +206,34 @@ impl Qemu {
     }
 }
 
+impl Qemu {
+    /// One command to QEMU's human monitor, and what it printed within a few seconds.
+    fn ask_monitor(&self, command: &str) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut sock = std::os::unix::net::UnixStream::connect(&self.monitor)
+            .with_context(|| format!("connecting to {}", self.monitor.display()))?;
+        sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+        sock.write_all(format!("{command}\n").as_bytes())?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until {
+            match sock.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    break
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).replace('\r', ""))
+    }
+}
+
 fn read_pipe(child: &mut Child) -> String {
     use std::io::Read;
     let mut s = String::new();
@@ -161,6 +255,13 @@ fn observe(line: &str, current: &mut String, out: &mut Outcome) {
         if let Some(r) = parse_result(rest) {
             eprintln!("[nested] {} exited {} after {} s", r.name, r.rc, r.secs);
             out.results.push(r);
+        }
+    } else if line.starts_with(ALIVE) || line.starts_with(KERN) {
+        eprintln!("[nested] {line}");
+    } else if let Some(rest) = line.strip_prefix(STUCK) {
+        eprintln!("[nested] {line}");
+        if let Some((name, _)) = rest.trim_start().split_once(": ") {
+            out.stuck.push(name.to_string());
         }
     } else if line.starts_with(DONE) {
         out.done = true;
