@@ -209,6 +209,12 @@ def test_503_is_retried_after_retry_after(tiny_server: Server) -> None:
         (400, "bad_request", thaw.CallerError, False),
         (404, "unknown_session", thaw.NotFoundError, False),
         (409, "session_busy", thaw.ConflictError, False),
+        (403, "forbidden", thaw.ForbiddenError, False),
+        (410, "killed", thaw.KilledError, False),
+        (None, "killed", thaw.KilledError, False),
+        (400, "bad_network", thaw.CallerError, False),
+        (None, "bad_network", thaw.CallerError, False),
+        (None, "session_lost", thaw.InfrastructureError, True),
         (422, "reward_not_a_number", thaw.TaskError, False),
         (429, "too_many_sandboxes", thaw.RateLimitedError, True),
         (500, "criu", thaw.InfrastructureError, False),
@@ -237,6 +243,9 @@ def test_the_servers_fault_wins() -> None:
     assert type(err) is thaw.InfrastructureError and err.retryable
     err = error_from_detail({"code": "x", "message": "m", "fault": "task", "retryable": True}, status=500)
     assert isinstance(err, thaw.TaskError)
+    # A kill is the caller's (an operator's decision): a KilledError, never retried.
+    err = error_from_detail({"code": "killed", "message": "m", "fault": "caller", "retryable": False}, status=410)
+    assert type(err) is thaw.KilledError and not thaw.Retry().should_retry(err, 1)
     # A task fault is never retried, whatever `retryable` says.
     assert not thaw.Retry().should_retry(err, 1)
 

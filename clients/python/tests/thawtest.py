@@ -76,10 +76,11 @@ class Server:
             raise RuntimeError(f"thaw {' '.join(args)} failed: {out.stdout.decode()}{out.stderr.decode()}")
         return out.stdout.decode()
 
-    def new_key(self, name: str, max_sandboxes: int) -> str:
-        doc = json.loads(
-            self.run_thaw("--json", "keys", "create", "--name", name, "--max-sandboxes", str(max_sandboxes))
-        )
+    def new_key(self, name: str, max_sandboxes: int, admin: bool = False) -> str:
+        """A new key's secret; ``admin``: an operator's key (``thaw keys create --admin``),
+        which sees and may end every key's sandboxes and audit records."""
+        args = ["--json", "keys", "create", "--name", name, "--max-sandboxes", str(max_sandboxes)]
+        doc = json.loads(self.run_thaw(*args, *(["--admin"] if admin else [])))
         return str(doc["secret"])
 
     def key_with_shell(self, name: str, max_sandboxes: int) -> str:
@@ -205,3 +206,14 @@ def rollout(*paths: str) -> pytest.MarkDecorator:
     """Skips a test only when the server lacks one of ``paths`` (see :func:`lacks_routes`)."""
     cond = "lacks_routes(" + ", ".join(repr(p) for p in paths) + ")"
     return pytest.mark.skipif(cond, reason=ROLLOUT_SKIP)
+
+
+def needs_routes(what: str, *paths: str) -> pytest.MarkDecorator:
+    """Like :func:`rollout`, for other routes: skipped with "server predates ``what``"."""
+    cond = "lacks_routes(" + ", ".join(repr(p) for p in paths) + ")"
+    return pytest.mark.skipif(cond, reason=f"server predates {what}")
+
+
+def needs_field(what: str, schema: str, field: str) -> pytest.MarkDecorator:
+    """Skips a test only when the server's request ``schema`` lacks ``field``."""
+    return pytest.mark.skipif(f"lacks_field({schema!r}, {field!r})", reason=f"server predates {what}")

@@ -9,9 +9,12 @@ from typing import Any, AsyncGenerator, Dict, List, Mapping, Optional, Sequence,
 import httpx
 
 from . import _core as core
-from ._core import Call, PathLike, Retry, StreamCall
+from ._core import Call, PathLike, Retry, StreamCall, When
 from ._errors import ThawError
 from ._types import (
+    AuditHead,
+    AuditList,
+    AuditVerify,
     BatchEvent,
     BatchResult,
     Checkpoint,
@@ -21,8 +24,11 @@ from ._types import (
     Health,
     Invocation,
     InvokeEvent,
+    KillReport,
+    LiveSandbox,
     ResetResult,
     Reward,
+    SecretGrant,
     Session,
     Template,
 )
@@ -189,9 +195,17 @@ class AsyncClient:
         *,
         env: Optional[Mapping[str, str]] = None,
         timeout_ms: Optional[int] = None,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+        secrets: Optional[Sequence[SecretGrant]] = None,
     ) -> Invocation:
-        """Runs the template's handler on ``payload`` (JSON) in a fresh sandbox."""
-        return await self._send(core.invoke(template, payload, env, timeout_ms))
+        """Runs the template's handler on ``payload`` (JSON) in a fresh sandbox.
+
+        ``allow_out``, ``deny_out`` and ``secrets`` grant this call egress on top of the
+        template's ``[network]`` (see :class:`SecretGrant`); a bad entry is a 400 naming it.
+        """
+        egress = core.grant(allow_out, deny_out, secrets)
+        return await self._send(core.invoke(template, payload, env, timeout_ms, egress))
 
     def invoke_stream(
         self,
@@ -200,10 +214,18 @@ class AsyncClient:
         *,
         env: Optional[Mapping[str, str]] = None,
         timeout_ms: Optional[int] = None,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+        secrets: Optional[Sequence[SecretGrant]] = None,
     ) -> AsyncGenerator[InvokeEvent, None]:
         """Like :meth:`invoke`, yielding the handler's stderr as :class:`OutputEvent` s as
-        it comes, then one :class:`ResultEvent`."""
-        return self._stream(core.invoke_stream(template, payload, env, timeout_ms))
+        it comes, then one :class:`ResultEvent`.
+
+        ``allow_out``, ``deny_out`` and ``secrets`` grant this call egress on top of the
+        template's ``[network]`` (see :class:`SecretGrant`); a bad entry is a 400 naming it.
+        """
+        egress = core.grant(allow_out, deny_out, secrets)
+        return self._stream(core.invoke_stream(template, payload, env, timeout_ms, egress))
 
     async def exec(
         self,
@@ -213,9 +235,17 @@ class AsyncClient:
         stdin: Union[bytes, str, None] = None,
         env: Optional[Mapping[str, str]] = None,
         timeout_ms: Optional[int] = None,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+        secrets: Optional[Sequence[SecretGrant]] = None,
     ) -> ExecOutput:
-        """Runs ``argv`` (not through a shell) in a fresh sandbox and collects its output."""
-        return await self._send(core.exec_(template, argv, stdin, env, timeout_ms))
+        """Runs ``argv`` (not through a shell) in a fresh sandbox and collects its output.
+
+        ``allow_out``, ``deny_out`` and ``secrets`` grant this call egress on top of the
+        template's ``[network]`` (see :class:`SecretGrant`).
+        """
+        egress = core.grant(allow_out, deny_out, secrets)
+        return await self._send(core.exec_(template, argv, stdin, env, timeout_ms, egress))
 
     def exec_stream(
         self,
@@ -225,11 +255,19 @@ class AsyncClient:
         stdin: Union[bytes, str, None] = None,
         env: Optional[Mapping[str, str]] = None,
         timeout_ms: Optional[int] = None,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+        secrets: Optional[Sequence[SecretGrant]] = None,
     ) -> AsyncGenerator[ExecEvent, None]:
         """Like :meth:`exec`, yielding :class:`OutputEvent` s as output comes, then one
         :class:`ExitEvent`. Stopping early (closing the iterator, e.g. with
-        ``contextlib.aclosing``) cancels the command."""
-        return self._stream(core.exec_stream(template, argv, stdin, env, timeout_ms))
+        ``contextlib.aclosing``) cancels the command.
+
+        ``allow_out``, ``deny_out`` and ``secrets`` grant this call egress on top of the
+        template's ``[network]`` (see :class:`SecretGrant`).
+        """
+        egress = core.grant(allow_out, deny_out, secrets)
+        return self._stream(core.exec_stream(template, argv, stdin, env, timeout_ms, egress))
 
     # ---- sessions ----
 
@@ -241,10 +279,22 @@ class AsyncClient:
         max_lifetime_s: Optional[int] = None,
         on_timeout: Optional[str] = None,
         env: Optional[Mapping[str, str]] = None,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+        secrets: Optional[Sequence[SecretGrant]] = None,
     ) -> Session:
         """Starts a session from the template's snapshot. ``on_timeout``: ``"pause"``
-        (default) or ``"stop"``."""
-        return await self._send(core.create_session(template, idle_timeout_s, max_lifetime_s, on_timeout, env))
+        (default) or ``"stop"``.
+
+        ``allow_out`` (domains such as ``example.com`` or ``*.example.com``, IPs and CIDRs, each
+        with an optional ``:port``), ``deny_out`` (IPs and CIDRs kept out of a broader allowed
+        range) and ``secrets`` (:class:`SecretGrant`) grant the session egress on top of the
+        template's ``[network]``, for all its calls; its forks keep ``allow_out`` and
+        ``deny_out`` (:meth:`fork` and :meth:`batch` take no grant of their own). A bad entry
+        is refused with a 400 ``bad_network`` naming it.
+        """
+        egress = core.grant(allow_out, deny_out, secrets)
+        return await self._send(core.create_session(template, idle_timeout_s, max_lifetime_s, on_timeout, env, egress))
 
     async def sessions(self) -> List[Session]:
         """This key's sessions, in every state."""
@@ -283,9 +333,17 @@ class AsyncClient:
         stdin: Union[bytes, str, None] = None,
         env: Optional[Mapping[str, str]] = None,
         timeout_ms: Optional[int] = None,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+        secrets: Optional[Sequence[SecretGrant]] = None,
     ) -> ExecOutput:
-        """Runs ``argv`` in a running session; its effects stay for the next calls."""
-        return await self._send(core.session_exec(session_id, argv, stdin, env, timeout_ms))
+        """Runs ``argv`` in a running session; its effects stay for the next calls.
+
+        ``allow_out``, ``deny_out`` and ``secrets`` grant this call egress on top of the
+        session's own grant.
+        """
+        egress = core.grant(allow_out, deny_out, secrets)
+        return await self._send(core.session_exec(session_id, argv, stdin, env, timeout_ms, egress))
 
     def session_exec_stream(
         self,
@@ -295,9 +353,17 @@ class AsyncClient:
         stdin: Union[bytes, str, None] = None,
         env: Optional[Mapping[str, str]] = None,
         timeout_ms: Optional[int] = None,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+        secrets: Optional[Sequence[SecretGrant]] = None,
     ) -> AsyncGenerator[ExecEvent, None]:
-        """Like :meth:`session_exec`, yielding output events as they come, then the exit."""
-        return self._stream(core.session_exec_stream(session_id, argv, stdin, env, timeout_ms))
+        """Like :meth:`session_exec`, yielding output events as they come, then the exit.
+
+        ``allow_out``, ``deny_out`` and ``secrets`` grant this call egress on top of the
+        session's own grant.
+        """
+        egress = core.grant(allow_out, deny_out, secrets)
+        return self._stream(core.session_exec_stream(session_id, argv, stdin, env, timeout_ms, egress))
 
     async def session_invoke(
         self,
@@ -306,10 +372,18 @@ class AsyncClient:
         *,
         env: Optional[Mapping[str, str]] = None,
         timeout_ms: Optional[int] = None,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+        secrets: Optional[Sequence[SecretGrant]] = None,
     ) -> Invocation:
         """Runs the template's handler in a running session (a persistent handler keeps its
-        memory between calls)."""
-        return await self._send(core.session_invoke(session_id, payload, env, timeout_ms))
+        memory between calls).
+
+        ``allow_out``, ``deny_out`` and ``secrets`` grant this call egress on top of the
+        session's own grant.
+        """
+        egress = core.grant(allow_out, deny_out, secrets)
+        return await self._send(core.session_invoke(session_id, payload, env, timeout_ms, egress))
 
     def session_invoke_stream(
         self,
@@ -318,8 +392,14 @@ class AsyncClient:
         *,
         env: Optional[Mapping[str, str]] = None,
         timeout_ms: Optional[int] = None,
+        allow_out: Optional[Sequence[str]] = None,
+        deny_out: Optional[Sequence[str]] = None,
+        secrets: Optional[Sequence[SecretGrant]] = None,
     ) -> AsyncGenerator[InvokeEvent, None]:
-        return self._stream(core.session_invoke_stream(session_id, payload, env, timeout_ms))
+        """Like :meth:`session_invoke`, yielding the handler's stderr as it comes, then one
+        :class:`ResultEvent`."""
+        egress = core.grant(allow_out, deny_out, secrets)
+        return self._stream(core.session_invoke_stream(session_id, payload, env, timeout_ms, egress))
 
     async def put_file(
         self, session_id: str, path: str, data: Union[bytes, str], *, mode: Optional[int] = None
@@ -413,3 +493,81 @@ class AsyncClient:
         """Runs the template's reward command in the session; a non-number output raises
         :class:`TaskError` (``reward_not_a_number``)."""
         return await self._send(core.reward(session_id, timeout_ms, env))
+
+    # ---- live sandboxes and kill (`thaw ps`, `thaw kill`) ----
+
+    async def sandboxes(self) -> List[LiveSandbox]:
+        """The live sandboxes of this key (an admin key's: of every key), each with what it
+        uses now and the calls running in it: what ``thaw ps`` shows. A paused session
+        holds no sandbox and is not listed (:meth:`sessions` lists it)."""
+        return await self._send(core.sandboxes())
+
+    async def sandbox(self, sandbox_id: str) -> LiveSandbox:
+        """One live sandbox, by its id (``sb-...``) or the id of the session it runs."""
+        return await self._send(core.sandbox(sandbox_id))
+
+    async def kill(self, sandbox_id: str) -> KillReport:
+        """Ends a live sandbox now, whatever it is doing (``thaw kill ID``): a fork bomb, a
+        task ignoring SIGTERM. ``sandbox_id`` is a sandbox's id (``sb-...``) or a session's.
+
+        The call running in it fails with :class:`KilledError` (410). A session ends for
+        good, running or paused: it becomes ``stopped`` and only :meth:`delete_session` is
+        left for it (a kill of it again reports it with ``sandbox`` ``None``). Another
+        key's sandbox is unknown (:class:`NotFoundError`), unless this is an admin key.
+        """
+        return await self._send(core.kill(sandbox_id))
+
+    async def kill_all(self, *, key: Optional[str] = None) -> List[KillReport]:
+        """Ends every live sandbox of this key, running sessions included (``thaw kill
+        --all``); paused sessions are left alone, as they run nothing.
+
+        With an admin key this ends **every key's** sandboxes, or only those of the key
+        whose id is ``key``. A key that is not an admin naming another key gets
+        :class:`ForbiddenError`.
+        """
+        return await self._send(core.kill_all(key))
+
+    # ---- the audit log ----
+
+    async def audit(
+        self,
+        *,
+        key: Optional[str] = None,
+        template: Optional[str] = None,
+        session: Optional[str] = None,
+        sandbox: Optional[str] = None,
+        action: Optional[str] = None,
+        since: Optional[When] = None,
+        until: Optional[When] = None,
+        limit: Optional[int] = None,
+        order: Optional[str] = None,
+    ) -> AuditList:
+        """Audit records, newest first: who did what, to which sandbox, when (``thaw audit
+        ls``). Every filter given must match.
+
+        A key that is not an admin sees its own records only; ``key`` (an API key's id, or
+        ``local`` for the CLI's embedded engine) naming another key is then a
+        :class:`ForbiddenError`. An admin key (``thaw keys create --admin``) sees every
+        key's.
+
+        Args:
+            action: e.g. ``session_create``, ``exec``, ``file_put``, ``kill``,
+                ``egress_refused``; an unknown one is a 400 listing the known ones.
+            since: records at or after this time: unix seconds or a ``datetime``.
+            until: records at or before this time (its whole second included).
+            limit: at most this many records (the server's default 100, at most 10000);
+                :attr:`AuditList.more` says whether more matched.
+            order: ``"newest"`` (the default) or ``"oldest"`` first.
+        """
+        return await self._send(core.audit(key, template, session, sandbox, action, since, until, limit, order))
+
+    async def audit_verify(self, head: Union[AuditHead, str, None] = None) -> AuditVerify:
+        """Checks the whole audit log's hash chain and reports the first break by position
+        (``thaw audit verify``); ``ok`` says whether it is intact. It reads every key's
+        records, so it needs an admin key (else :class:`ForbiddenError`).
+
+        ``head``: an :class:`AuditHead` (or its ``SEQ:HASH`` string) kept from an earlier
+        verify; the log must still hold that record unchanged, which detects a rewrite of
+        the whole chain.
+        """
+        return await self._send(core.audit_verify(head))

@@ -6,6 +6,7 @@ packing. The clients only send and wait.
 from __future__ import annotations
 
 import base64
+import datetime
 import email.utils
 import io
 import json
@@ -39,6 +40,9 @@ from ._errors import (
     error_from_detail,
 )
 from ._types import (
+    AuditHead,
+    AuditList,
+    AuditVerify,
     BatchDoneEvent,
     BatchErrorEvent,
     BatchEvent,
@@ -54,10 +58,13 @@ from ._types import (
     Health,
     Invocation,
     InvokeEvent,
+    KillReport,
+    LiveSandbox,
     OutputEvent,
     ResetResult,
     ResultEvent,
     Reward,
+    SecretGrant,
     Session,
     Template,
 )
@@ -244,6 +251,41 @@ def _argv(argv: Union[Sequence[str], str]) -> List[str]:
 
 def _env(env: Optional[Mapping[str, str]]) -> Optional[Dict[str, str]]:
     return None if env is None else {str(k): str(v) for k, v in env.items()}
+
+
+def _entries(name: str, v: Optional[Sequence[str]]) -> Optional[List[str]]:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        # A lone string would be sent one character per entry: say so instead.
+        raise TypeError(f"{name} must be a list of entries, e.g. [{v!r}], not a string")
+    return [str(e) for e in v]
+
+
+def grant(
+    allow_out: Optional[Sequence[str]],
+    deny_out: Optional[Sequence[str]],
+    secrets: Optional[Sequence[SecretGrant]],
+) -> Json:
+    """The egress fields of a body (``allow_out``, ``deny_out``, ``secrets``), each only
+    when given: the server checks every entry and answers 400 ``bad_network`` naming it."""
+    if secrets is not None:
+        if isinstance(secrets, SecretGrant):
+            raise TypeError("secrets must be a list of SecretGrant, e.g. [SecretGrant(...)]")
+        for g in secrets:
+            if not isinstance(g, SecretGrant):
+                # A dict would show its value wherever it is printed; a SecretGrant never does.
+                raise TypeError(
+                    f"secrets takes thaw.SecretGrant(name, value, hosts) items, not {type(g).__name__}"
+                )
+    return body(
+        allow_out=_entries("allow_out", allow_out),
+        deny_out=_entries("deny_out", deny_out),
+        secrets=None if secrets is None else [g.to_json() for g in secrets],
+    )
+
+
+NO_GRANT: Json = {}
 
 
 # ---- error decoding ----
@@ -489,8 +531,8 @@ def delete_template(name: str) -> Call[Template]:
     return Call("DELETE", seg("v1", "templates", name), _p(Template))
 
 
-def _invoke_body(payload: Any, env: Optional[Mapping[str, str]], timeout_ms: Optional[int]) -> Json:
-    return body(payload=payload, env=_env(env), timeout_ms=timeout_ms)
+def _invoke_body(payload: Any, env: Optional[Mapping[str, str]], timeout_ms: Optional[int], egress: Json) -> Json:
+    return {**body(payload=payload, env=_env(env), timeout_ms=timeout_ms), **egress}
 
 
 def _exec_body(
@@ -498,21 +540,27 @@ def _exec_body(
     stdin: Union[bytes, str, None],
     env: Optional[Mapping[str, str]],
     timeout_ms: Optional[int],
+    egress: Json,
 ) -> Json:
-    return body(argv=_argv(argv), stdin_b64=_stdin(stdin), env=_env(env), timeout_ms=timeout_ms)
+    return {**body(argv=_argv(argv), stdin_b64=_stdin(stdin), env=_env(env), timeout_ms=timeout_ms), **egress}
 
 
-def invoke(name: str, payload: Any, env: Optional[Mapping[str, str]], timeout_ms: Optional[int]) -> Call[Invocation]:
+def invoke(
+    name: str, payload: Any, env: Optional[Mapping[str, str]], timeout_ms: Optional[int], egress: Json = NO_GRANT
+) -> Call[Invocation]:
     return Call(
-        "POST", seg("v1", "templates", name, "invoke"), _p(Invocation), json=_invoke_body(payload, env, timeout_ms)
+        "POST",
+        seg("v1", "templates", name, "invoke"),
+        _p(Invocation),
+        json=_invoke_body(payload, env, timeout_ms, egress),
     )
 
 
 def invoke_stream(
-    name: str, payload: Any, env: Optional[Mapping[str, str]], timeout_ms: Optional[int]
+    name: str, payload: Any, env: Optional[Mapping[str, str]], timeout_ms: Optional[int], egress: Json = NO_GRANT
 ) -> StreamCall[InvokeEvent]:
     return StreamCall(
-        "POST", seg("v1", "templates", name, "invoke"), _invoke_body(payload, env, timeout_ms), decode_invoke
+        "POST", seg("v1", "templates", name, "invoke"), _invoke_body(payload, env, timeout_ms, egress), decode_invoke
     )
 
 
@@ -522,9 +570,13 @@ def exec_(
     stdin: Union[bytes, str, None],
     env: Optional[Mapping[str, str]],
     timeout_ms: Optional[int],
+    egress: Json = NO_GRANT,
 ) -> Call[ExecOutput]:
     return Call(
-        "POST", seg("v1", "templates", name, "exec"), _p(ExecOutput), json=_exec_body(argv, stdin, env, timeout_ms)
+        "POST",
+        seg("v1", "templates", name, "exec"),
+        _p(ExecOutput),
+        json=_exec_body(argv, stdin, env, timeout_ms, egress),
     )
 
 
@@ -534,9 +586,10 @@ def exec_stream(
     stdin: Union[bytes, str, None],
     env: Optional[Mapping[str, str]],
     timeout_ms: Optional[int],
+    egress: Json = NO_GRANT,
 ) -> StreamCall[ExecEvent]:
     return StreamCall(
-        "POST", seg("v1", "templates", name, "exec"), _exec_body(argv, stdin, env, timeout_ms), decode_exec
+        "POST", seg("v1", "templates", name, "exec"), _exec_body(argv, stdin, env, timeout_ms, egress), decode_exec
     )
 
 
@@ -557,8 +610,9 @@ def create_session(
     max_lifetime_s: Optional[int],
     on_timeout: Optional[str],
     env: Optional[Mapping[str, str]],
+    egress: Json = NO_GRANT,
 ) -> Call[Session]:
-    b = {"template": template, **_session_opts(idle_timeout_s, max_lifetime_s, on_timeout, env)}
+    b = {"template": template, **_session_opts(idle_timeout_s, max_lifetime_s, on_timeout, env), **egress}
     return Call("POST", "/v1/sessions", _p(Session), json=b)
 
 
@@ -597,9 +651,13 @@ def session_exec(
     stdin: Union[bytes, str, None],
     env: Optional[Mapping[str, str]],
     timeout_ms: Optional[int],
+    egress: Json = NO_GRANT,
 ) -> Call[ExecOutput]:
     return Call(
-        "POST", seg("v1", "sessions", sid, "exec"), _p(ExecOutput), json=_exec_body(argv, stdin, env, timeout_ms)
+        "POST",
+        seg("v1", "sessions", sid, "exec"),
+        _p(ExecOutput),
+        json=_exec_body(argv, stdin, env, timeout_ms, egress),
     )
 
 
@@ -609,23 +667,29 @@ def session_exec_stream(
     stdin: Union[bytes, str, None],
     env: Optional[Mapping[str, str]],
     timeout_ms: Optional[int],
+    egress: Json = NO_GRANT,
 ) -> StreamCall[ExecEvent]:
-    return StreamCall("POST", seg("v1", "sessions", sid, "exec"), _exec_body(argv, stdin, env, timeout_ms), decode_exec)
+    return StreamCall(
+        "POST", seg("v1", "sessions", sid, "exec"), _exec_body(argv, stdin, env, timeout_ms, egress), decode_exec
+    )
 
 
 def session_invoke(
-    sid: str, payload: Any, env: Optional[Mapping[str, str]], timeout_ms: Optional[int]
+    sid: str, payload: Any, env: Optional[Mapping[str, str]], timeout_ms: Optional[int], egress: Json = NO_GRANT
 ) -> Call[Invocation]:
     return Call(
-        "POST", seg("v1", "sessions", sid, "invoke"), _p(Invocation), json=_invoke_body(payload, env, timeout_ms)
+        "POST",
+        seg("v1", "sessions", sid, "invoke"),
+        _p(Invocation),
+        json=_invoke_body(payload, env, timeout_ms, egress),
     )
 
 
 def session_invoke_stream(
-    sid: str, payload: Any, env: Optional[Mapping[str, str]], timeout_ms: Optional[int]
+    sid: str, payload: Any, env: Optional[Mapping[str, str]], timeout_ms: Optional[int], egress: Json = NO_GRANT
 ) -> StreamCall[InvokeEvent]:
     return StreamCall(
-        "POST", seg("v1", "sessions", sid, "invoke"), _invoke_body(payload, env, timeout_ms), decode_invoke
+        "POST", seg("v1", "sessions", sid, "invoke"), _invoke_body(payload, env, timeout_ms, egress), decode_invoke
     )
 
 
@@ -737,6 +801,80 @@ def batch_stream(
 def reward(sid: str, timeout_ms: Optional[int], env: Optional[Mapping[str, str]]) -> Call[Reward]:
     return Call(
         "POST", seg("v1", "sessions", sid, "reward"), _p(Reward), json=body(timeout_ms=timeout_ms, env=_env(env))
+    )
+
+
+# live sandboxes and kill (`thaw ps`, `thaw kill`)
+
+
+def sandboxes() -> Call[List[LiveSandbox]]:
+    return Call(
+        "GET", "/v1/sandboxes", lambda r: [LiveSandbox.from_json(s) for s in _obj(r).get("sandboxes") or []]
+    )
+
+
+def sandbox(sandbox_id: str) -> Call[LiveSandbox]:
+    return Call("GET", seg("v1", "sandboxes", sandbox_id), _p(LiveSandbox))
+
+
+def kill(sandbox_id: str) -> Call[KillReport]:
+    return Call("POST", seg("v1", "sandboxes", sandbox_id, "kill"), _p(KillReport))
+
+
+def kill_all(key: Optional[str]) -> Call[List[KillReport]]:
+    return Call(
+        "POST",
+        "/v1/sandboxes/kill",
+        lambda r: [KillReport.from_json(k) for k in _obj(r).get("killed") or []],
+        params=None if key is None else {"key": key},
+    )
+
+
+# the audit log
+
+When = Union[int, float, datetime.datetime]
+
+
+def _unix_s(name: str, t: Optional[When]) -> Optional[str]:
+    """Unix seconds for the query (``since`` and ``until`` are whole seconds, ``until``
+    inclusive of its second): a datetime (naive: local time) or a number, floored."""
+    if t is None:
+        return None
+    if isinstance(t, datetime.datetime):
+        t = t.timestamp()
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"{name} must be unix seconds or a datetime, not {type(t).__name__}")
+    return str(int(t // 1))
+
+
+def audit(
+    key: Optional[str],
+    template: Optional[str],
+    session: Optional[str],
+    sandbox: Optional[str],
+    action: Optional[str],
+    since: Optional[When],
+    until: Optional[When],
+    limit: Optional[int],
+    order: Optional[str],
+) -> Call[AuditList]:
+    q = body(
+        key=key,
+        template=template,
+        session=session,
+        sandbox=sandbox,
+        action=action,
+        since=_unix_s("since", since),
+        until=_unix_s("until", until),
+        limit=None if limit is None else str(int(limit)),
+        order=order,
+    )
+    return Call("GET", "/v1/audit", _p(AuditList), params=q or None)
+
+
+def audit_verify(head: Union[AuditHead, str, None]) -> Call[AuditVerify]:
+    return Call(
+        "GET", "/v1/audit/verify", _p(AuditVerify), params=None if head is None else {"head": str(head)}
     )
 
 

@@ -4,8 +4,10 @@
 
     ThawError
     ├── CallerError            fault "caller": a bad body, an unknown id, a conflict (4xx)
+    │   ├── ForbiddenError     403: the key may not (another key's records, an admin's route)
     │   ├── NotFoundError      404
-    │   └── ConflictError      409
+    │   ├── ConflictError      409
+    │   └── KilledError        410: ended by ``thaw kill`` (``Client.kill``); not retried
     ├── TaskError              fault "task": the task's own doing (reward output not a
     │                          number, output flood)
     └── InfrastructureError    fault "infrastructure": restore failed, sandbox died, server
@@ -29,8 +31,10 @@ from typing import Any, Dict, Optional, Type
 __all__ = [
     "ThawError",
     "CallerError",
+    "ForbiddenError",
     "NotFoundError",
     "ConflictError",
+    "KilledError",
     "TaskError",
     "InfrastructureError",
     "RateLimitedError",
@@ -48,6 +52,7 @@ CODE_STATUS: Dict[str, int] = {
     "bad_request": 400,
     "bad_template": 400,
     "bad_payload": 400,
+    "bad_network": 400,
     "guest_bad_request": 400,
     "unauthorized": 401,
     "guest_permission_denied": 403,
@@ -77,6 +82,8 @@ CODE_STATUS: Dict[str, int] = {
     "too_many_sandboxes": 429,
     "cancelled": 499,
     "internal": 500,
+    "egress": 500,
+    "audit_read": 500,
     "guest_error": 500,
     "runtime": 500,
     "sandbox_not_ready": 500,
@@ -88,7 +95,9 @@ CODE_STATUS: Dict[str, int] = {
     "metadata_store": 500,
     "io": 500,
     "output_flood": 502,
+    "session_lost": 502,
     "missing_dependency": 503,
+    "audit_unavailable": 503,
     "too_many_connections": 503,
     "host_timeout": 504,
     "disk_full": 507,
@@ -157,12 +166,29 @@ class CallerError(ThawError):
     """The caller's fault: fix the request (bad body, unknown id, state conflict)."""
 
 
+class ForbiddenError(CallerError):
+    """403: the key may not do this: a key that is not an admin asked for another key's
+    audit records or sandboxes, or for an admin's route (``audit_verify``). An admin key
+    comes from ``thaw keys create --admin``. (Also a file the sandbox itself refuses to
+    read or write: code ``guest_permission_denied``.)"""
+
+
 class NotFoundError(CallerError):
-    """404: no such template, session, checkpoint or file for this key."""
+    """404: no such template, session, checkpoint, file or live sandbox for this key (another
+    key's is unknown too, so ids cannot be probed)."""
 
 
 class ConflictError(CallerError):
     """409: the object is not in a state that allows the call (e.g. a paused session)."""
+
+
+class KilledError(CallerError):
+    """410 (``killed``): the sandbox the call ran in was ended by ``thaw kill``
+    (:meth:`thaw.Client.kill`), by this key or an operator's; the message names the key.
+
+    A caller error, never retried: a retry would undo an operator's decision. A killed
+    session ends for good (``stopped``): only deleting it is left.
+    """
 
 
 class TaskError(ThawError):
@@ -199,10 +225,14 @@ def _infer_fault(code: str, status: Optional[int]) -> str:
 
 def _class_for(fault: str, status: Optional[int]) -> Type[ThawError]:
     if fault == "caller":
+        if status == 403:
+            return ForbiddenError
         if status == 404:
             return NotFoundError
         if status == 409:
             return ConflictError
+        if status == 410:
+            return KilledError
         return CallerError
     if fault == "task":
         return TaskError

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._errors import ThawError, error_from_detail
 
@@ -28,6 +28,8 @@ __all__ = [
     "ResultEvent",
     "ExecEvent",
     "InvokeEvent",
+    "SecretGrant",
+    "NetworkGrant",
     "Session",
     "ErrorInfo",
     "Checkpoint",
@@ -40,6 +42,15 @@ __all__ = [
     "BatchDoneEvent",
     "BatchEvent",
     "Reward",
+    "LiveSandbox",
+    "RunningTask",
+    "SandboxFigures",
+    "KillReport",
+    "AuditRecord",
+    "AuditList",
+    "AuditHead",
+    "AuditBreak",
+    "AuditVerify",
 ]
 
 Json = Dict[str, Any]
@@ -68,6 +79,15 @@ def _os(d: Mapping[str, Any], key: str) -> Optional[str]:
 def _oi(d: Mapping[str, Any], key: str) -> Optional[int]:
     v = d.get(key)
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _of(d: Mapping[str, Any], key: str) -> Optional[float]:
+    v = d.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _strs(v: Any) -> List[str]:
+    return [str(x) for x in v] if isinstance(v, list) else []
 
 
 def _b64(s: str) -> bytes:
@@ -296,13 +316,71 @@ ExecEvent = Union[OutputEvent, ExitEvent]
 InvokeEvent = Union[OutputEvent, ResultEvent]
 
 
+@dataclass(frozen=True, repr=False)
+class SecretGrant:
+    """A credential for some destinations, handed to a session or a call (``secrets=``).
+
+    The sandbox never holds ``value``: it sees a placeholder in the environment variable
+    ``name``, and the server's egress proxy puts ``value`` in the placeholder's place in
+    HTTPS requests to ``hosts`` alone (domains, e.g. ``api.example.com`` or
+    ``*.example.com``, which the grant's ``allow_out`` must allow). The server keeps it in
+    memory only: it is in no record, log or audit entry.
+
+    Its ``repr`` (and so ``str``, tracebacks and log lines) never shows ``value``; that is
+    why the client takes this type rather than a dict.
+
+    Args:
+        name: ``A-Z``, ``0-9`` and ``_`` (not starting with a digit), 1 to 64 characters.
+        value: 1 to 8192 bytes without control characters (it goes into a header).
+        hosts: the domains whose requests get it (a list: a lone string is refused, as it
+            would be read one character at a time).
+    """
+
+    name: str
+    value: str
+    hosts: Tuple[str, ...]
+
+    def __init__(self, name: str, value: str, hosts: Sequence[str]) -> None:
+        if isinstance(hosts, str):
+            raise TypeError(f"SecretGrant hosts must be a list of domains, e.g. [{hosts!r}], not a string")
+        object.__setattr__(self, "name", str(name))
+        object.__setattr__(self, "value", str(value))
+        object.__setattr__(self, "hosts", tuple(str(h) for h in hosts))
+
+    def __repr__(self) -> str:
+        return f"SecretGrant(name={self.name!r}, value=<redacted>, hosts={list(self.hosts)!r})"
+
+    __str__ = __repr__
+
+    def to_json(self) -> Json:
+        """The request body's form (``{"name", "value", "hosts"}``)."""
+        return {"name": self.name, "value": self.value, "hosts": list(self.hosts)}
+
+
+@dataclass(frozen=True)
+class NetworkGrant:
+    """The egress a session was granted on top of its template's ``[network]``: entries of
+    ``allow_out`` (domains, IPs, CIDRs, each with an optional ``:port``) and ``deny_out``
+    (IPs and CIDRs kept out of a broader allowed range). Never its secrets."""
+
+    allow_out: List[str] = field(default_factory=list)
+    deny_out: List[str] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, d: Optional[Json]) -> "NetworkGrant":
+        d = d or {}
+        return cls(allow_out=_strs(d.get("allow_out")), deny_out=_strs(d.get("deny_out")))
+
+
 @dataclass(frozen=True)
 class Session:
     """A session: a restored clone that stays alive between calls.
 
     ``state`` is one of ``creating``, ``running``, ``pausing``, ``paused``, ``resuming``,
     ``stopped``, ``failed``. ``origin``, ``checkpoints`` and ``resets`` come with the
-    rollout API (empty from an older server).
+    rollout API (empty from an older server). ``network`` is its egress grant (a fork keeps
+    its source's); ``sandbox`` the live sandbox it runs in now (``None`` while it holds
+    none: paused, stopped, failed), as :meth:`thaw.Client.sandboxes` lists it.
     """
 
     id: str
@@ -324,6 +402,9 @@ class Session:
     origin: Optional[str] = None
     checkpoints: List[str] = field(default_factory=list)
     resets: int = 0
+    network: NetworkGrant = field(default_factory=NetworkGrant)
+    sandbox: Optional[str] = None
+    checkpointable: bool = True
 
     @property
     def running(self) -> bool:
@@ -352,6 +433,9 @@ class Session:
             origin=_os(d, "origin"),
             checkpoints=[str(c) for c in d.get("checkpoints") or []],
             resets=_i(d, "resets"),
+            network=NetworkGrant.from_json(d.get("network") if isinstance(d.get("network"), dict) else None),
+            sandbox=_os(d, "sandbox"),
+            checkpointable=bool(d.get("checkpointable", True)),
         )
 
 
@@ -522,4 +606,253 @@ class Reward:
             exit_code=_i(d, "exit_code", -1),
             output=_s(d, "output"),
             run_ms=_f(d, "run_ms"),
+        )
+
+
+# ---- live sandboxes (`thaw ps`, `thaw kill`) ----
+
+
+@dataclass(frozen=True)
+class RunningTask:
+    """A call running in a live sandbox: ``kind`` is ``invoke`` or ``exec`` (in a session
+    also ``write_file``, ``read_file``, ``reward``), ``argv`` the command (an invoke's: the
+    handler's), ``since_ms`` when it started (unix milliseconds)."""
+
+    kind: str
+    argv: List[str]
+    since_ms: int
+
+    @classmethod
+    def from_json(cls, d: Json) -> "RunningTask":
+        return cls(kind=_s(d, "kind"), argv=_strs(d.get("argv")), since_ms=_i(d, "since_ms"))
+
+
+@dataclass(frozen=True)
+class SandboxFigures:
+    """What a sandbox uses now, read by the host's kernel (never from inside the sandbox,
+    which its code may control). ``None``: the host cannot tell for this sandbox (a
+    microvm's guest processes; network figures where no egress proxy counts them), never 0.
+    """
+
+    cpu_seconds: Optional[float] = None
+    memory_bytes: Optional[int] = None
+    pids: Optional[int] = None
+    disk_bytes: Optional[int] = None
+    net_rx_bytes: Optional[int] = None
+    net_tx_bytes: Optional[int] = None
+    connections_open: Optional[int] = None
+    connections_total: Optional[int] = None
+
+    @classmethod
+    def from_json(cls, d: Optional[Json]) -> "SandboxFigures":
+        d = d or {}
+        return cls(
+            cpu_seconds=_of(d, "cpu_seconds"),
+            memory_bytes=_oi(d, "memory_bytes"),
+            pids=_oi(d, "pids"),
+            disk_bytes=_oi(d, "disk_bytes"),
+            net_rx_bytes=_oi(d, "net_rx_bytes"),
+            net_tx_bytes=_oi(d, "net_tx_bytes"),
+            connections_open=_oi(d, "connections_open"),
+            connections_total=_oi(d, "connections_total"),
+        )
+
+
+@dataclass(frozen=True)
+class LiveSandbox:
+    """A sandbox alive now (``GET /v1/sandboxes``, what ``thaw ps`` shows): a fresh one
+    running an invoke or exec, or a session's. A paused session holds none and is not
+    listed.
+
+    ``id`` is the sandbox's (``sb-...``); ``session`` the session it runs, if any;
+    ``owner`` the key's id whose it is; ``state`` is ``running`` for a call's sandbox, else
+    the session's state (``running``, ``creating``, ``pausing``, ``resuming``);
+    ``started_at`` unix seconds (``None``: unknown).
+    """
+
+    id: str
+    tier: str
+    template: str
+    owner: str
+    session: Optional[str]
+    state: str
+    started_at: Optional[int]
+    tasks: List[RunningTask]
+    figures: SandboxFigures
+
+    @classmethod
+    def from_json(cls, d: Json) -> "LiveSandbox":
+        return cls(
+            id=_s(d, "id"),
+            tier=_s(d, "tier", "container"),
+            template=_s(d, "template"),
+            owner=_s(d, "owner"),
+            session=_os(d, "session"),
+            state=_s(d, "state"),
+            started_at=_oi(d, "started_at"),
+            tasks=[RunningTask.from_json(t) for t in d.get("tasks") or [] if isinstance(t, dict)],
+            figures=SandboxFigures.from_json(d.get("figures") if isinstance(d.get("figures"), dict) else None),
+        )
+
+
+@dataclass(frozen=True)
+class KillReport:
+    """What one kill ended (``POST /v1/sandboxes/{id}/kill``, and each item of a kill-all).
+
+    ``sandbox`` is ``None`` when nothing ran (a paused session, or one killed already);
+    ``was`` what it was before: ``running`` for a call's sandbox, else the session's state.
+    ``kill_ms`` runs until no process of the sandbox was left.
+    """
+
+    sandbox: Optional[str]
+    session: Optional[str]
+    template: str
+    owner: str
+    was: str
+    killed_processes: int
+    kill_ms: float
+
+    @classmethod
+    def from_json(cls, d: Json) -> "KillReport":
+        return cls(
+            sandbox=_os(d, "sandbox"),
+            session=_os(d, "session"),
+            template=_s(d, "template"),
+            owner=_s(d, "owner"),
+            was=_s(d, "was"),
+            killed_processes=_i(d, "killed_processes"),
+            kill_ms=_f(d, "kill_ms"),
+        )
+
+
+# ---- the audit log ----
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One record of the audit log: who (``actor``: an API key's id, or ``local`` for the
+    CLI's embedded engine) did what (``action``, e.g. ``session_create``, ``exec``,
+    ``kill``, ``egress_refused``; a newer server may send actions this client does not
+    know, so it is a string), to which template, session and sandbox, when (``ts``, unix
+    milliseconds).
+
+    ``detail`` is what is particular to the action (an exec's argv and exit code, a file's
+    path, size and sha256, an egress destination), never secrets, payloads or file
+    contents. ``prev`` and ``hash`` chain the record to the one before it
+    (:meth:`thaw.Client.audit_verify` checks the chain).
+    """
+
+    seq: int
+    ts: int
+    actor: str
+    action: str
+    template: Optional[str]
+    session: Optional[str]
+    sandbox: Optional[str]
+    detail: Any
+    prev: str
+    hash: str
+
+    @classmethod
+    def from_json(cls, d: Json) -> "AuditRecord":
+        return cls(
+            seq=_i(d, "seq"),
+            ts=_i(d, "ts"),
+            actor=_s(d, "actor"),
+            action=_s(d, "action", "unknown"),
+            template=_os(d, "template"),
+            session=_os(d, "session"),
+            sandbox=_os(d, "sandbox"),
+            detail=d.get("detail"),
+            prev=_s(d, "prev"),
+            hash=_s(d, "hash"),
+        )
+
+
+@dataclass(frozen=True)
+class AuditList:
+    """``GET /v1/audit``: the matching records (newest first unless ``order="oldest"``),
+    and whether more matched than the ``limit``."""
+
+    records: List[AuditRecord]
+    more: bool
+
+    @classmethod
+    def from_json(cls, d: Json) -> "AuditList":
+        return cls(
+            records=[AuditRecord.from_json(r) for r in d.get("records") or [] if isinstance(r, dict)],
+            more=bool(d.get("more", False)),
+        )
+
+
+@dataclass(frozen=True)
+class AuditHead:
+    """The last record of the chain. Keep ``str(head)`` (``SEQ:HASH``) somewhere else and
+    hand it back to :meth:`thaw.Client.audit_verify` later: that detects a rewrite of the
+    whole log, which the chain alone cannot."""
+
+    seq: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"{self.seq}:{self.hash}"
+
+    @classmethod
+    def from_json(cls, d: Json) -> "AuditHead":
+        return cls(seq=_i(d, "seq"), hash=_s(d, "hash"))
+
+
+@dataclass(frozen=True)
+class AuditBreak:
+    """Where the audit chain breaks: ``kind`` is ``edited``, ``removed``, ``reordered``,
+    ``truncated`` or ``rewritten``; ``segment`` and ``line`` say where; ``acknowledged``
+    that thaw found it itself when it opened the log and started a fresh segment."""
+
+    segment: str
+    line: int
+    kind: str
+    expected_seq: int
+    found_seq: Optional[int]
+    message: str
+    acknowledged: bool
+
+    @classmethod
+    def from_json(cls, d: Json) -> "AuditBreak":
+        return cls(
+            segment=_s(d, "segment"),
+            line=_i(d, "line"),
+            kind=_s(d, "kind"),
+            expected_seq=_i(d, "expected_seq"),
+            found_seq=_oi(d, "found_seq"),
+            message=_s(d, "message"),
+            acknowledged=bool(d.get("acknowledged", False)),
+        )
+
+
+@dataclass(frozen=True)
+class AuditVerify:
+    """``GET /v1/audit/verify`` (admin keys): the whole chain checked. ``ok`` is false when
+    anything breaks it; ``first_break`` is the first break by position, ``breaks`` the
+    first ones found (up to 100), ``resumed_at`` the record from which the chain verifies
+    again."""
+
+    ok: bool
+    records: int
+    segments: int
+    head: Optional[AuditHead]
+    first_break: Optional[AuditBreak]
+    breaks: List[AuditBreak]
+    resumed_at: Optional[int]
+
+    @classmethod
+    def from_json(cls, d: Json) -> "AuditVerify":
+        head, first = d.get("head"), d.get("first_break")
+        return cls(
+            ok=bool(d.get("ok", False)),
+            records=_i(d, "records"),
+            segments=_i(d, "segments"),
+            head=AuditHead.from_json(head) if isinstance(head, dict) else None,
+            first_break=AuditBreak.from_json(first) if isinstance(first, dict) else None,
+            breaks=[AuditBreak.from_json(b) for b in d.get("breaks") or [] if isinstance(b, dict)],
+            resumed_at=_oi(d, "resumed_at"),
         )
