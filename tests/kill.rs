@@ -390,12 +390,21 @@ async fn a_killed_session_ends_for_good_running_or_paused() {
         .session_resume(&p.id)
         .await
         .expect_err("resume a killed session");
-    assert_eq!(api_error(&e).0, 409, "{e}");
+    assert_eq!(
+        api_error(&e).0,
+        410,
+        "killed, whatever state it was left in: {e}"
+    );
     let e = c
         .session_reset(&p.id, None)
         .await
         .expect_err("reset a killed session");
-    assert!(matches!(api_error(&e).0, 409 | 410), "{e}");
+    assert_eq!(api_error(&e).0, 410, "{e}");
+    let e = c
+        .session_exec(&s.id, &ExecBody::new(["true"]))
+        .await
+        .expect_err("exec in a killed session");
+    assert_eq!(api_error(&e).0, 410, "{e}");
     // Removing them still works.
     c.session_delete(&s.id).await.expect("delete");
     c.session_delete(&p.id).await.expect("delete");

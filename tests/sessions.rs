@@ -133,6 +133,8 @@ fn shell_session_keeps_files_across_calls_pause_and_resume() {
             engine.session(&s.id).unwrap_err(),
             Error::UnknownSession { .. }
         ));
+        // Its snapshots go off the caller's clock.
+        engine.settle().await;
         let snaps: Vec<String> = engine
             .snapshots
             .list()

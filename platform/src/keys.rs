@@ -247,6 +247,8 @@ mod tests {
         let (_rec, secret) = create(&m, "ci", 1, false).unwrap();
         drop(m);
         let cred = secret.rsplit('_').next().unwrap();
+        // Waits for this process's held handle to be handed over (nothing takes it back).
+        drop(crate::store::Store::open(&d.path().join("meta.sled")).unwrap());
         let db = sled::open(d.path().join("meta.sled")).unwrap();
         for tree in db.tree_names() {
             for kv in db.open_tree(tree).unwrap().iter() {

@@ -1,14 +1,20 @@
 //! Durable metadata in sled: templates, sessions and API keys.
 //!
 //! sled allows one process per database. Every thaw process (the CLI's embedded engine,
-//! `thaw serve`) opens it only for the millisecond or two that a metadata read or write
-//! takes, retrying while another process holds it, so that many `thaw` commands and a server
-//! can share one home. [`Meta::with`] also serialises the threads of one process, so a
-//! read-modify-write inside it is atomic across every thaw process on the machine. Every
-//! write is flushed before it is acknowledged.
+//! `thaw serve`) holds it only while it is using it, so that many `thaw` commands and a
+//! server can share one home: it keeps the database open between units of work while they
+//! come at least every [`HOLD_IDLE`], and hands it over as soon as another process waits for
+//! it (a waiter leaves a marker file beside the database, which the holder checks around
+//! every unit of work and every [`CLOSER_PERIOD`]). A waiter retries until it gets in.
+//! [`Meta::with`] also serialises the threads of one process, so a read-modify-write inside
+//! it is atomic across every thaw process on the machine. Every write is flushed before it
+//! is acknowledged, so a process that dies holding the database loses nothing.
 //!
-//! Opening sled costs about a millisecond and a half, and the invoke path reads two records
-//! (the API key, the template). [`Meta::get_cached`] serves those from memory while no
+//! Why hold it: opening sled allocates and zeroes its page table and cache (megabytes),
+//! which under a rollout load was a third of the server's CPU when every unit of work
+//! opened the database afresh.
+//!
+//! The invoke path reads two records (the API key, the template). [`Meta::get_cached`] serves those from memory while no
 //! thaw process has written the database since: every [`Meta::with`] replaces a small
 //! generation file beside the database, while it holds the database and before it changes
 //! anything, so a reader that finds the generation it cached under holds a value no write
@@ -47,9 +53,87 @@ struct Cached {
     bytes: Vec<u8>,
 }
 
-/// sled's lock is per open file, so two threads of one process would lock each other out:
-/// one opener at a time per process.
-static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The database as this process holds it between units of work. sled's lock is per open
+/// file, so two threads of one process would lock each other out: one unit of work at a time
+/// per process, on one open database (of whichever home was used last; tests use several).
+static HELD: Mutex<Held> = Mutex::new(Held {
+    store: None,
+    last_used: None,
+    closer: false,
+});
+
+struct Held {
+    store: Option<Store>,
+    last_used: Option<Instant>,
+    /// The thread that closes an idle or wanted database has been started.
+    closer: bool,
+}
+
+/// A database unused for this long is closed (another process may want it).
+pub const HOLD_IDLE: Duration = Duration::from_millis(100);
+/// How often the closer looks for an idle or wanted database.
+pub const CLOSER_PERIOD: Duration = Duration::from_millis(20);
+
+/// The marker a process waiting for the database leaves beside it.
+fn waiter_marker(db: &Path) -> PathBuf {
+    let mut name = db.file_name().unwrap_or_default().to_os_string();
+    name.push(".waiting");
+    db.with_file_name(name)
+}
+
+/// Another process is waiting for the database: its marker is fresh (a waiter rewrites it
+/// at every try, at most 50 ms apart; one that died leaves a stale marker, ignored).
+fn wanted(db: &Path) -> bool {
+    std::fs::metadata(waiter_marker(db))
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().map_or(true, |age| age < Duration::from_secs(1)))
+}
+
+fn held() -> std::sync::MutexGuard<'static, Held> {
+    HELD.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f` on this process's open database at `path`, opening it if needed, and hands it
+/// over at once when another process is waiting.
+fn unit_of_work<T>(path: &Path, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+    let mut h = held();
+    if wanted(path) || h.store.as_ref().is_some_and(|s| s.path != path) {
+        // Closed first: a waiter that gets in now is served before this unit of work.
+        h.store = None;
+    }
+    let store = match h.store.take() {
+        Some(s) => s,
+        None => Store::open(path)?,
+    };
+    let r = f(&store);
+    h.last_used = Some(Instant::now());
+    if !wanted(path) {
+        h.store = Some(store);
+        if !h.closer {
+            h.closer = start_closer();
+        }
+    }
+    r
+}
+
+/// Starts the thread that closes the database when it is idle or wanted. Without it (the
+/// thread could not be made) the database is closed after every unit of work, as before.
+fn start_closer() -> bool {
+    std::thread::Builder::new()
+        .name("thaw-meta-closer".into())
+        .spawn(|| loop {
+            std::thread::sleep(CLOSER_PERIOD);
+            let mut h = held();
+            let Some(path) = h.store.as_ref().map(|s| s.path.clone()) else {
+                continue;
+            };
+            let idle = h.last_used.is_none_or(|t| t.elapsed() > HOLD_IDLE);
+            if idle || wanted(&path) {
+                h.store = None;
+            }
+        })
+        .is_ok()
+}
 
 impl Meta {
     pub fn new(path: impl Into<PathBuf>) -> Meta {
@@ -62,17 +146,15 @@ impl Meta {
     /// Runs `f`, which may write, with exclusive access to the database (across threads and
     /// processes). Every cached record of every thaw process is stale from here on.
     pub fn with<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
-        let _guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
-        let store = Store::open(&self.path)?;
-        self.new_generation()?;
-        f(&store)
+        unit_of_work(&self.path, |store| {
+            self.new_generation()?;
+            f(store)
+        })
     }
 
     /// Runs `f`, which only reads, with exclusive access to the database.
     pub fn read<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
-        let _guard = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
-        let store = Store::open(&self.path)?;
-        f(&store)
+        unit_of_work(&self.path, f)
     }
 
     /// One record, from memory if no thaw process has written the database since it was
@@ -150,10 +232,10 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut delay = Duration::from_millis(2);
+        let mut waited = false;
         loop {
             // No background flusher: every write here is flushed before it is acknowledged,
-            // and the database is open only for the millisecond a unit of work takes, so
-            // the thread sled would start (and stop) at each open is pure cost.
+            // so the thread sled would start (and stop) at each open is pure cost.
             match sled::Config::new()
                 .path(path)
                 .mode(sled::Mode::LowSpace)
@@ -161,16 +243,25 @@ impl Store {
                 .open()
             {
                 Ok(db) => {
+                    if waited {
+                        // Served: the holder may keep the database again. (Another waiter
+                        // puts its marker back at its next try.)
+                        let _ = std::fs::remove_file(waiter_marker(path));
+                    }
                     return Ok(Store {
                         db,
                         path: path.to_path_buf(),
-                    })
+                    });
                 }
                 Err(sled::Error::Io(e))
                     if e.kind() == std::io::ErrorKind::WouldBlock
                         || e.to_string().contains("lock") =>
                 {
+                    // Tells the holder to hand the database over (see the module docs).
+                    let _ = std::fs::write(waiter_marker(path), b"");
+                    waited = true;
                     if Instant::now() > deadline {
+                        let _ = std::fs::remove_file(waiter_marker(path));
                         return Err(Error::Store {
                             path: path.to_path_buf(),
                             message: "locked by another thaw process for 30 s; if `thaw serve` runs, pass --server to use it".into(),
@@ -347,6 +438,33 @@ mod tests {
         std::fs::remove_file(a.generation_file()).unwrap();
         Store::open(&p).unwrap().put("t", "k", &3u32).unwrap();
         assert_eq!(a.get_cached::<u32>("t", "k").unwrap(), Some(3));
+    }
+
+    #[test]
+    fn a_held_database_is_kept_between_units_and_handed_to_a_waiter() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta.sled");
+        let a = Meta::new(&p);
+        a.with(|s| s.put("t", "k", &1u32)).unwrap();
+        // Kept open between units of work, as long as they keep coming.
+        assert!(held().store.as_ref().is_some_and(|s| s.path == p));
+        // Another opener (another process, as far as sled's lock can tell) waits, marks
+        // itself, and is let in by the closer within a few of its periods.
+        let started = Instant::now();
+        let other = Store::open(&p).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(other.get::<u32>("t", "k").unwrap(), Some(1));
+        assert!(
+            !waiter_marker(&p).exists(),
+            "the served waiter removes its marker"
+        );
+        drop(other);
+        // And the first handle gets it back.
+        assert_eq!(a.read(|s| s.get::<u32>("t", "k")).unwrap(), Some(1));
     }
 
     #[test]

@@ -256,21 +256,28 @@ fn new_session_id() -> String {
     format!("ses-{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
 }
 
-fn conflict(s: &Session, action: &str) -> Error {
+/// Why `action` cannot be done to a session in its state. A killed session says so (410)
+/// whatever state the kill left it in: its caller must not retry.
+fn conflict(r: &SessionRecord, action: &str) -> Error {
+    if r.killed.is_some() {
+        return kill::refused(r);
+    }
+    let s = &r.session;
     let hint = match s.state {
         SessionState::Paused => format!("; resume it first: `thaw session resume {}`", s.id),
         SessionState::Running if action == "resume" => "; it is already running".to_string(),
         SessionState::Pausing | SessionState::Resuming | SessionState::Creating => {
             "; another call is changing it, retry in a moment".to_string()
         }
-        SessionState::Stopped | SessionState::Failed => format!(
-            "{}; remove it with `thaw session rm {}`",
-            s.error
-                .as_deref()
-                .map(|e| format!(" ({e})"))
-                .unwrap_or_default(),
-            s.id
-        ),
+        SessionState::Stopped | SessionState::Failed => {
+            let rm = format!("`thaw session rm {}`", s.id);
+            match s.error.as_deref() {
+                // The error may already say how to remove it.
+                Some(e) if e.contains(&rm) => format!(" ({e})"),
+                Some(e) => format!(" ({e}); remove it with {rm}"),
+                None => format!("; remove it with {rm}"),
+            }
+        }
         _ => String::new(),
     };
     Error::SessionConflict {
@@ -330,7 +337,7 @@ impl Engine {
     ) -> Result<crate::template::spec::Limits> {
         let r = self.session_record(id)?;
         if r.session.state != SessionState::Running {
-            return Err(conflict(&r.session, action));
+            return Err(conflict(&r, action));
         }
         Ok(r.spec.limits)
     }
@@ -366,7 +373,7 @@ impl Engine {
         let t = self.ready_template(template)?;
         let lineage = rollout::Lineage::of_template(&t, self.owner())?;
         let origin = format!("template {}", t.name);
-        self.create_child(&lineage, t.snapshot.as_deref(), origin, &opts)
+        self.create_child(&lineage, t.snapshot.as_deref(), origin, &opts, 1)
             .await
     }
 
@@ -377,7 +384,7 @@ impl Engine {
     fn touch_running(&self, id: &str, action: &str) -> Result<SessionRecord> {
         let rec = self.session_record(id)?;
         if rec.session.state != SessionState::Running {
-            return Err(conflict(&rec.session, action));
+            return Err(conflict(&rec, action));
         }
         let now = now_secs();
         self.session_locks
@@ -389,7 +396,7 @@ impl Engine {
         }
         self.transition(id, |r| {
             if r.session.state != SessionState::Running {
-                return Err(conflict(&r.session, action));
+                return Err(conflict(r, action));
             }
             r.session.last_active_at = now;
             Ok(())
@@ -811,7 +818,7 @@ impl Engine {
         );
         let rec = self.transition(id, |r| {
             if r.session.state != SessionState::Running {
-                return Err(conflict(&r.session, "pause"));
+                return Err(conflict(r, "pause"));
             }
             r.session.state = SessionState::Pausing;
             r.op = Some(PendingOp {
@@ -883,8 +890,8 @@ impl Engine {
         // session). A paused one may still have its lock held by the pause finishing its
         // teardown, or by a racing resume: wait for that (bounded), then the state decides.
         self.audit_ready()?;
-        let current = self.session(id)?;
-        if current.state != SessionState::Paused {
+        let current = self.session_record(id)?;
+        if current.session.state != SessionState::Paused {
             return Err(conflict(&current, "resume"));
         }
         let lock = self.session_locks.get(id);
@@ -898,7 +905,7 @@ impl Engine {
         let new_sb = crate::engine::new_sandbox_id();
         let rec = self.transition(id, |r| {
             if r.session.state != SessionState::Paused {
-                return Err(conflict(&r.session, "resume"));
+                return Err(conflict(r, "resume"));
             }
             r.session.state = SessionState::Resuming;
             r.op = Some(PendingOp {
@@ -1034,7 +1041,7 @@ impl Engine {
                 r.session.state,
                 SessionState::Running | SessionState::Paused
             ) {
-                return Err(conflict(&r.session, "be extended"));
+                return Err(conflict(r, "be extended"));
             }
             if let Some(t) = idle_timeout {
                 r.session.idle_timeout_s = t.as_secs();
@@ -1112,7 +1119,7 @@ impl Engine {
                 r.session.state,
                 SessionState::Running | SessionState::Paused
             ) {
-                return Err(conflict(&r.session, "stop"));
+                return Err(conflict(r, "stop"));
             }
             Ok(())
         })?;

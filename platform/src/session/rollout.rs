@@ -291,6 +291,7 @@ impl Engine {
         rec: &SessionRecord,
         snap: &str,
         sandbox: &str,
+        batch: usize,
     ) -> Result<Sandbox> {
         let id = &rec.session.id;
         let ids = rec.ids.ok_or_else(|| {
@@ -319,7 +320,7 @@ impl Engine {
             match handed {
                 Ok(()) => {
                     if let Some(k) = spare_key {
-                        self.refill_spares(k, spec);
+                        self.refill_spares(k, spec, batch);
                     }
                     return Ok(sb);
                 }
@@ -331,7 +332,7 @@ impl Engine {
         }
         let sb = self.restore_sandbox(rec.tier, &spec, &dir, false).await?;
         if let Some(k) = spare_key {
-            self.refill_spares(k, spec);
+            self.refill_spares(k, spec, batch);
         }
         match self.adopt(rec, &sb).await {
             Ok(()) => Ok(sb),
@@ -352,6 +353,7 @@ impl Engine {
         source: Option<&str>,
         origin: String,
         opts: &SessionOptions,
+        batch: usize,
     ) -> Result<Session> {
         let mut rec = child_record(parent, origin, opts);
         if !opts.secrets.is_empty() {
@@ -388,7 +390,7 @@ impl Engine {
         let r = async {
             let made = match source {
                 Some(_) => {
-                    self.restore_for(&rec, &origin_snapshot(&id), &sandbox)
+                    self.restore_for(&rec, &origin_snapshot(&id), &sandbox, batch)
                         .await
                 }
                 None => self.cold_session_sandbox(&rec, &sandbox).await,
@@ -471,7 +473,7 @@ impl Engine {
         let rec = self.session_record(id)?;
         rec.must_checkpoint("checkpointed")?;
         if rec.session.state != SessionState::Running {
-            return Err(conflict(&rec.session, "checkpoint"));
+            return Err(conflict(&rec, "checkpoint"));
         }
         if rec.checkpoints.contains_key(name) {
             return Err(Error::CheckpointExists {
@@ -605,7 +607,7 @@ impl Engine {
             rec.session.state,
             SessionState::Running | SessionState::Paused | SessionState::Failed
         ) {
-            return Err(conflict(&rec.session, "reset"));
+            return Err(conflict(&rec, "reset"));
         }
         let cancelled = lock.cancel_calls();
         let Ok(_excl) = tokio::time::timeout(Duration::from_secs(30), lock.rw.write()).await else {
@@ -622,7 +624,7 @@ impl Engine {
         let sandbox = new_sandbox_id();
         let span = info_span!("session.reset", session = %id, from = %from);
         let r = async {
-            let sb = match self.restore_for(&before, &snap, &sandbox).await {
+            let sb = match self.restore_for(&before, &snap, &sandbox, 1).await {
                 Ok(sb) => sb,
                 Err(e) => {
                     let msg = e.to_string();
@@ -641,7 +643,7 @@ impl Engine {
                     SessionState::Running | SessionState::Paused | SessionState::Failed
                 ) || r.sandbox_id() != before.sandbox_id()
                 {
-                    return Err(conflict(&r.session, "reset"));
+                    return Err(conflict(r, "reset"));
                 }
                 r.session.state = SessionState::Running;
                 r.session.snapshot = None;
@@ -705,6 +707,7 @@ impl Engine {
     ) -> Result<()> {
         self.audit_ready()?;
         let (parent, snap, origin, fork_point) = self.batch_parent(source).await?;
+        let _running = self.batch_running();
         let span = info_span!("session.batch", n, origin = %origin);
         let made = async {
             let mut ready = futures_util::stream::iter(0..n)
@@ -713,7 +716,7 @@ impl Engine {
                     async move {
                         BatchItem {
                             index,
-                            result: self.create_child(parent, snap, origin, opts).await,
+                            result: self.create_child(parent, snap, origin, opts, n).await,
                         }
                     }
                 })
@@ -815,7 +818,7 @@ impl Engine {
                             Some(point),
                         ))
                     }
-                    _ => Err(conflict(&rec.session, "fork")),
+                    _ => Err(conflict(&rec, "fork")),
                 }
             }
         }
