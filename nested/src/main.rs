@@ -369,13 +369,19 @@ struct Attempt {
     outcome: run::Outcome,
 }
 
+/// A job that did not pass: why, and the boot whose disk has its output.
+struct Failed<'a> {
+    name: &'a str,
+    why: String,
+    attempt: &'a Attempt,
+}
+
 /// Prints the run's summary and, on failure, what explains it. True when every job passed.
 fn report(args: &Args, jobs: &[guest::Job], attempts: &[Attempt]) -> Result<bool> {
     let Some(last) = attempts.last() else {
         bail!("L1 was never booted");
     };
     let o = &last.outcome;
-    let mut ok = o.done && !o.timed_out && o.frozen.is_none() && o.fatal.is_none();
     // The result of each job, from the last boot that finished it.
     let result_of = |name: &str| {
         attempts.iter().rev().find_map(|a| {
@@ -386,20 +392,23 @@ fn report(args: &Args, jobs: &[guest::Job], attempts: &[Attempt]) -> Result<bool
                 .map(|r| (a, r))
         })
     };
-    let mut failed = Vec::new();
-    for j in jobs {
-        match result_of(&j.name) {
-            Some((_, r)) if r.rc == 0 => {}
-            Some((a, r)) => {
-                ok = false;
-                failed.push((j.name.clone(), format!("exit {}", r.rc), Some(a)));
-            }
-            None => {
-                ok = false;
-                failed.push((j.name.clone(), "did not finish".into(), Some(last)));
-            }
-        }
-    }
+    let failed: Vec<Failed<'_>> = jobs
+        .iter()
+        .filter_map(|j| match result_of(&j.name) {
+            Some((_, r)) if r.rc == 0 => None,
+            Some((a, r)) => Some(Failed {
+                name: &j.name,
+                why: format!("exit {}", r.rc),
+                attempt: a,
+            }),
+            None => Some(Failed {
+                name: &j.name,
+                why: "did not finish".into(),
+                attempt: last,
+            }),
+        })
+        .collect();
+    let ok = o.done && !o.timed_out && o.frozen.is_none() && o.fatal.is_none() && failed.is_empty();
     let wall: u64 = attempts.iter().map(|a| a.outcome.wall.as_secs()).sum();
     println!("== real Cloud Hypervisor, nested under QEMU TCG (L1 wall {wall} s; speeds inside are an emulator's, not real hardware's)");
     for pair in attempts.windows(2) {
@@ -439,10 +448,7 @@ fn report(args: &Args, jobs: &[guest::Job], attempts: &[Attempt]) -> Result<bool
         } else {
             String::new()
         };
-        let names: Vec<(&str, &str)> = failed
-            .iter()
-            .map(|(n, w, _)| (n.as_str(), w.as_str()))
-            .collect();
+        let names: Vec<(&str, &str)> = failed.iter().map(|f| (f.name, f.why.as_str())).collect();
         println!("== FAILED: {names:?}{why}");
         for (what, path) in [
             ("L1's serial console", &last.files.console),
@@ -452,17 +458,16 @@ fn report(args: &Args, jobs: &[guest::Job], attempts: &[Attempt]) -> Result<bool
             println!("== tail of {what} ({})", path.display());
             println!("{}", run::tail(&text, 60));
         }
-        for (name, _, attempt) in &failed {
-            let Some(a) = attempt else { continue };
+        for Failed { name, attempt, .. } in &failed {
             if let Some(log) = guest::read_scratch(
-                &a.files.scratch,
+                &attempt.files.scratch,
                 &format!("{}/{}", guest::OUT_DIR, guest::log_name(name)),
             ) {
                 println!("== tail of {name}'s output");
                 println!("{}", run::tail(&log, 120));
             }
             if let Some(logs) = guest::read_scratch(
-                &a.files.scratch,
+                &attempt.files.scratch,
                 &format!("{}/{}", guest::OUT_DIR, guest::sandbox_logs_name(name)),
             ) {
                 println!("== sandbox console, VMM and init logs left by {name}");

@@ -14,12 +14,12 @@
 //! which under a rollout load was a third of the server's CPU when every unit of work
 //! opened the database afresh.
 //!
-//! The invoke path reads two records (the API key, the template). [`Meta::get_cached`] serves those from memory while no
-//! thaw process has written the database since: every [`Meta::with`] replaces a small
-//! generation file beside the database, while it holds the database and before it changes
-//! anything, so a reader that finds the generation it cached under holds a value no write
-//! has replaced, and a reader that finds a new one waits for the writer to finish before it
-//! reads again.
+//! The invoke path reads two records (the API key, the template). [`Meta::get_cached`]
+//! serves those from memory while no thaw process has written the database since: every
+//! [`Meta::with`] replaces a small generation file beside the database, while it holds the
+//! database and before it changes anything, so a reader that finds the generation it cached
+//! under holds a value no write has replaced, and a reader that finds a new one waits for
+//! the writer to finish before it reads again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

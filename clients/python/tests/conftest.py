@@ -7,7 +7,7 @@ from typing import Iterator
 import pytest
 
 import thaw
-from thawtest import Server, get_server, shutdown_server
+from thawtest import Server, get_server, made_session, shutdown_server
 
 
 @pytest.fixture(scope="session")
@@ -27,14 +27,20 @@ def client(server: Server) -> Iterator[thaw.Client]:
 @pytest.fixture
 def session(client: thaw.Client) -> Iterator[thaw.Session]:
     """A running session of the shell template, deleted afterwards."""
-    s = client.create_session("shell")
-    try:
+    with made_session(client) as s:
         yield s
-    finally:
-        try:
-            client.delete_session(s.id)
-        except thaw.NotFoundError:
-            pass
+
+
+@pytest.fixture(scope="module")
+def admin_key(server: Server, request: pytest.FixtureRequest) -> str:
+    """An operator's key (``--admin``) of this test module's own."""
+    return server.new_key(f"py-admin-{request.module.__name__}", 4, admin=True)
+
+
+@pytest.fixture(scope="module")
+def other_key(server: Server, request: pytest.FixtureRequest) -> str:
+    """A second plain key of this test module's own, with its own shell template."""
+    return server.key_with_shell(f"py-other-{request.module.__name__}", 4)
 
 
 @pytest.fixture(scope="session")

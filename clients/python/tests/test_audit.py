@@ -18,16 +18,6 @@ audited = needs_routes("the audit routes", "/v1/audit", "/v1/audit/verify")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-@pytest.fixture(scope="module")
-def admin_key(server: Server) -> str:
-    return server.new_key("py-audit-admin", 2, admin=True)
-
-
-@pytest.fixture(scope="module")
-def other_key(server: Server) -> str:
-    return server.key_with_shell("py-audit-other", 2)
-
-
 @audited
 def test_a_sessions_life_is_in_the_audit_log(client: thaw.Client) -> None:
     started = time.time()

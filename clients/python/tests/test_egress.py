@@ -14,7 +14,7 @@ import pytest
 
 import thaw
 from thaw import _core as core
-from thawtest import Server, lacks_field, needs_field  # noqa: F401
+from thawtest import Server, lacks_field, made_session, needs_field  # noqa: F401
 
 egress = needs_field("egress grants", "SessionCreateBody", "allow_out")
 
@@ -25,14 +25,8 @@ SECRET_VALUE = "sk-live-0123456789abcdef"
 
 @pytest.fixture
 def granted(client: thaw.Client) -> Iterator[thaw.Session]:
-    s = client.create_session("shell", allow_out=[GRANTED], deny_out=["198.51.100.0/30"])
-    try:
+    with made_session(client, allow_out=[GRANTED], deny_out=["198.51.100.0/30"]) as s:
         yield s
-    finally:
-        try:
-            client.delete_session(s.id)
-        except thaw.NotFoundError:
-            pass
 
 
 # ---- the request bodies (no server) ----

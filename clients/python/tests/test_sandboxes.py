@@ -22,17 +22,6 @@ live = needs_routes("the live-sandbox routes", "/v1/sandboxes", "/v1/sandboxes/{
 LONG = ["sh", "-c", "echo started; sleep 60"]
 
 
-@pytest.fixture(scope="module")
-def admin_key(server: Server) -> str:
-    return server.new_key("py-admin", 4, admin=True)
-
-
-@pytest.fixture(scope="module")
-def other_key(server: Server) -> str:
-    """A second key, with its own shell template."""
-    return server.key_with_shell("py-other", 4)
-
-
 def in_thread(fn: Callable[[], Any]) -> Dict[str, Any]:
     """Runs ``fn`` in a thread; the returned dict gets ``value`` or ``error`` when it ends,
     and ``thread``."""

@@ -10,6 +10,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import pytest
 
@@ -35,6 +36,19 @@ def thaw_bin() -> Path:
     if not p.is_file():
         pytest.exit(f"{p} missing: run `cargo build -p thaw-cli` (or `make test-python`), or set THAW_BIN", 2)
     return p
+
+
+@contextlib.contextmanager
+def made_session(client: thaw.Client, template: str = "shell", **kw: Any) -> Iterator[thaw.Session]:
+    """A session created with ``kw``, deleted afterwards unless the test already did."""
+    s = client.create_session(template, **kw)
+    try:
+        yield s
+    finally:
+        try:
+            client.delete_session(s.id)
+        except thaw.NotFoundError:
+            pass
 
 
 def free_port() -> int:
