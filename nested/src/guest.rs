@@ -155,7 +155,8 @@ done < /lib/modules/load-order
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host \
   || fail "mount the host's root over 9p"
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-mount -t ext4 /dev/vda {SCRATCH} || fail "mount the scratch disk /dev/vda"
+# discard: blocks the tests free are punched out of the host's sparse image file.
+mount -t ext4 -o discard /dev/vda {SCRATCH} || fail "mount the scratch disk /dev/vda"
 mkdir -p {SCRATCH}/upper {SCRATCH}/work
 mount -t overlay -o lowerdir=/host,upperdir={SCRATCH}/upper,workdir={SCRATCH}/work overlay /newroot \
   || fail "overlay over the host's root"

@@ -15,10 +15,15 @@
 //! Each test is a job of its own with a hard timeout inside L1 (a task that outlives its
 //! SIGKILL is reported with its kernel stack, and the run goes on), and the whole run has one
 //! on the host. L1 prints a heartbeat every minute and its kernel's warnings; when both its
-//! consoles stay silent for five minutes, L1 itself has stopped (it has, in 3 of 5 runs on
-//! this project's CI host, mid-test, with no message): the host prints its vCPUs' registers
-//! from QEMU's monitor, kills it, and boots a fresh L1 once for the jobs it had not finished.
-//! That retry is printed as such (`RETRIED`); a second freeze fails the run. On any failure
+//! consoles stay silent for five minutes, L1 has stopped: the host prints what QEMU says of
+//! it and its vCPUs' registers, kills it, and boots a fresh L1 once for the jobs it had not
+//! finished. That retry is printed as such (`RETRIED`); a second freeze fails the run.
+//!
+//! The silent L1s this project's CI saw (4 of 7 runs) fit a full host disk: QEMU's default
+//! for a failed write is to pause the VM (`werror=enospc`), which looks exactly like a hung
+//! kernel, and a rehearsal clone left beside the CI's took the room. So the scratch disk now
+//! reports write errors to L1 instead, gives back what L1 deletes (discard), and a boot is
+//! refused up front when the host's disk lacks the room a run needs. On any failure
 //! the tails of L1's consoles, the failed tests' output and the sandboxes' console, VMM and
 //! init logs are printed.
 
@@ -283,7 +288,14 @@ fn nested(
             channel: workdir.join(format!("channel{suffix}.log")),
         };
         // A fresh scratch disk each time: a frozen L1 leaves its disk as it stood.
-        scratch::make(&files.scratch, 48, &host_cache, &entries, &staging)?;
+        if let Err(e) = scratch::make(&files.scratch, 48, &host_cache, &entries, &staging) {
+            if attempts.is_empty() {
+                return Err(e.context("making L1's scratch disk"));
+            }
+            // The first boot's results are reported, with why the second never started.
+            eprintln!("[nested] the retry could not start: {e:#}");
+            break;
+        }
         let plan = guest::Plan {
             jobs: &pending,
             env: &env,
@@ -319,7 +331,9 @@ fn nested(
             // Once: L1's kernel (or the emulator under it) stopped, which no test inside it
             // can cause or fix; a second freeze fails the run. Each job that finished
             // keeps its result; the one L1 froze in runs again from its start.
-            Some(job) if n == 1 => {
+            // A full host disk pauses nothing now (werror=report), but an L1 that QEMU
+            // paused for an I/O error would only pause again: no retry.
+            Some(job) if n == 1 && !paused_for_io(&outcome) => {
                 let unfinished: Vec<guest::Job> = pending
                     .iter()
                     .filter(|j| !outcome.results.iter().any(|r| r.name == j.name))
@@ -351,6 +365,13 @@ fn nested(
         }
     }
     report(args, jobs, &attempts)
+}
+
+/// QEMU paused L1 because its scratch disk could not be written (the host's disk is full).
+fn paused_for_io(o: &run::Outcome) -> bool {
+    o.frozen_status
+        .as_deref()
+        .is_some_and(|s| s.contains("io-error"))
 }
 
 /// A second L1 gets at least this long, or is not booted.
@@ -442,7 +463,15 @@ fn report(args: &Args, jobs: &[guest::Job], attempts: &[Attempt]) -> Result<bool
         let why = if o.timed_out {
             " (L1 timed out)".to_string()
         } else if let Some(job) = &o.frozen {
-            format!(" (L1 froze during {job}: its consoles went silent)")
+            let status = o.frozen_status.as_deref().unwrap_or("unknown");
+            if paused_for_io(o) {
+                format!(
+                    " (L1 paused during {job}: QEMU could not write its scratch disk, {status}; {} free there now)",
+                    scratch::free_space_text(&last.files.scratch)
+                )
+            } else {
+                format!(" (L1 froze during {job}: its consoles went silent; QEMU: {status})")
+            }
         } else if let Some(f) = &o.fatal {
             format!(" (L1: {f})")
         } else {

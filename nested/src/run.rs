@@ -48,6 +48,9 @@ pub struct Outcome {
     /// L1 went silent (no heartbeat) for [`Qemu::silence`] during this job: it stopped, and
     /// was killed.
     pub frozen: Option<String>,
+    /// What QEMU's monitor said of L1 when it went silent (`info status`): "running" is a
+    /// stopped kernel; "paused (io-error)" a host disk that filled.
+    pub frozen_status: Option<String>,
     /// Jobs L1 gave up on because they could not be killed ([`STUCK`]).
     pub stuck: Vec<String>,
     pub wall: Duration,
@@ -86,7 +89,12 @@ impl Qemu {
             .args([
                 "-drive",
                 &format!(
-                    "file={},if=virtio,format=raw,cache=unsafe,discard=unmap",
+                    // werror/rerror=report: a full host disk is an I/O error L1's kernel
+                    // prints (a THAW-L1-KERN line), not QEMU's default of pausing L1
+                    // (werror=enospc), which looks from here exactly like a frozen kernel.
+                    // discard=unmap with L1's `-o discard` mount: what the tests delete
+                    // is given back to the host's disk.
+                    "file={},if=virtio,format=raw,cache=unsafe,discard=unmap,werror=report,rerror=report",
                     self.scratch.display()
                 ),
             ])
@@ -135,6 +143,7 @@ impl Qemu {
             fatal: None,
             timed_out: false,
             frozen: None,
+            frozen_status: None,
             stuck: Vec::new(),
             wall: Duration::ZERO,
             summaries: Vec::new(),
@@ -150,10 +159,21 @@ impl Qemu {
             }
             if heard.elapsed() > self.silence {
                 outcome.frozen = Some(current.clone());
+                let status = self
+                    .ask_monitor("info status")
+                    .map(|s| {
+                        s.lines()
+                            .find_map(|l| l.trim().strip_prefix("VM status: "))
+                            .unwrap_or("unknown")
+                            .to_string()
+                    })
+                    .unwrap_or_else(|e| format!("unknown ({e:#})"));
                 eprintln!(
-                    "[nested] L1 silent for {} s during {current} (no heartbeat): its kernel has stopped; its vCPUs:",
-                    heard.elapsed().as_secs()
+                    "[nested] L1 silent for {} s during {current} (no heartbeat); QEMU says L1 is {status}; {} free on the scratch disk's file system; its vCPUs:",
+                    heard.elapsed().as_secs(),
+                    crate::scratch::free_space_text(&self.scratch),
                 );
+                outcome.frozen_status = Some(status);
                 for sample in 0..2 {
                     if sample > 0 {
                         std::thread::sleep(Duration::from_secs(5));

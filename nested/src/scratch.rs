@@ -96,6 +96,7 @@ pub fn make(
         link_tree(&src, &cache.join("rootfs").join(e))?;
     }
     let _ = std::fs::remove_file(image);
+    check_room(image, tree_bytes(staging)?)?;
     let f =
         std::fs::File::create(image).with_context(|| format!("creating {}", image.display()))?;
     f.set_len(size_gib << 30)
@@ -160,4 +161,119 @@ fn tempdir(prefix: &str) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
     Ok(p)
+}
+
+/// Bytes free to an unprivileged writer on the file system holding `path` (its parent when
+/// `path` does not exist yet).
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = if path.exists() {
+        path
+    } else {
+        path.parent().unwrap_or(Path::new("."))
+    };
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .with_context(|| format!("{} has a NUL byte", dir.display()))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a valid C string and `st` a writable statvfs the call fills.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statvfs {}", dir.display()));
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// "12.3 GiB" free where `path` lives, or why that is unknown: for messages.
+pub fn free_space_text(path: &Path) -> String {
+    match free_bytes(path) {
+        Ok(b) => format!("{:.1} GiB", b as f64 / GIB as f64),
+        Err(e) => format!("unknown ({e:#})"),
+    }
+}
+
+pub const GIB: u64 = 1 << 30;
+
+/// What L1 writes on top of its pre-filled cache, at its peak, in a whole run, with room to
+/// spare: measured 4.7 GiB (the python test's template snapshots, session snapshots and
+/// disks; what each test deletes is freed through discard), over 1.2 GiB pre-filled.
+pub const WORK_BYTES: u64 = 8 * GIB;
+
+/// Refuses to boot an L1 whose scratch disk could fill the host's disk: QEMU would report
+/// write errors to L1 mid-test, and the failure would name no cause. `content` is what the
+/// image holds before L1 writes anything.
+pub fn check_room(image: &Path, content: u64) -> Result<()> {
+    let need = content + WORK_BYTES;
+    let free = free_bytes(image)?;
+    if free < need {
+        bail!(
+            "the host's disk has {:.1} GiB free where L1's scratch disk goes ({}), and a run needs {:.1} GiB \
+             ({:.1} GiB of pre-filled cache and {} GiB that the tests write). Fix: free disk space \
+             (`cargo clean` in old checkouts, old clones under /tmp), or point --workdir at a file \
+             system with room",
+            free as f64 / GIB as f64,
+            image.display(),
+            need as f64 / GIB as f64,
+            content as f64 / GIB as f64,
+            WORK_BYTES / GIB
+        );
+    }
+    Ok(())
+}
+
+/// Bytes in the regular files under `dir` (no symlinks followed): what mkfs.ext4 -d copies.
+pub fn tree_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let e = e.with_context(|| format!("reading {}", d.display()))?;
+            let md = e
+                .metadata()
+                .with_context(|| format!("stat {}", e.path().display()))?;
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                total += md.len();
+            }
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_without_room_for_a_run_is_refused_naming_the_fix() {
+        let dir = std::env::temp_dir();
+        let free = free_bytes(&dir).expect("statvfs of the temp dir");
+        assert!(free > 0);
+        // Content larger than the disk's free space: refused before anything is written.
+        let err = check_room(&dir.join("scratch.img"), free).expect_err("no room, yet accepted");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("free disk space"), "{msg}");
+        assert!(msg.contains("scratch.img"), "{msg}");
+        check_room(&dir.join("scratch.img"), 0)
+            .map(|_| ())
+            .or_else(|e| {
+                // Only a host with under WORK_BYTES free may refuse an empty image.
+                assert!(free < WORK_BYTES, "refused with {free} bytes free: {e:#}");
+                Ok::<(), anyhow::Error>(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn tree_bytes_counts_regular_files_and_not_symlinks() {
+        let d = tempdir("thaw-nested-tree").unwrap();
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        std::fs::write(d.join("a/one"), vec![0u8; 1000]).unwrap();
+        std::fs::write(d.join("a/b/two"), vec![0u8; 24]).unwrap();
+        std::os::unix::fs::symlink("/usr", d.join("a/link")).unwrap();
+        assert_eq!(tree_bytes(&d).unwrap(), 1024);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }
