@@ -10,7 +10,7 @@ mod internet;
 use std::time::Instant;
 
 use serde_json::Value;
-use thaw_api::{Client, ExecBody, SessionCreateBody};
+use thaw_api::{Client, ExecBody, ForkBody, SessionCreateBody};
 use thaw_e2e::inproc::Server;
 use thaw_e2e::repo_root;
 
@@ -455,6 +455,40 @@ async fn a_secret_reaches_its_host_and_nothing_else_holds_it() {
         r["body"], "",
         "the call's placeholder outlived the call: {r}"
     );
+
+    // A fork is the same agent at the same point: it keeps the session's grant and secret
+    // (its value reaches tls.test from the fork too), under the source's placeholder name.
+    let forked = c
+        .session_fork(
+            &s.id,
+            &ForkBody {
+                n: 1,
+                ..ForkBody::default()
+            },
+        )
+        .await
+        .expect("fork");
+    assert!(forked.errors.is_empty(), "{:?}", forked.errors);
+    let fork = &forked.sessions[0];
+    let r = check(&c, &fork.id, &["env", "API_TOKEN"], &[]).await;
+    let fork_placeholder = r["body"].as_str().unwrap_or("").to_string();
+    assert!(
+        fork_placeholder.starts_with("thaw-secret-API_TOKEN-"),
+        "the fork has no placeholder: {r}"
+    );
+    let bearer = format!("Bearer {value}");
+    let count = || auth().iter().filter(|a| **a == bearer).count();
+    let before = count();
+    let r = check(
+        &c,
+        &fork.id,
+        &["tls", "tls.test", "443", "tls.test", "-", "API_TOKEN"],
+        &[],
+    )
+    .await;
+    assert!(ok(&r), "the fork could not use its secret: {r}");
+    assert_eq!(count(), before + 1, "{:?}", auth());
+    c.session_delete(&fork.id).await.expect("delete the fork");
 
     // A secret for a host allow_out does not allow is refused, naming it.
     let mut bad = SessionCreateBody::new("python");

@@ -382,6 +382,19 @@ async fn a_killed_session_ends_for_good_running_or_paused() {
         ("paused", None)
     );
     assert_eq!(report.killed_processes, 0);
+    // Its audit record names the session and no sandbox: a paused session has none.
+    let rs = c
+        .audit(&thaw_api::AuditQuery {
+            session: Some(p.id.clone()),
+            action: Some("kill".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("audit")
+        .records;
+    assert_eq!(rs.len(), 1, "{rs:?}");
+    assert_eq!(rs[0].session.as_deref(), Some(p.id.as_str()), "{rs:?}");
+    assert_eq!(rs[0].sandbox, None, "{rs:?}");
     let after = c.session(&p.id).await.expect("session");
     assert_eq!(after.state, SessionState::Stopped, "{after:?}");
     assert_eq!(after.snapshot, None, "its pause snapshot is dropped");

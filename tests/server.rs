@@ -332,6 +332,26 @@ async fn bad_requests_are_refused_with_the_field_and_the_right_status() {
     let (status, body) = error_of(post("/v1/sessions", r#"{"template": 7}"#).await.unwrap()).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["path"], "template", "{body}");
+    // A grant that does not parse: 400 bad_network naming the list (or `secrets`).
+    for (body, path) in [
+        (
+            r#"{"template": "shell", "allow_out": ["a b"]}"#,
+            "allow_out",
+        ),
+        (
+            r#"{"template": "shell", "deny_out": ["example.com"]}"#,
+            "deny_out",
+        ),
+        (
+            r#"{"template": "shell", "allow_out": ["x.test:443"], "secrets": [{"name": "bad name", "value": "v", "hosts": ["x.test"]}]}"#,
+            "secrets",
+        ),
+    ] {
+        let (status, err) = error_of(post("/v1/sessions", body).await.unwrap()).await;
+        assert_eq!(status, 400, "{err}");
+        assert_eq!(err["error"]["code"], "bad_network", "{err}");
+        assert_eq!(err["error"]["path"], path, "{err}");
+    }
     // Not JSON, and bad base64 stdin.
     let (status, _) = error_of(post("/v1/templates/shell/invoke", "{").await.unwrap()).await;
     assert_eq!(status, 400);

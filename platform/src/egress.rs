@@ -26,9 +26,32 @@ pub const UPSTREAM_DNS_ENV: &str = "THAW_UPSTREAM_DNS";
 /// connections leave from; default, the host's namespace.
 pub const EGRESS_NETNS_ENV: &str = "THAW_EGRESS_NETNS";
 
-/// Parses allow/deny lists; the error names the bad entry.
-pub fn policy_of(allow: &[String], deny: &[String]) -> std::result::Result<Policy, String> {
-    Policy::parse(allow, deny).map_err(|e| e.to_string())
+/// Parses allow/deny lists; the error names the list and the bad entry.
+pub fn policy_of(
+    allow: &[String],
+    deny: &[String],
+) -> std::result::Result<Policy, thaw_gateway::PolicyError> {
+    Policy::parse(allow, deny)
+}
+
+/// Lists that do not parse, as the error naming their field: `prefix` is where the lists
+/// sit in the request or template (`""`, `"network."`, `"build."`).
+pub(crate) fn bad_lists(prefix: &str, e: thaw_gateway::PolicyError) -> Error {
+    let list = match &e {
+        thaw_gateway::PolicyError::Entry { list, .. }
+        | thaw_gateway::PolicyError::TooMany { list, .. } => *list,
+    };
+    Error::BadNetwork {
+        path: format!("{prefix}{list}"),
+        message: e.to_string(),
+    }
+}
+
+fn bad_secret(message: String) -> Error {
+    Error::BadNetwork {
+        path: "secrets".into(),
+        message,
+    }
 }
 
 /// A session's or call's grant, checked before anything starts: every allow/deny entry,
@@ -40,14 +63,14 @@ pub fn check_grant(
 ) -> Result<()> {
     grant_policy(network)?;
     for g in secrets {
-        thaw_gateway::secrets::validate(&g.name, &g.value, &g.hosts).map_err(Error::BadNetwork)?;
+        thaw_gateway::secrets::validate(&g.name, &g.value, &g.hosts).map_err(bad_secret)?;
     }
     Ok(())
 }
 
 /// A grant from a session or a call, checked.
 pub fn grant_policy(g: &NetworkGrant) -> Result<Policy> {
-    policy_of(&g.allow_out, &g.deny_out).map_err(Error::BadNetwork)
+    policy_of(&g.allow_out, &g.deny_out).map_err(|e| bad_lists("", e))
 }
 
 pub(crate) fn limits_of(n: &NetworkSpec) -> Limits {
@@ -183,7 +206,8 @@ impl BuildNetwork {
         id: &str,
         build: &thaw_types::spec::BuildLimits,
     ) -> Result<Option<BuildNetwork>> {
-        let policy = policy_of(&build.allow_out, &build.deny_out).map_err(Error::BadNetwork)?;
+        let policy =
+            policy_of(&build.allow_out, &build.deny_out).map_err(|e| bad_lists("build.", e))?;
         if policy.is_closed() {
             return Ok(None);
         }
@@ -245,14 +269,14 @@ pub(crate) fn secrets_of(
 ) -> Result<Vec<thaw_gateway::secrets::Secret>> {
     let mut out = Vec::with_capacity(grants.len());
     for g in grants {
-        thaw_gateway::secrets::validate(&g.name, &g.value, &g.hosts).map_err(Error::BadNetwork)?;
+        thaw_gateway::secrets::validate(&g.name, &g.value, &g.hosts).map_err(bad_secret)?;
         for h in &g.hosts {
             let probe = match h.strip_prefix("*.") {
                 Some(suffix) => format!("x.{suffix}"),
                 None => h.clone(),
             };
             if !policy.resolves(&probe).allowed() {
-                return Err(Error::BadNetwork(format!(
+                return Err(bad_secret(format!(
                     "secret {} is for {h}, which allow_out does not allow: add {h} to allow_out (a secret goes only where the sandbox may go)",
                     g.name
                 )));

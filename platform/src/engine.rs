@@ -739,7 +739,7 @@ impl Engine {
         grant: &thaw_types::spec::NetworkGrant,
     ) -> Result<thaw_gateway::Policy> {
         let base = crate::egress::policy_of(&spec.network.allow_out, &spec.network.deny_out)
-            .map_err(Error::BadNetwork)?;
+            .map_err(|e| crate::egress::bad_lists("network.", e))?;
         Ok(base.union(&crate::egress::grant_policy(grant)?))
     }
 

@@ -37,10 +37,10 @@ pub enum Error {
     #[error("warm-up failed: {0}")]
     WarmupFailed(String),
 
-    /// An egress grant (`allow_out`/`deny_out`) of a session or call that does not parse;
-    /// names the entry.
-    #[error("{0}")]
-    BadNetwork(String),
+    /// An egress grant (`allow_out`/`deny_out`, `secrets`) of a session or call that does
+    /// not hold; `path` is the request field, the message names the entry.
+    #[error("{message}")]
+    BadNetwork { path: String, message: String },
 
     /// The egress gateway could not serve a sandbox that was granted egress.
     #[error("sandbox {sandbox}: egress: {message}")]

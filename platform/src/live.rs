@@ -124,17 +124,15 @@ impl Engine {
             kill_ms = report.kill_ms,
             "sandbox killed"
         );
-        let mut ev = thaw_audit::AuditEvent::kill(
-            report
-                .sandbox
-                .as_deref()
-                .or(report.session.as_deref())
-                .unwrap_or("-"),
-            &format!("thaw kill (it was {})", report.was),
-            Some(report.killed_processes),
-        )
-        .template(&report.template)
-        .actor(by.key.as_deref().unwrap_or(crate::engine::LOCAL_OWNER));
+        let mut ev = thaw_audit::AuditEvent::new(thaw_types::audit::AuditAction::Kill)
+            .with("reason", format!("thaw kill (it was {})", report.was))
+            .with("killed", report.killed_processes)
+            .template(&report.template)
+            .actor(by.key.as_deref().unwrap_or(crate::engine::LOCAL_OWNER));
+        // A paused session has no sandbox: its record names the session alone.
+        if let Some(s) = &report.sandbox {
+            ev = ev.sandbox(s);
+        }
         if let Some(s) = &report.session {
             ev = ev.session(s);
         }

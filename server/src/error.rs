@@ -109,7 +109,11 @@ impl IntoResponse for ApiError {
 impl From<E> for ApiError {
     fn from(e: E) -> ApiError {
         let (status, code) = classify(&e);
-        ApiError::new(status, code, e.to_string())
+        let err = ApiError::new(status, code, e.to_string());
+        match e {
+            E::BadNetwork { path, .. } => err.with_path(path),
+            _ => err,
+        }
     }
 }
 
@@ -141,7 +145,7 @@ pub fn classify(e: &E) -> (StatusCode, &'static str) {
     match e {
         E::BadTemplate { .. } => (S::BAD_REQUEST, "bad_template"),
         E::BadPayload(_) => (S::BAD_REQUEST, "bad_payload"),
-        E::BadNetwork(_) => (S::BAD_REQUEST, "bad_network"),
+        E::BadNetwork { .. } => (S::BAD_REQUEST, "bad_network"),
         E::Egress { .. } => (S::INTERNAL_SERVER_ERROR, "egress"),
         E::UnknownTemplate { .. } => (S::NOT_FOUND, "unknown_template"),
         E::UnknownSession { .. } => (S::NOT_FOUND, "unknown_session"),

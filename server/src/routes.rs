@@ -477,7 +477,7 @@ pub async fn delete_template(
     responses(
         (status = 200, description = "The invocation; with `Accept: application/x-ndjson` or `?stream=true`, `stderr` events as they come then one `result` event",
             content((Invocation = "application/json"), (InvokeStreamEvent = "application/x-ndjson"))),
-        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field; a grant that does not hold is `bad_network`, its `path` `allow_out`, `deny_out` or `secrets`", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such template for this key", body = ErrorBody),
         (status = 409, description = "The template needs a rebuild", body = ErrorBody),
@@ -547,7 +547,7 @@ pub async fn invoke(
     responses(
         (status = 200, description = "The result with the whole output (base64); with `Accept: application/x-ndjson` or `?stream=true`, `stdout`/`stderr` events as they come then one `exit` event",
             content((ExecResponse = "application/json"), (ExecStreamEvent = "application/x-ndjson"))),
-        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field; a grant that does not hold is `bad_network`, its `path` `allow_out`, `deny_out` or `secrets`", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such template for this key", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),

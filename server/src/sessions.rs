@@ -39,7 +39,7 @@ use crate::{blocking, limits, run_tracked, AppState};
     request_body = SessionCreateBody,
     responses(
         (status = 201, description = "The running session", body = Session),
-        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (a NUL byte in `env`, an `env` name empty or with `=`, a timeout over the server's maximum, `on_timeout: pause` with `checkpointable: false`); `path` names the field; a grant that does not hold is `bad_network`, its `path` `allow_out`, `deny_out` or `secrets`", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such template for this key", body = ErrorBody),
         (status = 429, description = "The key's sandbox limit is reached; `Retry-After` gives the seconds to wait", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -144,7 +144,7 @@ pub async fn delete(
     responses(
         (status = 200, description = "The result with the whole output (base64); with `Accept: application/x-ndjson` or `?stream=true`, `stdout`/`stderr` events then one `exit` event",
             content((ExecResponse = "application/json"), (ExecStreamEvent = "application/x-ndjson"))),
-        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field; a grant that does not hold is `bad_network`, its `path` `allow_out`, `deny_out` or `secrets`", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such session for this key", body = ErrorBody),
         (status = 409, description = "The session is not running", body = ErrorBody),
@@ -211,7 +211,7 @@ pub async fn exec(
     responses(
         (status = 200, description = "The invocation; with `Accept: application/x-ndjson` or `?stream=true`, `stderr` events then one `result` event",
             content((Invocation = "application/json"), (InvokeStreamEvent = "application/x-ndjson"))),
-        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
+        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field; a grant that does not hold is `bad_network`, its `path` `allow_out`, `deny_out` or `secrets`", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such session for this key", body = ErrorBody),
         (status = 409, description = "The session is not running", body = ErrorBody),
@@ -435,7 +435,7 @@ pub async fn resume(
     request_body = ExtendBody,
     responses(
         (status = 200, description = "The session", body = Session),
-        (status = 400, description = "Bad body (also: an empty `argv`, a NUL byte in `argv` or `env`, an `env` name empty or with `=`, a timeout over the template's limit or the server's maximum); `path` names the field", body = ErrorBody),
+        (status = 400, description = "A timeout over the server's maximum; `path` names the field", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 404, description = "No such session for this key", body = ErrorBody),
         (status = 409, description = "Neither running nor paused", body = ErrorBody),

@@ -110,14 +110,14 @@ def test_calls_in_fresh_sandboxes_take_a_grant(client: thaw.Client) -> None:
     assert isinstance(events[-1], thaw.ExitEvent) and events[-1].result.exit_code == 0
 
 
-def assert_bad_network(err: thaw.ThawError, field: str, entry: str) -> None:
+def assert_bad_network(err: thaw.ThawError, field: str, entry: str, path: str | None = None) -> None:
     """The server's refusal of a bad grant: a 400 of the caller's, never retried, whose
-    message names the field and the entry. (The server sends no ``path`` for it today;
-    if it ever does, it must name the field.)"""
+    ``path`` is the request field at fault (``field`` unless given) and whose message names
+    ``field`` and the entry."""
     assert type(err) is thaw.CallerError, repr(err)
     assert (err.status, err.code, err.fault, err.retryable) == (400, "bad_network", "caller", False)
     assert field in err.message and entry in err.message, err.message
-    assert err.path is None or err.path.startswith(field), err.path
+    assert err.path == (path or field), err.path
     assert err.attempts == 1
 
 
@@ -157,13 +157,13 @@ def test_bad_secrets_are_refused_without_their_value(client: thaw.Client) -> Non
     g = thaw.SecretGrant("TOKEN", SECRET_VALUE, ["api.example.com"])
     with pytest.raises(thaw.CallerError) as e:
         client.create_session("shell", secrets=[g])
-    assert_bad_network(e.value, "allow_out", "api.example.com")
+    assert_bad_network(e.value, "allow_out", "api.example.com", path="secrets")
     assert "TOKEN" in e.value.message
     # A name that cannot be an environment variable.
     bad = thaw.SecretGrant("bad name", SECRET_VALUE, ["api.example.com"])
     with pytest.raises(thaw.CallerError) as e:
         client.exec("shell", ["true"], allow_out=["api.example.com:443"], secrets=[bad])
-    assert_bad_network(e.value, "secret", "bad name")
+    assert_bad_network(e.value, "secret", "bad name", path="secrets")
     assert SECRET_VALUE not in str(e.value) and SECRET_VALUE not in repr(e.value.body)
 
 

@@ -664,12 +664,7 @@ impl Engine {
             crate::egress::wire(&self.gateway, self.owner(), sb, base.clone(), limits).await?;
             // A sandbox wired afresh here (a restarted server) gets back the session's
             // secrets this process knows.
-            let session_secrets = self
-                .session_secrets
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&rec.session.id).cloned())
-                .unwrap_or_default();
+            let session_secrets = self.secrets_of_session(&rec.session.id);
             if !session_secrets.is_empty() {
                 let own = crate::egress::secrets_of(&session_secrets, &base)?;
                 crate::egress::grant_secrets(&self.gateway, sb, own, true).await?;
@@ -1056,6 +1051,16 @@ impl Engine {
             .with("idle_timeout_s", r.session.idle_timeout_s)
             .with("expires_at", r.session.expires_at);
         self.audited(Ok(r.view()), vec![event])
+    }
+
+    /// The secrets granted to session `id` that this process holds (none after a restart
+    /// until they are granted again: they are never written down).
+    pub(crate) fn secrets_of_session(&self, id: &str) -> Vec<thaw_types::spec::SecretGrant> {
+        self.session_secrets
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).cloned())
+            .unwrap_or_default()
     }
 
     /// Ends a session in any state: kills its sandbox, deletes its snapshot and its record.

@@ -142,6 +142,9 @@ pub(super) struct Lineage {
     ids: Option<IdMap>,
     /// A forked session keeps its source's egress grant.
     network: thaw_types::spec::NetworkGrant,
+    /// And its secrets, as this process holds them: a fork is the same agent at the same
+    /// point, and its memory already expects them.
+    secrets: Vec<thaw_types::spec::SecretGrant>,
 }
 
 impl Lineage {
@@ -154,10 +157,11 @@ impl Lineage {
             tier: t.tier,
             ids: Some(t.ids()?),
             network: Default::default(),
+            secrets: Vec::new(),
         })
     }
 
-    fn of_session(r: &SessionRecord) -> Lineage {
+    fn of_session(r: &SessionRecord, secrets: Vec<thaw_types::spec::SecretGrant>) -> Lineage {
         Lineage {
             owner: r.session.owner.clone(),
             template: r.session.template.clone(),
@@ -166,6 +170,7 @@ impl Lineage {
             tier: r.tier,
             ids: r.ids,
             network: r.session.network.clone(),
+            secrets,
         }
     }
 }
@@ -270,12 +275,7 @@ impl Engine {
         let opts = RunOptions {
             env: rec.session.env.clone(),
             network: rec.session.network.clone(),
-            secrets: self
-                .session_secrets
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&rec.session.id).cloned())
-                .unwrap_or_default(),
+            secrets: self.secrets_of_session(&rec.session.id),
             ..RunOptions::default()
         };
         self.hygiene_as(sb, &rec.spec, &opts, &rec.session.id)
@@ -356,9 +356,15 @@ impl Engine {
         batch: usize,
     ) -> Result<Session> {
         let mut rec = child_record(parent, origin, opts);
-        if !opts.secrets.is_empty() {
+        // The caller's secrets replace the source session's, as its network grant does.
+        let secrets = if opts.secrets.is_empty() {
+            &parent.secrets
+        } else {
+            &opts.secrets
+        };
+        if !secrets.is_empty() {
             if let Ok(mut m) = self.session_secrets.lock() {
-                m.insert(rec.session.id.clone(), opts.secrets.clone());
+                m.insert(rec.session.id.clone(), secrets.clone());
             }
         }
         let id = rec.session.id.clone();
@@ -793,7 +799,12 @@ impl Engine {
                 }
                 let snap = checkpoint_snapshot(id, name);
                 let origin = format!("checkpoint {id}/{name}");
-                Ok((Lineage::of_session(&rec), Some(snap), origin, None))
+                Ok((
+                    Lineage::of_session(&rec, self.secrets_of_session(id)),
+                    Some(snap),
+                    origin,
+                    None,
+                ))
             }
             BatchSource::Session {
                 id,
@@ -806,13 +817,18 @@ impl Engine {
                             Error::Other(format!("session `{id}` is paused without a snapshot"))
                         })?;
                         let origin = format!("session {id} (paused)");
-                        Ok((Lineage::of_session(&rec), Some(snap), origin, None))
+                        Ok((
+                            Lineage::of_session(&rec, self.secrets_of_session(id)),
+                            Some(snap),
+                            origin,
+                            None,
+                        ))
                     }
                     SessionState::Running => {
                         let point = self.fork_point(&rec).await?;
                         let origin = format!("fork of session {id}");
                         Ok((
-                            Lineage::of_session(&rec),
+                            Lineage::of_session(&rec, self.secrets_of_session(id)),
                             Some(point.clone()),
                             origin,
                             Some(point),
