@@ -33,7 +33,7 @@ def granted(client: thaw.Client) -> Iterator[thaw.Session]:
 
 
 def test_egress_fields_are_sent_only_when_given() -> None:
-    plain = core.create_session("shell", None, None, None, None, core.grant(None, None, None))
+    plain = core.create_session("shell", None, None, None, None, None, core.grant(None, None, None))
     assert plain.json == {"template": "shell"}
     g = thaw.SecretGrant("TOKEN", SECRET_VALUE, ["api.example.com"])
     call = core.session_exec("ses-x", ["true"], None, None, None, core.grant(["a.example.com:443"], [], [g]))

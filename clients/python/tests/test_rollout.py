@@ -2,13 +2,15 @@
 come with them (`fault`, `retryable`), written against the contract of issue 15.
 
 Each test is skipped only by a capability probe: when the server's /openapi.json lacks the
-routes it needs ("server predates the rollout routes"). Against a server that has them,
+routes it needs ("server predates the rollout routes"), or the `checkpointable` field of a
+session's body ("server predates checkpointable sessions"). Against a server that has them,
 they run for real.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import shutil
 import threading
@@ -19,7 +21,17 @@ from typing import Dict, Iterator, List
 import pytest
 
 import thaw
-from thawtest import REPO, SHELL_TEMPLATE, Server, lacks_field, lacks_routes, rollout  # noqa: F401
+from thaw import _core as core
+from thawtest import (  # noqa: F401
+    REPO,
+    SHELL_TEMPLATE,
+    Server,
+    lacks_field,
+    lacks_routes,
+    made_session,
+    needs_field,
+    rollout,
+)
 
 CHECKPOINTS = "/v1/sessions/{id}/checkpoints"
 CHECKPOINT = "/v1/sessions/{id}/checkpoints/{name}"
@@ -29,6 +41,9 @@ BATCH = "/v1/sessions/batch"
 REWARD = "/v1/sessions/{id}/reward"
 
 README = REPO / "clients" / "python" / "README.md"
+
+# Sessions that share their memory with their snapshot (`checkpointable: false`).
+shared = needs_field("checkpointable sessions", "SessionCreateBody", "checkpointable")
 
 REWARD_SECTION = """
 [reward]
@@ -288,6 +303,122 @@ def test_more_sessions_than_free_sandboxes_is_429_before_any_restore(server: Ser
         finally:
             c.delete_session(s.id)
         assert [x.id for x in c.sessions()] == [x.id for x in before]
+
+
+# ---- sessions that are not checkpointable ----
+
+
+def test_checkpointable_is_sent_only_when_given() -> None:
+    assert core.create_session("shell", None, None, None, None, None).json == {"template": "shell"}
+    assert core.create_session("shell", None, None, None, False, None).json == {
+        "template": "shell",
+        "checkpointable": False,
+    }
+    assert core.fork("ses-x", 2, None, None, None, None, None, None).json == {"n": 2}
+    assert core.fork("ses-x", 2, "mid", None, None, "stop", False, None).json == {
+        "n": 2,
+        "checkpoint": "mid",
+        "on_timeout": "stop",
+        "checkpointable": False,
+    }
+    for make in (core.batch, core.batch_stream):
+        assert make(3, "shell", None, None, None, None, None, None, None).json == {"n": 3, "template": "shell"}
+        assert make(3, "shell", None, None, None, None, None, True, None).json == {
+            "n": 3,
+            "template": "shell",
+            "checkpointable": True,
+        }
+    # A keyword of every method that makes sessions, in both clients; None: not sent.
+    for cls in (thaw.Client, thaw.AsyncClient):
+        for name in ("create_session", "fork", "batch", "batch_stream"):
+            p = inspect.signature(getattr(cls, name)).parameters["checkpointable"]
+            assert (p.kind, p.default) == (inspect.Parameter.KEYWORD_ONLY, None), (cls, name)
+
+
+@shared
+@rollout(CHECKPOINTS, FORK, RESET)
+def test_a_session_that_is_not_checkpointable(client: thaw.Client) -> None:
+    with made_session(client, checkpointable=False) as s:
+        assert s.checkpointable is False and s.on_timeout == "stop"  # its timeouts stop it
+        assert client.session(s.id).checkpointable is False
+        assert client.session_exec(s.id, ["sh", "-c", "echo hi > /tmp/x; cat /tmp/x"]).stdout == b"hi\n"
+        for refused in (
+            lambda: client.pause_session(s.id),
+            lambda: client.create_checkpoint(s.id, "mid"),
+            lambda: client.fork(s.id, 1),  # from its state now
+        ):
+            with pytest.raises(thaw.ConflictError) as e:
+                refused()
+            err = e.value
+            assert (err.status, err.code, err.fault, err.retryable) == (409, "conflict", "caller", False)
+            assert "checkpointable: false" in err.message, err.message
+        assert client.session(s.id).state == "running"
+        # What such a session is for: a reset back to its origin.
+        assert client.reset(s.id).session.checkpointable is False
+        with pytest.raises(thaw.NotFoundError):
+            client.get_file(s.id, "/tmp/x")
+
+
+@shared
+@rollout(FORK, BATCH)
+def test_on_timeout_pause_needs_a_checkpointable_session(client: thaw.Client, session: thaw.Session) -> None:
+    before = [x.id for x in client.sessions()]
+    for refused in (
+        lambda: client.create_session("shell", checkpointable=False, on_timeout="pause"),
+        lambda: client.fork(session.id, 1, checkpointable=False, on_timeout="pause"),
+        lambda: client.batch(1, template="shell", checkpointable=False, on_timeout="pause"),
+    ):
+        with pytest.raises(thaw.CallerError) as e:
+            refused()
+        err = e.value
+        assert type(err) is thaw.CallerError, repr(err)
+        assert (err.status, err.path, err.fault, err.retryable) == (400, "on_timeout", "caller", False)
+        assert "checkpointable" in err.message, err.message
+    assert [x.id for x in client.sessions()] == before
+
+
+@shared
+@rollout(FORK, BATCH)
+def test_fork_and_batch_make_sessions_that_are_not_checkpointable(client: thaw.Client, session: thaw.Session) -> None:
+    assert session.checkpointable is True  # the default
+    made: List[thaw.Session] = []
+    try:
+        f = client.fork(session.id, 1, checkpointable=False)
+        made += f.sessions
+        b = client.batch(1, template="shell", checkpointable=False)
+        made += b.sessions
+        events = list(client.batch_stream(1, template="shell", checkpointable=False))
+        made += [e.session for e in events if isinstance(e, thaw.BatchSessionEvent)]
+        assert f.errors == [] and b.errors == [] and len(made) == 3, (f, b, events)
+        for s in made:
+            assert s.checkpointable is False and client.session(s.id).checkpointable is False
+        assert client.session(session.id).checkpointable is True  # the source is left as it was
+    finally:
+        cleanup(client, made)
+
+
+@shared
+@rollout(FORK, BATCH)
+@pytest.mark.asyncio
+async def test_async_sessions_that_are_not_checkpointable(server: Server) -> None:
+    async with server.async_client() as c:
+        made: List[thaw.Session] = []
+        try:
+            src = await c.create_session("shell")
+            made.append(src)
+            assert src.checkpointable is True
+            made.append(await c.create_session("shell", checkpointable=False))
+            made += (await c.fork(src.id, 1, checkpointable=False)).sessions
+            made += (await c.batch(1, template="shell", checkpointable=False)).sessions
+            async for ev in c.batch_stream(1, template="shell", checkpointable=False):
+                if isinstance(ev, thaw.BatchSessionEvent):
+                    made.append(ev.session)
+            assert len(made) == 5
+            assert [s.checkpointable for s in made] == [True, False, False, False, False]
+            with pytest.raises(thaw.ConflictError):
+                await c.pause_session(made[1].id)
+        finally:
+            await asyncio.gather(*(c.delete_session(x.id) for x in made))
 
 
 # ---- reward ----

@@ -278,6 +278,7 @@ class AsyncClient:
         idle_timeout_s: Optional[int] = None,
         max_lifetime_s: Optional[int] = None,
         on_timeout: Optional[str] = None,
+        checkpointable: Optional[bool] = None,
         env: Optional[Mapping[str, str]] = None,
         allow_out: Optional[Sequence[str]] = None,
         deny_out: Optional[Sequence[str]] = None,
@@ -285,6 +286,12 @@ class AsyncClient:
     ) -> Session:
         """Starts a session from the template's snapshot. ``on_timeout``: ``"pause"``
         (default) or ``"stop"``.
+
+        ``checkpointable=False`` (the server's default is ``True``) makes a session that shares
+        its memory copy-on-write with its snapshot: it restores and resets faster and holds a
+        fraction of the memory, but cannot be paused, checkpointed or forked from its state
+        (:class:`ConflictError`), and its timeouts stop it (with ``on_timeout="pause"`` it is
+        refused, a 400 whose ``path`` is ``on_timeout``). For rollouts that are only reset.
 
         ``allow_out`` (domains such as ``example.com`` or ``*.example.com``, IPs and CIDRs, each
         with an optional ``:port``), ``deny_out`` (IPs and CIDRs kept out of a broader allowed
@@ -294,7 +301,9 @@ class AsyncClient:
         is refused with a 400 ``bad_network`` naming it.
         """
         egress = core.grant(allow_out, deny_out, secrets)
-        return await self._send(core.create_session(template, idle_timeout_s, max_lifetime_s, on_timeout, env, egress))
+        return await self._send(
+            core.create_session(template, idle_timeout_s, max_lifetime_s, on_timeout, checkpointable, env, egress)
+        )
 
     async def sessions(self) -> List[Session]:
         """This key's sessions, in every state."""
@@ -439,12 +448,16 @@ class AsyncClient:
         idle_timeout_s: Optional[int] = None,
         max_lifetime_s: Optional[int] = None,
         on_timeout: Optional[str] = None,
+        checkpointable: Optional[bool] = None,
         env: Optional[Mapping[str, str]] = None,
     ) -> ForkResult:
         """``n`` new sessions restored from this one: from ``checkpoint``, or from a
         checkpoint taken now (the session keeps running). Each new session's origin is
-        that point, so :meth:`reset` brings it back there."""
-        return await self._send(core.fork(session_id, n, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, env))
+        that point, so :meth:`reset` brings it back there. ``checkpointable=False``: the new
+        sessions share their memory with that point's snapshot (see :meth:`create_session`)."""
+        return await self._send(
+            core.fork(session_id, n, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, checkpointable, env)
+        )
 
     async def batch(
         self,
@@ -456,12 +469,16 @@ class AsyncClient:
         idle_timeout_s: Optional[int] = None,
         max_lifetime_s: Optional[int] = None,
         on_timeout: Optional[str] = None,
+        checkpointable: Optional[bool] = None,
         env: Optional[Mapping[str, str]] = None,
     ) -> BatchResult:
         """``n`` sessions from a template, or from a session (running or paused), or from
-        one of its checkpoints; returns when all are made. Failures are per session."""
+        one of its checkpoints; returns when all are made. Failures are per session.
+        ``checkpointable``: as in :meth:`create_session`."""
         return await self._send(
-            core.batch(n, template, session, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, env)
+            core.batch(
+                n, template, session, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, checkpointable, env
+            )
         )
 
     def batch_stream(
@@ -474,13 +491,16 @@ class AsyncClient:
         idle_timeout_s: Optional[int] = None,
         max_lifetime_s: Optional[int] = None,
         on_timeout: Optional[str] = None,
+        checkpointable: Optional[bool] = None,
         env: Optional[Mapping[str, str]] = None,
     ) -> AsyncGenerator[BatchEvent, None]:
         """Like :meth:`batch`, yielding each session as soon as it is ready
         (:class:`BatchSessionEvent`, :class:`BatchErrorEvent`), then a
         :class:`BatchDoneEvent`."""
         return self._stream(
-            core.batch_stream(n, template, session, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, env)
+            core.batch_stream(
+                n, template, session, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, checkpointable, env
+            )
         )
 
     async def reward(

@@ -597,11 +597,20 @@ def _session_opts(
     idle_timeout_s: Optional[int],
     max_lifetime_s: Optional[int],
     on_timeout: Optional[str],
+    checkpointable: Optional[bool],
     env: Optional[Mapping[str, str]],
 ) -> Json:
     if on_timeout is not None and on_timeout not in ("pause", "stop"):
         raise ValueError(f"on_timeout must be 'pause' or 'stop', not {on_timeout!r}")
-    return body(idle_timeout_s=idle_timeout_s, max_lifetime_s=max_lifetime_s, on_timeout=on_timeout, env=_env(env))
+    # `on_timeout="pause"` with `checkpointable=False` is left to the server: its 400 names
+    # the field (`path` "on_timeout") and says why.
+    return body(
+        idle_timeout_s=idle_timeout_s,
+        max_lifetime_s=max_lifetime_s,
+        on_timeout=on_timeout,
+        checkpointable=checkpointable,
+        env=_env(env),
+    )
 
 
 def create_session(
@@ -609,10 +618,15 @@ def create_session(
     idle_timeout_s: Optional[int],
     max_lifetime_s: Optional[int],
     on_timeout: Optional[str],
+    checkpointable: Optional[bool],
     env: Optional[Mapping[str, str]],
     egress: Json = NO_GRANT,
 ) -> Call[Session]:
-    b = {"template": template, **_session_opts(idle_timeout_s, max_lifetime_s, on_timeout, env), **egress}
+    b = {
+        "template": template,
+        **_session_opts(idle_timeout_s, max_lifetime_s, on_timeout, checkpointable, env),
+        **egress,
+    }
     return Call("POST", "/v1/sessions", _p(Session), json=b)
 
 
@@ -743,9 +757,14 @@ def fork(
     idle_timeout_s: Optional[int],
     max_lifetime_s: Optional[int],
     on_timeout: Optional[str],
+    checkpointable: Optional[bool],
     env: Optional[Mapping[str, str]],
 ) -> Call[ForkResult]:
-    b = {"n": n, **body(checkpoint=checkpoint), **_session_opts(idle_timeout_s, max_lifetime_s, on_timeout, env)}
+    b = {
+        "n": n,
+        **body(checkpoint=checkpoint),
+        **_session_opts(idle_timeout_s, max_lifetime_s, on_timeout, checkpointable, env),
+    }
     return Call("POST", seg("v1", "sessions", sid, "fork"), _p(ForkResult), json=b)
 
 
@@ -757,6 +776,7 @@ def _batch_body(
     idle_timeout_s: Optional[int],
     max_lifetime_s: Optional[int],
     on_timeout: Optional[str],
+    checkpointable: Optional[bool],
     env: Optional[Mapping[str, str]],
 ) -> Json:
     if (template is None) == (session is None):
@@ -766,7 +786,7 @@ def _batch_body(
     return {
         "n": n,
         **body(template=template, session=session, checkpoint=checkpoint),
-        **_session_opts(idle_timeout_s, max_lifetime_s, on_timeout, env),
+        **_session_opts(idle_timeout_s, max_lifetime_s, on_timeout, checkpointable, env),
     }
 
 
@@ -778,9 +798,10 @@ def batch(
     idle_timeout_s: Optional[int],
     max_lifetime_s: Optional[int],
     on_timeout: Optional[str],
+    checkpointable: Optional[bool],
     env: Optional[Mapping[str, str]],
 ) -> Call[BatchResult]:
-    b = _batch_body(n, template, session, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, env)
+    b = _batch_body(n, template, session, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, checkpointable, env)
     return Call("POST", "/v1/sessions/batch", _p(BatchResult), json=b)
 
 
@@ -792,9 +813,10 @@ def batch_stream(
     idle_timeout_s: Optional[int],
     max_lifetime_s: Optional[int],
     on_timeout: Optional[str],
+    checkpointable: Optional[bool],
     env: Optional[Mapping[str, str]],
 ) -> StreamCall[BatchEvent]:
-    b = _batch_body(n, template, session, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, env)
+    b = _batch_body(n, template, session, checkpoint, idle_timeout_s, max_lifetime_s, on_timeout, checkpointable, env)
     return StreamCall("POST", "/v1/sessions/batch", b, decode_batch)
 
 

@@ -381,6 +381,9 @@ class Session:
     rollout API (empty from an older server). ``network`` is its egress grant (a fork keeps
     its source's); ``sandbox`` the live sandbox it runs in now (``None`` while it holds
     none: paused, stopped, failed), as :meth:`thaw.Client.sandboxes` lists it.
+    ``checkpointable`` is false for a session made with ``checkpointable=False`` (its memory
+    shared with its snapshot; it cannot be paused, checkpointed or forked from its state),
+    true otherwise and from a server that predates it.
     """
 
     id: str
