@@ -180,6 +180,23 @@ async fn a_session_reaches_what_its_grant_allows_and_nothing_else() {
     );
     assert_eq!(net.tcp_seen(OTHER, 80), 0);
 
+    // A name the grant refuses, carried in a connection's first bytes (an HTTP Host, here
+    // to an allowed address), is refused by the policy before any lookup: the bytes of a
+    // connection cannot make the host ask the upstream a name of the sandbox's choosing.
+    let r = check(
+        &c,
+        &s.id,
+        &["http", ALLOWED, "80", "exfil-4a6f.other.test"],
+        &[],
+    )
+    .await;
+    let body = r["body"].as_str().unwrap_or("");
+    assert!(body.contains("403"), "{r}");
+    assert!(
+        !net.asked("exfil-4a6f.other.test"),
+        "a refused Host reached the upstream resolver"
+    );
+
     // SNI spoofing: an allowed SNI to another IP (which serves TLS) is refused.
     let r = check(
         &c,

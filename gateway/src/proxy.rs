@@ -98,6 +98,16 @@ async fn handle(gw: Gateway, net: Arc<SandboxNet>, mut conn: TcpStream) {
     event.name = name.clone();
     let http = matches!(hello, Hello::Http { .. });
 
+    // The policy first: a name it refuses is never looked up, so the first bytes of a
+    // connection cannot make the host ask the upstream resolver a name of the sandbox's
+    // choosing (an exfiltration channel, as a refused DNS question would be).
+    let rule = match net.policy().connect(name.as_deref(), dst.ip(), dst.port()) {
+        Verdict::Deny { why } => {
+            event.reason = why;
+            return refuse(&gw, &net, conn, event, http.then_some(403)).await;
+        }
+        Verdict::Allow { rule } => rule,
+    };
     // A name is believed only for an address it resolves to.
     if let Some(n) = &name {
         if !net.resolved_to(n, dst.ip()) {
@@ -117,50 +127,42 @@ async fn handle(gw: Gateway, net: Arc<SandboxNet>, mut conn: TcpStream) {
             }
         }
     }
-    match net.policy().connect(name.as_deref(), dst.ip(), dst.port()) {
-        Verdict::Deny { why } => {
-            event.reason = why;
-            refuse(&gw, &net, conn, event, http.then_some(403)).await
+    let upstream = match gw.dial(dst).await {
+        Ok(u) => u,
+        Err(e) => {
+            event.reason = format!("allowed by {rule}, but the dial failed: {e}");
+            return refuse(&gw, &net, conn, event, http.then_some(502)).await;
         }
-        Verdict::Allow { rule } => {
-            let upstream = match gw.dial(dst).await {
-                Ok(u) => u,
+    };
+    event.allowed = true;
+    event.reason = format!("allowed by {rule}");
+    let secrets = match (&hello, &name) {
+        (Hello::Tls { .. }, Some(host)) => net.secrets_for(host),
+        _ => Vec::new(),
+    };
+    match (secrets.is_empty(), net.ca(), &name) {
+        (false, Some(ca), Some(host)) => {
+            let tls = match gw.upstream_tls() {
+                Ok(t) => t,
                 Err(e) => {
-                    event.reason = format!("allowed by {rule}, but the dial failed: {e}");
-                    return refuse(&gw, &net, conn, event, http.then_some(502)).await;
+                    event.allowed = false;
+                    event.reason = format!("allowed by {rule}, but {e}");
+                    return refuse(&gw, &net, conn, event, None).await;
                 }
             };
-            event.allowed = true;
-            event.reason = format!("allowed by {rule}");
-            let secrets = match (&hello, &name) {
-                (Hello::Tls { .. }, Some(host)) => net.secrets_for(host),
-                _ => Vec::new(),
-            };
-            match (secrets.is_empty(), net.ca(), &name) {
-                (false, Some(ca), Some(host)) => {
-                    let tls = match gw.upstream_tls() {
-                        Ok(t) => t,
-                        Err(e) => {
-                            event.allowed = false;
-                            event.reason = format!("allowed by {rule}, but {e}");
-                            return refuse(&gw, &net, conn, event, None).await;
-                        }
-                    };
-                    let names: Vec<&str> = secrets.iter().map(|s| s.name.as_str()).collect();
-                    event.reason = format!("{}; secrets {names:?} injected", event.reason);
-                    gw.report(event);
-                    let client = crate::secrets::Prefixed::new(first, conn);
-                    if let Err(e) =
-                        crate::secrets::intercept(&ca, host, &secrets, client, upstream, tls).await
-                    {
-                        tracing::info!(sandbox = %net.id, host, "intercepted connection ended: {e}");
-                    }
-                }
-                _ => {
-                    gw.report(event);
-                    relay(&net, conn, upstream, first).await;
-                }
+            let names: Vec<&str> = secrets.iter().map(|s| s.name.as_str()).collect();
+            event.reason = format!("{}; secrets {names:?} injected", event.reason);
+            gw.report(event);
+            let client = crate::secrets::Prefixed::new(first, conn);
+            if let Err(e) =
+                crate::secrets::intercept(&ca, host, &secrets, client, upstream, tls).await
+            {
+                tracing::info!(sandbox = %net.id, host, "intercepted connection ended: {e}");
             }
+        }
+        _ => {
+            gw.report(event);
+            relay(&net, conn, upstream, first).await;
         }
     }
 }
