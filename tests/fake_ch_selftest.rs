@@ -186,6 +186,7 @@ fn vm_config(f: &Fixture, vm_dir: &Path, cid: u32) -> VmConfig {
         rng: Some(RngConfig {
             src: "/dev/urandom".into(),
         }),
+        net: None,
     }
 }
 
@@ -515,6 +516,7 @@ async fn platform_vm_boot_and_clones() {
         memory_mib: 256,
         cid: 10,
         workdir: f.dir.path().join("base"),
+        network: None,
     };
     let mut base = Vm::boot(&spec, bin).await.unwrap();
     base.wait_agent_ready(T).await.unwrap();

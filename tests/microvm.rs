@@ -24,6 +24,9 @@ use std::time::Duration;
 
 use thaw_e2e::Home;
 
+#[path = "common/internet.rs"]
+mod internet;
+
 const FAKE: &str = env!("CARGO_BIN_EXE_fake-cloud-hypervisor");
 
 /// A home whose templates run on the real microvm tier. Panics, naming the cause, where the
@@ -59,6 +62,17 @@ fn exec_lines(home: &Home, template: &str, script: &str) -> (serde_json::Value, 
 /// What makes a clone itself: prints its random UUID, 16 random bytes and hostname, whether
 /// its disk was fresh, then marks its disk. (Not the boot id: the kernel makes it at its first
 /// read, so clones of a snapshot taken before any read each make their own.)
+/// A granted name resolved (through the guest's `/etc/resolv.conf`, which its initramfs
+/// points at the gateway, and through a server address the guest names: every DNS datagram
+/// is the gateway's) and fetched by address with its `Host` (busybox's static wget crashes
+/// in glibc's NSS, which a busybox rootfs lacks, so the request goes through `nc`); a name
+/// not granted neither resolves nor gets an answer.
+const EGRESS: &str = "nslookup plain.test | grep -q 198.51.100.12 && echo resolved; \
+nslookup plain.test 198.51.100.53 | grep -q 198.51.100.12 && echo resolved-by-address; \
+printf 'GET /hello HTTP/1.0\\r\\nHost: plain.test\\r\\n\\r\\n' | nc -w 20 198.51.100.12 80; echo; \
+nslookup other.test 198.51.100.53 >/dev/null 2>&1 || echo other unresolved; \
+printf 'GET / HTTP/1.0\\r\\nHost: other.test\\r\\n\\r\\n' | nc -w 10 198.51.100.20 80 | grep -q 'hello from' || echo other refused";
+
 const IDENTITY: &str = "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; test ! -e /mine && echo fresh; echo x > /mine";
 
 /// A home whose thaw runs templates on the microvm tier through the test double.
@@ -331,6 +345,71 @@ fn real_shell_template_publishes_and_its_clones_are_isolated() {
         vmm_processes(&home).is_empty(),
         "VMMs left after one-shot execs"
     );
+
+    // Egress, through the guest's own network device and the gateway wired in its VMM's
+    // namespace: a granted name resolves (asked of the gateway's resolver, by default and
+    // by address) and its server answers; another name neither resolves nor reaches its
+    // server; and a clone granted nothing reaches nothing.
+    let net = internet::Internet::shared();
+    let r = home
+        .run(&[
+            "--json",
+            "exec",
+            "shell",
+            "--allow-out",
+            "plain.test:80",
+            "--",
+            "/bin/sh",
+            "-c",
+            EGRESS,
+        ])
+        .ok()
+        .json();
+    let out = r["stdout"].as_str().unwrap_or_default();
+    assert!(
+        out.contains(&format!(
+            "hello from {}:80 host=plain.test",
+            internet::PLAIN
+        )),
+        "{r}"
+    );
+    for line in [
+        "resolved",
+        "resolved-by-address",
+        "other unresolved",
+        "other refused",
+    ] {
+        assert!(out.lines().any(|l| l == line), "no {line:?}: {r}");
+    }
+    assert_eq!(net.tcp_seen(internet::PLAIN, 80), 1, "{r}");
+    assert_eq!(net.tcp_seen(internet::OTHER, 80), 0, "{r}");
+    assert!(
+        !net.asked("other.test"),
+        "a name not granted reached the resolver"
+    );
+    let r = home
+        .run(&[
+            "--json",
+            "exec",
+            "shell",
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!(
+                "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {} 80 | grep -q 'hello from' || echo unreachable",
+                internet::PLAIN
+            ),
+        ])
+        .ok()
+        .json();
+    assert!(
+        r["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unreachable"),
+        "{r}"
+    );
+    assert_eq!(net.tcp_seen(internet::PLAIN, 80), 1, "{r}");
 
     // A session: its own VM, paused (no VMM) and resumed with its disk and the same kernel.
     let s = home.run(&["--json", "session", "new", "shell"]).ok().json();

@@ -173,6 +173,7 @@ pub async fn run(n: usize, wires: usize) -> Result<Report, GatewayError> {
             .attach(
                 &format!("bench-wire-{i}"),
                 ns.as_fd(),
+                crate::netns::Link::Loopback,
                 policy.clone(),
                 Limits::default(),
             )
@@ -183,7 +184,13 @@ pub async fn run(n: usize, wires: usize) -> Result<Report, GatewayError> {
 
     let sandbox = crate::netns::new()?;
     let net = gateway
-        .attach("bench-sandbox", sandbox.as_fd(), policy, Limits::default())
+        .attach(
+            "bench-sandbox",
+            sandbox.as_fd(),
+            crate::netns::Link::Loopback,
+            policy,
+            Limits::default(),
+        )
         .await?;
     // The sandbox resolves the name through its resolver first, as a client would.
     net.remember(NAME, &[SERVER.into()], 300);
@@ -251,22 +258,9 @@ async fn request(ns: &OwnedFd, cfg: Arc<rustls::ClientConfig>) -> Result<(), Gat
     Ok(())
 }
 
+/// The bench resolver's answer: every name is [`SERVER`].
 fn answer(q: &[u8]) -> Option<Vec<u8>> {
-    use hickory_proto::op::{Message, MessageType};
-    use hickory_proto::rr::{rdata::A, RData, Record};
-    let msg = Message::from_vec(q).ok()?;
-    let query = msg.queries().first()?.clone();
-    let mut r = Message::new();
-    r.set_id(msg.id())
-        .set_message_type(MessageType::Response)
-        .set_recursion_available(true)
-        .add_query(query.clone());
-    r.add_answer(Record::from_rdata(
-        query.name().clone(),
-        300,
-        RData::A(A(SERVER)),
-    ));
-    r.to_vec().ok()
+    crate::dns::answer_with(q, SERVER, 300)
 }
 
 fn run_cmd(program: &str, args: &[&str]) -> std::io::Result<()> {

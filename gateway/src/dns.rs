@@ -45,6 +45,24 @@ pub struct Question {
     pub query: Query,
 }
 
+/// An answer to the question in `query` with one A record, `ip`, whatever the name: what a
+/// test's or a benchmark's upstream resolver says. `None` for a packet that is not a query.
+pub fn answer_with(query: &[u8], ip: std::net::Ipv4Addr, ttl: u32) -> Option<Vec<u8>> {
+    let msg = Message::from_vec(query).ok()?;
+    let q = msg.queries().first()?.clone();
+    let mut r = Message::new();
+    r.set_id(msg.id())
+        .set_message_type(MessageType::Response)
+        .set_recursion_available(true)
+        .add_query(q.clone());
+    r.add_answer(Record::from_rdata(
+        q.name().clone(),
+        ttl,
+        RData::A(hickory_proto::rr::rdata::A(ip)),
+    ));
+    r.to_vec().ok()
+}
+
 pub fn parse_question(packet: &[u8]) -> Option<Question> {
     let msg = Message::from_vec(packet).ok()?;
     if msg.message_type() != MessageType::Query || msg.op_code() != OpCode::Query {

@@ -331,6 +331,7 @@ impl Gateway {
         &self,
         sandbox: &str,
         netns: BorrowedFd<'_>,
+        link: netns::Link,
         policy: Policy,
         limits: Limits,
     ) -> Result<Arc<SandboxNet>, GatewayError> {
@@ -348,7 +349,7 @@ impl Gateway {
             .map_err(|e| GatewayError::io("dup of the sandbox's namespace", e))?;
         let listeners = tokio::task::spawn_blocking(move || {
             use std::os::fd::AsFd;
-            netns::wire(ns.as_fd(), PROXY_PORT, DNS_PORT)
+            netns::wire(ns.as_fd(), link, PROXY_PORT, DNS_PORT)
         })
         .await
         .map_err(|e| GatewayError::Wiring(format!("wiring task: {e}")))??;

@@ -103,6 +103,34 @@ pub fn udp_socket_in(
 pub const SANDBOX_ROUTE: &str =
     "link set lo up\naddr replace 100.64.0.2/32 dev lo\nroute replace default dev lo src 100.64.0.2\n";
 
+/// How a sandbox's traffic reaches its namespace, which decides how that namespace is wired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// A container: the sandbox's processes live in the namespace itself, and their
+    /// connections are caught on the way out (`OUTPUT`).
+    Loopback,
+    /// A microvm: the guest's kernel sends its packets down the tap device [`TAP`] in the
+    /// namespace (its VMM's), and they are caught on the way in (`PREROUTING`). The guest
+    /// is [`GUEST_ADDR`]; its gateway, the tap's end, [`TAP_ADDR`].
+    Tap,
+}
+
+/// The tap device of every microvm: one name serves all, each VMM has a namespace of its
+/// own.
+pub const TAP: &str = "thaw0";
+
+/// The host's end of a microvm's tap, the guest's default gateway.
+pub const TAP_ADDR: &str = "100.64.0.1";
+/// A microvm guest's own address (set by its initramfs); both in a /30 of the shared
+/// address space (RFC 6598), which no destination the gateway dials uses.
+pub const GUEST_ADDR: &str = "100.64.0.2";
+
+/// The tap's address and link, and IPv4 forwarding off: a packet the rules do not catch
+/// (UDP other than DNS, ICMP) has nowhere to go from this namespace.
+fn tap_route() -> String {
+    format!("link set lo up\naddr replace {TAP_ADDR}/30 dev {TAP}\nlink set {TAP} up\n")
+}
+
 /// The sockets the gateway listens on inside one sandbox's namespace.
 pub struct Listeners {
     pub proxy: std::net::TcpListener,
@@ -119,7 +147,18 @@ pub struct Listeners {
 /// to loopback, where no host answers it: there is nothing to misconfigure into an opening.
 /// The sandbox's processes hold no capability over the namespace, so cannot change the rules;
 /// and if they could, removing them would only cut them off.
-pub fn wire(ns: BorrowedFd<'_>, proxy_port: u16, dns_port: u16) -> Result<Listeners, GatewayError> {
+///
+/// A [`Link::Tap`] namespace (a microvm's) is wired the same way from the other side: the
+/// guest's packets arrive on the tap, its TCP is redirected to the proxy and its DNS to the
+/// resolver, both listening on the tap's address; nothing else has a route out. The guest's
+/// root can change its own routes and addresses, and reach nothing more by it: every
+/// packet still arrives on the tap, into a namespace with no other way out.
+pub fn wire(
+    ns: BorrowedFd<'_>,
+    link: Link,
+    proxy_port: u16,
+    dns_port: u16,
+) -> Result<Listeners, GatewayError> {
     let ns: OwnedFd = ns
         .try_clone_to_owned()
         .map_err(|e| GatewayError::io("dup of the sandbox's namespace", e))?;
@@ -127,23 +166,35 @@ pub fn wire(ns: BorrowedFd<'_>, proxy_port: u16, dns_port: u16) -> Result<Listen
         Some(&ns),
         "wiring the sandbox's network namespace",
         move || {
-            run(
-                Command::new("ip").args(["-batch", "-"]),
-                SANDBOX_ROUTE.as_bytes(),
-            )?;
-            match nat_template(proxy_port, dns_port) {
+            let (route, listen) = match link {
+                Link::Loopback => (SANDBOX_ROUTE.to_string(), "127.0.0.1"),
+                Link::Tap => {
+                    let tap = TAP;
+                    let name = std::ffi::CString::new(tap).map_err(std::io::Error::other)?;
+                    // SAFETY: a valid C string; the call only reads it.
+                    if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+                        return Err(std::io::Error::other(format!(
+                            "the sandbox has no network device ({tap} is missing from its VMM's namespace): its snapshot predates microvm networking; deploy its template again"
+                        )));
+                    }
+                    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"0")?;
+                    (tap_route(), TAP_ADDR)
+                }
+            };
+            run(Command::new("ip").args(["-batch", "-"]), route.as_bytes())?;
+            match nat_template(link, proxy_port, dns_port) {
                 Some(t) => t.install()?,
                 None => run(
                     &mut Command::new("iptables-restore"),
-                    redirect_rules(proxy_port, dns_port).as_bytes(),
+                    redirect_rules(link, proxy_port, dns_port).as_bytes(),
                 )?,
             }
             // Ports below 1024: the sandbox's processes, without CAP_NET_BIND_SERVICE, cannot
             // have bound them first (a warm-up that squats a high port would survive into every
             // restored clone).
-            let proxy = std::net::TcpListener::bind(("127.0.0.1", proxy_port))?;
+            let proxy = std::net::TcpListener::bind((listen, proxy_port))?;
             proxy.set_nonblocking(true)?;
-            let dns = std::net::UdpSocket::bind(("127.0.0.1", dns_port))?;
+            let dns = std::net::UdpSocket::bind((listen, dns_port))?;
             dns.set_nonblocking(true)?;
             Ok(Listeners { proxy, dns })
         },
@@ -151,22 +202,41 @@ pub fn wire(ns: BorrowedFd<'_>, proxy_port: u16, dns_port: u16) -> Result<Listen
 }
 
 /// The `nat` table of a wired sandbox, in `iptables-restore` form.
-pub fn redirect_rules(proxy_port: u16, dns_port: u16) -> String {
+pub fn redirect_rules(link: Link, proxy_port: u16, dns_port: u16) -> String {
+    let rules = match link {
+        Link::Loopback => format!(
+            "-A OUTPUT -d 127.0.0.0/8 -j RETURN\n\
+             -A OUTPUT -p tcp -j REDIRECT --to-ports {proxy_port}\n\
+             -A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {dns_port}\n"
+        ),
+        Link::Tap => format!(
+            "-A PREROUTING -i {TAP} -p tcp -j REDIRECT --to-ports {proxy_port}\n\
+             -A PREROUTING -i {TAP} -p udp --dport 53 -j REDIRECT --to-ports {dns_port}\n"
+        ),
+    };
     format!(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
-         -A OUTPUT -d 127.0.0.0/8 -j RETURN\n\
-         -A OUTPUT -p tcp -j REDIRECT --to-ports {proxy_port}\n\
-         -A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {dns_port}\n\
-         COMMIT\n"
+         {rules}COMMIT\n"
     )
 }
 
-/// The table built once per process ([`crate::xtables`]); `None` where that is not possible
-/// here (no `iptables-legacy-restore`), and every sandbox runs `iptables-restore` instead.
-fn nat_template(proxy_port: u16, dns_port: u16) -> Option<&'static crate::xtables::Template> {
-    static T: std::sync::OnceLock<Option<crate::xtables::Template>> = std::sync::OnceLock::new();
-    T.get_or_init(|| {
-        match crate::xtables::Template::capture(&redirect_rules(proxy_port, dns_port)) {
+/// The table built once per process and kind of link ([`crate::xtables`]); `None` where
+/// that is not possible here (no `iptables-legacy-restore`), and every sandbox runs
+/// `iptables-restore` instead.
+fn nat_template(
+    link: Link,
+    proxy_port: u16,
+    dns_port: u16,
+) -> Option<&'static crate::xtables::Template> {
+    type Slot = std::sync::OnceLock<Option<crate::xtables::Template>>;
+    static LOOPBACK: Slot = std::sync::OnceLock::new();
+    static TAP_TABLE: Slot = std::sync::OnceLock::new();
+    let slot = match link {
+        Link::Loopback => &LOOPBACK,
+        Link::Tap => &TAP_TABLE,
+    };
+    slot.get_or_init(|| {
+        match crate::xtables::Template::capture(&redirect_rules(link, proxy_port, dns_port)) {
             Ok(t) => Some(t),
             Err(e) => {
                 tracing::info!("egress: running iptables-restore per sandbox ({e})");

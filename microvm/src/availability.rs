@@ -162,6 +162,16 @@ pub fn cloud_hypervisor_available() -> Availability {
             _ => format!("cannot open /dev/kvm: {e}"),
         });
     }
+    // Every VM's network device is a tap the VMM makes (the egress gateway wires it).
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        reasons.push(format!(
+            "cannot open /dev/net/tun ({e}): load the tun module (modprobe tun); every VM's network device is a tap"
+        ));
+    }
     match std::fs::read_to_string("/proc/cpuinfo") {
         Ok(cpuinfo) => {
             if let Err(r) = hardware_virtualization(&cpuinfo) {

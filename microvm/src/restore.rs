@@ -49,6 +49,12 @@ pub enum RestoreError {
     ReservedCid(u32),
     #[error("cannot make the clone's disk: {0}")]
     Disk(#[from] DiskError),
+    /// The snapshot's VM has a network device, and no namespace was given for its tap: the
+    /// VMM would make it in the caller's own (the host's) namespace.
+    #[error(
+        "the snapshot has a network device and the restore names no network namespace for its tap"
+    )]
+    NetworkWithoutNamespace,
 }
 
 /// What changes for one clone.
@@ -66,6 +72,14 @@ pub struct CloneRewrite {
 
 fn path_value(p: &Path) -> Value {
     Value::String(p.to_string_lossy().into_owned())
+}
+
+/// Whether a snapshot's config has a network device (whose tap the restoring VMM makes).
+pub fn has_network(config: &Value) -> bool {
+    config
+        .get("net")
+        .and_then(Value::as_array)
+        .is_some_and(|n| !n.is_empty())
 }
 
 /// Disk paths recorded in a snapshot's config.

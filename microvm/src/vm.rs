@@ -15,7 +15,8 @@ use crate::agent::AgentConn;
 use crate::api::patience;
 use crate::api::{
     file_url, ClientError, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, MemoryRestoreMode,
-    PayloadConfig, RestoreConfig, RngConfig, VmConfig, VmInfo, VmSnapshotConfig, VsockConfig,
+    NetConfig, PayloadConfig, RestoreConfig, RngConfig, VmConfig, VmInfo, VmSnapshotConfig,
+    VsockConfig,
 };
 use crate::restore::{self, CloneRewrite, RestoreError};
 use crate::vmm::{Vmm, VmmError, DEFAULT_START_TIMEOUT};
@@ -50,6 +51,20 @@ pub struct VmSpec {
     pub cid: u32,
     /// Must not exist or be empty; owned (and removed) by the [`Vm`].
     pub workdir: PathBuf,
+    /// The guest's network device, if it has one.
+    pub network: Option<NetworkSpec>,
+}
+
+/// A virtio-net device whose tap lives in a network namespace of the VM's own: the VMM is
+/// started inside `netns` and makes the tap `tap` there, so the guest's packets reach only
+/// what that namespace is wired to (nothing, until the caller wires it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    /// A network namespace file (`/proc/<pid>/fd/<n>` of a descriptor the caller holds
+    /// until the VMM has started, or `/run/netns/<name>`).
+    pub netns: PathBuf,
+    pub tap: String,
+    pub mac: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +81,10 @@ pub struct RestoreOptions {
     pub resume: bool,
     /// Bound on `vm.restore`; past it the VMM is killed.
     pub restore_timeout: Duration,
+    /// The network namespace the VMM runs in (see [`NetworkSpec::netns`]): a snapshot with
+    /// a network device makes its tap there again. Required for such a snapshot, whose tap
+    /// would otherwise be made in the caller's namespace.
+    pub netns: Option<PathBuf>,
 }
 
 impl RestoreOptions {
@@ -77,6 +96,7 @@ impl RestoreOptions {
             prefault: false,
             resume: true,
             restore_timeout: Duration::from_secs(30),
+            netns: None,
         }
     }
 }
@@ -185,7 +205,9 @@ impl Vm {
         async {
             prepare_workdir(&spec.workdir)?;
             let mut guard = WorkdirGuard(Some(&spec.workdir));
-            let vmm = Vmm::spawn(bin, &spec.workdir, patience(DEFAULT_START_TIMEOUT)).await?;
+            let netns = spec.network.as_ref().map(|n| n.netns.as_path());
+            let vmm =
+                Vmm::spawn(bin, &spec.workdir, netns, patience(DEFAULT_START_TIMEOUT)).await?;
             guard.disarm(); // the Vmm owns the directory from here on
             let vsock_socket = spec.workdir.join(VSOCK_SOCKET);
             let config = VmConfig {
@@ -218,6 +240,12 @@ impl Vm {
                 console: Some(ConsoleConfig::off()),
                 rng: Some(RngConfig {
                     src: "/dev/urandom".into(),
+                }),
+                net: spec.network.as_ref().map(|n| {
+                    vec![NetConfig {
+                        tap: n.tap.clone(),
+                        mac: n.mac.clone(),
+                    }]
                 }),
             };
             let t = Instant::now();
@@ -266,6 +294,9 @@ impl Vm {
             })?;
             let original: serde_json::Value =
                 serde_json::from_slice(&raw).map_err(RestoreError::from)?;
+            if opts.netns.is_none() && restore::has_network(&original) {
+                return Err(RestoreError::NetworkWithoutNamespace.into());
+            }
             let disks = match opts.disks.clone() {
                 Some(d) => d,
                 None => {
@@ -286,7 +317,13 @@ impl Vm {
             };
             let private = workdir.join(SNAPSHOT_COPY);
             restore::materialise(snapshot_dir, &private, &rw)?;
-            let vmm = Vmm::spawn(bin, workdir, patience(DEFAULT_START_TIMEOUT)).await?;
+            let vmm = Vmm::spawn(
+                bin,
+                workdir,
+                opts.netns.as_deref(),
+                patience(DEFAULT_START_TIMEOUT),
+            )
+            .await?;
             guard.disarm();
             let cfg = RestoreConfig {
                 source_url: file_url(&private),

@@ -35,6 +35,12 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the VM's network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VMM directory {dir}: {source}")]
     Dir {
         dir: PathBuf,
@@ -72,8 +78,14 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Starts `bin --api-socket path=<dir>/api.sock` and waits until `vmm.ping` answers.
-    pub async fn spawn(bin: &Path, dir: &Path, start_timeout: Duration) -> Result<Vmm, VmmError> {
+    /// Starts `bin --api-socket path=<dir>/api.sock` (inside the network namespace `netns`,
+    /// a namespace file, if given) and waits until `vmm.ping` answers.
+    pub async fn spawn(
+        bin: &Path,
+        dir: &Path,
+        netns: Option<&Path>,
+        start_timeout: Duration,
+    ) -> Result<Vmm, VmmError> {
         let span = info_span!("vmm_spawn", dir = %dir.display());
         async {
             std::fs::create_dir_all(dir).map_err(|source| VmmError::Dir {
@@ -99,27 +111,51 @@ impl Vmm {
                 dir: dir.to_owned(),
                 source,
             })?;
-            let child = Command::new(bin)
-                .arg("--api-socket")
+            let mut cmd = Command::new(bin);
+            cmd.arg("--api-socket")
                 .arg(format!("path={}", socket.display()))
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log_err)
                 // Drop kills an owned VMM itself; a detached one must survive its handle.
-                .kill_on_drop(false)
-                .spawn()
-                .map_err(|source| {
-                    if source.kind() == std::io::ErrorKind::NotFound {
-                        VmmError::BinaryNotFound {
-                            bin: bin.to_owned(),
+                .kill_on_drop(false);
+            // Opened here, joined by the child between fork and exec: the VMM starts in the
+            // namespace, and nothing of this process moves.
+            let ns_file = match netns {
+                Some(p) => Some(std::fs::File::open(p).map_err(|source| VmmError::Netns {
+                    path: p.to_owned(),
+                    source,
+                })?),
+                None => None,
+            };
+            if let Some(f) = &ns_file {
+                use std::os::fd::AsRawFd;
+                let fd = f.as_raw_fd();
+                // SAFETY: setns(2) is async-signal-safe, and `fd` stays open in the child
+                // (the parent holds `ns_file` until spawn returns).
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                            Ok(())
+                        } else {
+                            Err(std::io::Error::last_os_error())
                         }
-                    } else {
-                        VmmError::Spawn {
-                            bin: bin.to_owned(),
-                            source,
-                        }
+                    });
+                }
+            }
+            let child = cmd.spawn().map_err(|source| {
+                if source.kind() == std::io::ErrorKind::NotFound {
+                    VmmError::BinaryNotFound {
+                        bin: bin.to_owned(),
                     }
-                })?;
+                } else {
+                    VmmError::Spawn {
+                        bin: bin.to_owned(),
+                        source,
+                    }
+                }
+            })?;
+            drop(ns_file);
             debug!(pid = child.id(), "vmm started");
             // For whoever cleans up after a crash of ours before the caller recorded the VMM.
             if let Some(pid) = child.id() {
@@ -357,6 +393,7 @@ mod tests {
         let e = Vmm::spawn(
             Path::new("/nonexistent/cloud-hypervisor"),
             &dir.path().join("vm"),
+            None,
             Duration::from_secs(1),
         )
         .await
@@ -376,11 +413,64 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let e = Vmm::spawn(&fake, &dir.path().join("vm"), Duration::from_secs(5))
+        let e = Vmm::spawn(&fake, &dir.path().join("vm"), None, Duration::from_secs(5))
             .await
             .unwrap_err();
         assert!(matches!(e, VmmError::ExitedEarly { .. }), "{e}");
         assert!(e.to_string().contains("KVM not available"), "{e}");
+    }
+
+    /// The VMM starts inside the network namespace it is given (where its tap goes), and
+    /// this process stays where it was.
+    #[tokio::test]
+    async fn vmm_starts_in_the_network_namespace_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-ch");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh
+echo \"netns $(readlink /proc/self/ns/net)\" >&2
+exit 1
+",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let ns: std::os::fd::OwnedFd = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok::<_, std::io::Error>(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+        })
+        .join()
+        .unwrap()
+        .expect("a network namespace (needs root)");
+        use std::os::fd::AsRawFd;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", ns.as_raw_fd()));
+        let want = std::fs::read_link(&path).unwrap();
+        let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert_ne!(want, mine);
+        let e = Vmm::spawn(
+            &fake,
+            &dir.path().join("vm"),
+            Some(&path),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("netns {}", want.display())),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_link("/proc/self/ns/net").unwrap(), mine);
+        // A namespace that is not there is named in the error.
+        let e = Vmm::spawn(
+            &fake,
+            &dir.path().join("vm2"),
+            Some(Path::new("/nonexistent/ns")),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, VmmError::Netns { .. }), "{e}");
     }
 
     #[tokio::test]
@@ -396,7 +486,7 @@ mod tests {
         // Stale files from a previous VMM must not block the start.
         std::fs::write(vm_dir.join("api.sock.lock"), "").unwrap();
         let t = Instant::now();
-        let e = Vmm::spawn(&fake, &vm_dir, Duration::from_millis(300))
+        let e = Vmm::spawn(&fake, &vm_dir, None, Duration::from_millis(300))
             .await
             .unwrap_err();
         assert!(matches!(e, VmmError::StartTimeout { .. }), "{e}");

@@ -124,6 +124,7 @@ async fn boot_snapshot_restore_clone_and_clean_up() {
         memory_mib: 512,
         cid: 3,
         workdir: base_dir.clone(),
+        network: None,
     };
 
     let t = Instant::now();
@@ -184,6 +185,7 @@ async fn guest_that_never_answers_times_out_with_console() {
         memory_mib: 256,
         cid: 4,
         workdir: root.path().join("vm"),
+        network: None,
     };
     let mut vm = Vm::boot(&spec, &s.bin).await.expect("boot");
     let e = vm

@@ -146,6 +146,7 @@ async fn client_sends_documented_requests_and_maps_errors() {
         serial: Some(ConsoleConfig::off()),
         console: None,
         rng: None,
+        net: None,
     };
     api.create(&cfg).await.unwrap();
     let info = api.info().await.unwrap();
@@ -425,6 +426,7 @@ async fn guest_never_ready_is_a_typed_error_with_console_tail_and_drop_cleans_up
         memory_mib: 256,
         cid: 5,
         workdir: workdir.clone(),
+        network: None,
     };
     let mut vm = Vm::boot(&spec, &bin).await.unwrap();
     std::fs::write(
@@ -469,6 +471,7 @@ async fn missing_binary_is_typed_and_leaves_no_workdir() {
         memory_mib: 256,
         cid: 5,
         workdir: workdir.clone(),
+        network: None,
     };
     let e = Vm::boot(&spec, Path::new("/nonexistent/cloud-hypervisor"))
         .await

@@ -20,7 +20,9 @@ use crate::cargo::TestBinary;
 
 /// What L1 loads, in dependency order after resolution: KVM on AMD SVM (QEMU TCG's `-cpu max`
 /// emulates SVM with nested paging), the virtio transports for its disk and the host's root,
-/// 9p, overlayfs and ext4.
+/// 9p, overlayfs and ext4; and for the sandboxes' network, the taps Cloud Hypervisor makes
+/// and the `nat` table the egress gateway installs (L1 has no modprobe for its own kernel:
+/// nothing loads on demand).
 pub const L1_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
@@ -31,6 +33,10 @@ pub const L1_MODULES: &[&str] = &[
     "overlay",
     "ext4",
     "kvm_amd",
+    "tun",
+    "iptable_nat",
+    "xt_REDIRECT",
+    "xt_tcpudp",
 ];
 
 /// Inside L1: where the scratch disk is mounted, and thaw's cache on it.

@@ -199,11 +199,18 @@ pub trait TierSandbox: Debug + Send + Sync + 'static {
     /// For the tier's own [`TierBackend::checkpoint`], to get its type back.
     fn as_any(&self) -> &dyn Any;
 
-    /// The sandbox's network namespace, for the egress gateway to wire; `None` on a tier
-    /// whose sandboxes it cannot reach that way (a microvm).
-    fn network_namespace(&self) -> Option<std::os::fd::OwnedFd> {
+    /// Where the egress gateway wires the sandbox; `None` when it has no network namespace
+    /// of its own (a microvm started by a thaw from before microvm networking).
+    fn network(&self) -> Option<SandboxNetwork> {
         None
     }
+}
+
+/// A sandbox's network namespace, and how its traffic enters it: a container's processes
+/// live in it, a microvm's guest sends its packets down a tap in its VMM's.
+pub struct SandboxNetwork {
+    pub ns: std::os::fd::OwnedFd,
+    pub link: thaw_gateway::netns::Link,
 }
 
 /// Every tier this build has: the engine's one map from a [`Tier`] to its implementation.

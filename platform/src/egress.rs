@@ -6,8 +6,9 @@
 //! loopback alone, and pays nothing. The grant in force is the union of the three; a call's
 //! part lasts as long as the call ([`thaw_gateway::CallGrant`]).
 //!
-//! Only the container tier is wired so far: a microvm's guest has no network device, and a
-//! grant on it is refused with that reason rather than ignored.
+//! Both tiers are wired the same way from the host's side: a container's namespace is the
+//! one its processes live in; a microvm's is its VMM's, where the guest's virtio-net device
+//! ends in a tap ([`thaw_gateway::netns::Link`]).
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -229,7 +230,13 @@ impl BuildNetwork {
             );
         }
         if let Err(e) = gateway
-            .attach(id, ns.as_fd(), policy, Limits::default())
+            .attach(
+                id,
+                ns.as_fd(),
+                thaw_gateway::netns::Link::Loopback,
+                policy,
+                Limits::default(),
+            )
             .await
         {
             release(id);
@@ -386,15 +393,15 @@ pub(crate) async fn wire(
     policy: Policy,
     limits: Limits,
 ) -> Result<()> {
-    let ns = sb.handle.network_namespace().ok_or_else(|| Error::Egress {
+    let net = sb.handle.network().ok_or_else(|| Error::Egress {
         sandbox: sb.id.clone(),
         message: format!(
-            "the {} tier has no egress yet (only container sandboxes are wired); remove the network grant or use `tier = \"container\"`",
+            "this {} sandbox has no network of its own (its VM was started by a thaw from before microvm networking); end it and start another, and deploy its template again if it still has no network",
             sb.tier().as_str()
         ),
     })?;
     gateway
-        .attach(&sb.id, ns.as_fd(), policy, limits)
+        .attach(&sb.id, net.ns.as_fd(), net.link, policy, limits)
         .instrument(tracing::info_span!("sandbox.egress", sandbox = %sb.id))
         .await
         .map_err(|e| Error::Egress {

@@ -39,6 +39,17 @@ pub struct VmConfig {
     pub console: Option<ConsoleConfig>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub rng: Option<RngConfig>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub net: Option<Vec<NetConfig>>,
+}
+
+/// A virtio-net device on a tap that Cloud Hypervisor opens by name in its own network
+/// namespace (creating it if it does not exist). No `ip`/`mask`: the host's side of the tap
+/// is configured by whoever wires that namespace, not by the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,6 +270,10 @@ mod tests {
             rng: Some(RngConfig {
                 src: "/dev/urandom".into(),
             }),
+            net: Some(vec![NetConfig {
+                tap: "thaw0".into(),
+                mac: "52:54:00:74:68:77".into(),
+            }]),
         }
     }
 
@@ -284,7 +299,8 @@ mod tests {
                 "vsock": {"cid": 3, "socket": "/vm/vsock.sock"},
                 "serial": {"mode": "File", "file": "/vm/console.log"},
                 "console": {"mode": "Off"},
-                "rng": {"src": "/dev/urandom"}
+                "rng": {"src": "/dev/urandom"},
+                "net": [{"tap": "thaw0", "mac": "52:54:00:74:68:77"}]
             })
         );
     }
@@ -304,6 +320,7 @@ mod tests {
             serial: None,
             console: None,
             rng: None,
+            net: None,
         };
         assert_eq!(
             serde_json::to_string(&c).unwrap(),

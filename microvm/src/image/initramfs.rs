@@ -40,6 +40,7 @@ init={init_path}
 rootwait=10
 debug=
 agentport=
+netcfg=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     root=*) root="${{arg#root=}}" ;;
@@ -47,6 +48,7 @@ for arg in $(cat /proc/cmdline); do
     thaw.rootwait=*) rootwait="${{arg#thaw.rootwait=}}" ;;
     thaw.debug=shell) debug=shell ;;
     thaw.agent_port=*) agentport="${{arg#thaw.agent_port=}}" ;;
+    thaw.net=*) netcfg="${{arg#thaw.net=}}" ;;
   esac
 done
 
@@ -67,6 +69,17 @@ while read -r m; do
   [ -n "$m" ] || continue
   insmod "/lib/modules/$m.ko" 2>/dev/null || echo "thaw-initramfs: warning: insmod $m failed"
 done < /lib/modules/{LOAD_ORDER}
+
+# thaw.net=ADDR/LEN,GATEWAY: the guest's one network device, whose other end is a tap in its
+# VMM's own namespace; what it reaches is decided there, by the host. A VM restored from a
+# snapshot made without the device has no eth0 and keeps loopback alone.
+netup=
+if [ -n "$netcfg" ] && [ -e /sys/class/net/eth0 ]; then
+  ip link set lo up
+  {{ ip addr add "${{netcfg%,*}}" dev eth0 && ip link set eth0 up \
+    && ip route add default via "${{netcfg#*,}}" && netup=1; }} \
+    || echo "thaw-initramfs: warning: network setup failed ($netcfg)"
+fi
 
 i=0
 while [ ! -b "$root" ]; do
@@ -92,6 +105,12 @@ if [ -n "$agentport" ]; then
 fi
 mount -t ext4 -o rw,noatime "$root" /newroot || fail "cannot mount $root as ext4"
 [ -x "/newroot$init" ] || fail "guest init $init is missing or not executable in the rootfs on $root"
+# A rootfs without a resolver configuration (a busybox base) would ask 127.0.0.1, inside the
+# guest: point it at the gateway's resolver, on the VM's own disk. One the template ships is
+# kept (DNS to any address leaves through the tap to the same resolver).
+if [ -n "$netup" ] && [ ! -e /newroot/etc/resolv.conf ] && [ ! -L /newroot/etc/resolv.conf ]; then
+  mkdir -p /newroot/etc && echo "nameserver ${{netcfg#*,}}" > /newroot/etc/resolv.conf
+fi
 for d in dev proc sys; do
   mkdir -p "/newroot/$d"
   mount --move "/$d" "/newroot/$d" || fail "cannot move /$d into the rootfs"
@@ -293,5 +312,23 @@ mod tests {
         assert!(s.contains("init=/sbin/thaw-init"));
         assert!(s.contains("switch_root /newroot"));
         assert!(s.contains("/lib/modules/load-order"));
+    }
+
+    /// The script parses (busybox's shell runs it; dash here is as strict about syntax).
+    #[test]
+    fn init_script_is_valid_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("init");
+        std::fs::write(&path, init_script("/sbin/thaw-init")).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

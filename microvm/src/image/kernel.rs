@@ -27,6 +27,8 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_console",
     "virtio_rng",
+    // The guest's network device (a tap in its VMM's namespace, wired by the egress gateway).
+    "virtio_net",
     "vsock",
     "vmw_vsock_virtio_transport",
     "ext4",

@@ -197,8 +197,13 @@ impl TierSandbox for ContainerSandbox {
         })
     }
 
-    fn network_namespace(&self) -> Option<std::os::fd::OwnedFd> {
-        self.channel.netns()
+    fn network(&self) -> Option<crate::backend::SandboxNetwork> {
+        self.channel
+            .netns()
+            .map(|ns| crate::backend::SandboxNetwork {
+                ns,
+                link: thaw_gateway::netns::Link::Loopback,
+            })
     }
 
     fn oom_killed(&self) -> bool {

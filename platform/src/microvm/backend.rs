@@ -210,6 +210,26 @@ impl TierSandbox for VmSandbox {
         Some(format!("{vmm}; the guest's console ends with:\n{console}"))
     }
 
+    /// The VMM's namespace, where its tap is: never the host's own (a VMM started before
+    /// microvm networking ran in it, and wiring that would redirect the host's traffic).
+    fn network(&self) -> Option<crate::backend::SandboxNetwork> {
+        use std::os::unix::fs::MetadataExt;
+        let identity = VmSandbox::identity(self).filter(|i| crate::cleanup::identity_alive(i))?;
+        let pid = crate::cleanup::identity_pid(&identity)?;
+        let file = std::fs::File::open(format!("/proc/{pid}/ns/net")).ok()?;
+        let theirs = file.metadata().ok()?;
+        let ours = std::fs::metadata("/proc/self/ns/net").ok()?;
+        if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+            return None;
+        }
+        // The pid could have been reused between the check and the open: it is ours only
+        // if the identity still holds after.
+        crate::cleanup::identity_alive(&identity).then(|| crate::backend::SandboxNetwork {
+            ns: file.into(),
+            link: thaw_gateway::netns::Link::Tap,
+        })
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -15,6 +15,11 @@
 //! The VMM is detached from the handle that started it, like a runc container: it lives until
 //! [`VmSandbox::destroy`], and a thaw process killed mid-invocation leaves it to the sweep.
 //!
+//! Every VMM runs in a network namespace of its own, where Cloud Hypervisor makes the tap of
+//! the guest's one network device. Nothing is wired there until the sandbox is granted
+//! egress; then the gateway wires it as it wires a container's namespace, from the tap's
+//! side ([`thaw_gateway::netns::Link::Tap`]). The namespace lives as long as its VMM.
+//!
 //! A snapshot is Cloud Hypervisor's snapshot directory (`config.json`, `state.json`,
 //! `memory-ranges`) plus `disk.ext4`, the disk as it was while the VM was paused, flattened
 //! into one standalone raw image (overlay merged with its backing file): memory and disk must
@@ -81,6 +86,34 @@ fn binary() -> Result<PathBuf> {
         what: format!("the microvm tier: {why}"),
         fix: "see README: Running on a KVM host".into(),
     })
+}
+
+/// The guest's MAC address: one serves every VM, each alone on its tap.
+const GUEST_MAC: &str = "52:54:00:74:68:77";
+
+/// The guest's network, for its initramfs (`thaw.net=ADDR/LEN,GATEWAY`): the guest's end of
+/// the /30 whose other end is the tap the gateway wires.
+fn guest_net_arg() -> String {
+    format!(
+        "thaw.net={}/30,{}",
+        thaw_gateway::netns::GUEST_ADDR,
+        thaw_gateway::netns::TAP_ADDR
+    )
+}
+
+/// A fresh network namespace for one VMM (its tap goes there). The VMM holds it once it
+/// has started; the egress gateway reaches it through the VMM ([`crate::backend::TierSandbox::network`]).
+async fn vm_netns() -> Result<std::os::fd::OwnedFd> {
+    tokio::task::spawn_blocking(thaw_gateway::netns::new)
+        .await
+        .map_err(|e| Error::Other(format!("network namespace task: {e}")))?
+        .map_err(|e| Error::Other(format!("the VM's network namespace: {e}")))
+}
+
+/// The path of one of this process's descriptors, for a child to open.
+fn fd_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// A vsock CID for a new VM. With hybrid vsock the host reaches each VM through its own
@@ -171,19 +204,26 @@ impl MicrovmTier {
                     spec.limits.memory_mib
                 )));
             }
+            let ns = vm_netns().await?;
             let (dir, _) = self.prepare(&spec.id, &img.rootfs, false)?;
             let cid = new_cid();
             let vm_spec = VmSpec {
                 kernel: img.kernel,
                 initramfs: img.initramfs,
-                cmdline: thaw_microvm::vm::DEFAULT_CMDLINE.to_string(),
+                cmdline: format!("{} {}", thaw_microvm::vm::DEFAULT_CMDLINE, guest_net_arg()),
                 rootfs: dir.join(OVERLAY_FILE),
                 vcpus: u8::try_from(spec.limits.vcpus).unwrap_or(u8::MAX),
                 memory_mib: spec.limits.memory_mib,
                 cid,
                 workdir: dir.join(WORKDIR),
+                network: Some(thaw_microvm::vm::NetworkSpec {
+                    netns: fd_path(&ns),
+                    tap: thaw_gateway::netns::TAP.into(),
+                    mac: GUEST_MAC.into(),
+                }),
             };
             let vm = Vm::boot(&vm_spec, &bin).await;
+            drop(ns);
             self.adopt(spec, &dir, cid, vm).await
         }
         .instrument(span)
@@ -208,13 +248,18 @@ impl MicrovmTier {
             } else {
                 snapshot.join(DISK_FILE)
             };
+            let ns = vm_netns().await?;
             let (dir, kept) = self.prepare(&spec.id, &from, private)?;
             let snapshot = if private { kept.as_path() } else { snapshot };
             let cid = new_cid();
             let mut opts = RestoreOptions::new(cid);
             let disk = if private { DISK_FILE } else { OVERLAY_FILE };
             opts.disks = Some(vec![dir.join(disk)]);
+            // Every VMM runs in a namespace of its own, whether its snapshot has a network
+            // device or not (one from before microvm networking has none).
+            opts.netns = Some(fd_path(&ns));
             let vm = Vm::restore(snapshot, &dir.join(WORKDIR), opts, &bin).await;
+            drop(ns);
             self.adopt(spec, &dir, cid, vm).await
         }
         .instrument(span)
