@@ -19,11 +19,14 @@
 //! it and its vCPUs' registers, kills it, and boots a fresh L1 once for the jobs it had not
 //! finished. That retry is printed as such (`RETRIED`); a second freeze fails the run.
 //!
-//! The silent L1s this project's CI saw (4 of 7 runs) fit a full host disk: QEMU's default
-//! for a failed write is to pause the VM (`werror=enospc`), which looks exactly like a hung
-//! kernel, and a rehearsal clone left beside the CI's took the room. So the scratch disk now
-//! reports write errors to L1 instead, gives back what L1 deletes (discard), and a boot is
-//! refused up front when the host's disk lacks the room a run needs. On any failure
+//! Two kinds of silence have been seen. A full host disk: QEMU's default for a failed write
+//! is to pause the VM (`werror=enospc`), which looks exactly like a hung kernel; so the
+//! scratch disk reports write errors to L1 instead, gives back what L1 deletes (discard), and
+//! a boot is refused up front when the host's disk lacks the room a run needs. And a real
+//! lockup of L1's kernel (about one run in six here): both vCPUs spinning at one kernel
+//! address, the kernel printing soft-lockup reports on the serial port while nothing else
+//! runs, a fault of nested SVM under TCG that no test inside can cause or fix. Only the
+//! virtio console (user space, with its heartbeat) counts as L1 being alive. On any failure
 //! the tails of L1's consoles, the failed tests' output and the sandboxes' console, VMM and
 //! init logs are printed.
 

@@ -149,11 +149,20 @@ impl Qemu {
             summaries: Vec::new(),
         };
         let mut current = String::from("L1");
+        // Only the virtio console, where L1's user space prints (its heartbeat among it),
+        // counts as L1 being alive: a kernel whose CPUs are locked up goes on printing its
+        // soft-lockup reports on the serial port, minute after minute, while nothing else
+        // runs (seen: both vCPUs spinning at one address, user space stopped, for as long as
+        // the host let it).
         let mut heard = Instant::now();
         loop {
-            for follower in &mut followers {
+            for (i, follower) in followers.iter_mut().enumerate() {
                 for line in follower.new_lines()? {
-                    heard = Instant::now();
+                    if i == 1 {
+                        heard = Instant::now();
+                    } else if line.contains("soft lockup") || line.contains("hard LOCKUP") {
+                        eprintln!("[nested] L1's kernel: {}", line.trim_end());
+                    }
                     observe(&line, &mut current, &mut outcome);
                 }
             }
@@ -169,7 +178,7 @@ impl Qemu {
                     })
                     .unwrap_or_else(|e| format!("unknown ({e:#})"));
                 eprintln!(
-                    "[nested] L1 silent for {} s during {current} (no heartbeat); QEMU says L1 is {status}; {} free on the scratch disk's file system; its vCPUs:",
+                    "[nested] L1's user space silent for {} s during {current} (no heartbeat); QEMU says L1 is {status}; {} free on the scratch disk's file system; its vCPUs:",
                     heard.elapsed().as_secs(),
                     crate::scratch::free_space_text(&self.scratch),
                 );
