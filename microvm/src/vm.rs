@@ -537,3 +537,40 @@ impl Vm {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot whose VM has a network device, restored without a namespace for its tap,
+    /// is refused before any VMM starts (its tap would be made in this process's namespace),
+    /// and the clone's work directory is gone.
+    #[tokio::test]
+    async fn a_networked_snapshot_needs_a_namespace() {
+        let d = tempfile::tempdir().unwrap();
+        let snap = d.path().join("snap");
+        std::fs::create_dir_all(&snap).unwrap();
+        let config = serde_json::json!({
+            "payload": {"kernel": "/k"},
+            "disks": [{"path": "/d.ext4"}],
+            "vsock": {"cid": 3, "socket": "/v.sock"},
+            "net": [{"tap": "thaw0", "mac": "52:54:00:74:68:77"}]
+        });
+        std::fs::write(
+            snap.join(restore::CONFIG_JSON),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        let mut opts = RestoreOptions::new(7);
+        opts.disks = Some(vec![d.path().join("disk.ext4")]);
+        let workdir = d.path().join("vm");
+        let e = Vm::restore(&snap, &workdir, opts, Path::new("/nonexistent/ch"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, VmError::Restore(RestoreError::NetworkWithoutNamespace)),
+            "{e}"
+        );
+        assert!(!workdir.exists());
+    }
+}
