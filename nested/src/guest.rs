@@ -214,8 +214,10 @@ i=0; while [ ! -c /dev/hvc0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo '+cpu +memory +pids +io' > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
 hostname thaw-l1
-# Kernel messages (kvm's "Unhandled WRMSR" from every L2 boot) would split the tests' lines.
-dmesg -n 1 2>/dev/null
+# The serial port gets the kernel's warnings and worse (kvm's "Unhandled WRMSR" of every L2
+# boot among them): when L1's kernel locks up and nothing else runs, its soft-lockup reports
+# and their stack traces are all there is to see, and they are printed at warning level.
+dmesg -n 5 2>/dev/null
 ip link set lo up 2>/dev/null
 ulimit -n 65536
 [ -r /proc/meminfo ] || fatal "no /proc in L1"
@@ -223,7 +225,7 @@ ulimit -n 65536
 echo "{READY} $(uname -r) cpus=$(nproc) mem=$(awk '/MemTotal/{{print $2}}' /proc/meminfo)kB flags=$(grep -m1 -o -w -e svm -e npt /proc/cpuinfo | tr '\n' ' ')"
 mkdir -p {L1_CACHE} {SCRATCH}/{OUT_DIR}
 # A heartbeat, so the host can tell a frozen L1 from a slow test; and L1's kernel trouble
-# (an oops, a hung task, a lockup) on the console, which `dmesg -n 1` above keeps quiet.
+# (an oops, a hung task, a lockup) on the virtio console, beside the jobs' output.
 ( while :; do sleep {HEARTBEAT_S}; echo "{ALIVE} up=$(cut -d' ' -f1 /proc/uptime)s load=$(cut -d' ' -f1-3 /proc/loadavg | tr ' ' /) avail=$(awk '/MemAvailable/{{print $2}}' /proc/meminfo)kB"; done ) &
 echo 120 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
 ( dmesg -W -l emerg,alert,crit,err,warn 2>/dev/null | grep --line-buffered -v -i -e msr -e 'ignored' | sed -u 's/^/{KERN} /' ) &

@@ -75,7 +75,12 @@ impl Qemu {
             .arg(&self.initramfs)
             .args([
                 "-append",
-                "console=ttyS0 panic=-1 rdinit=/init loglevel=4 mitigations=off",
+                // rcu_normal: no expedited RCU grace periods, which interrupt every other
+                // CPU. L1's kernel has locked up with both vCPUs spinning at one address, as
+                // when each waits on an interrupt to the other that never arrived (QEMU
+                // TCG's emulated SVM), and every VM's network namespace torn down asks for
+                // such grace periods.
+                "console=ttyS0 panic=-1 rdinit=/init loglevel=4 mitigations=off rcupdate.rcu_normal=1",
             ])
             .args(["-serial", &format!("file:{}", self.console.display())])
             // The host's root, read-only: L1 sees every path the binaries were built with.
