@@ -59,9 +59,6 @@ fn exec_lines(home: &Home, template: &str, script: &str) -> (serde_json::Value, 
     (r, lines)
 }
 
-/// What makes a clone itself: prints its random UUID, 16 random bytes and hostname, whether
-/// its disk was fresh, then marks its disk. (Not the boot id: the kernel makes it at its first
-/// read, so clones of a snapshot taken before any read each make their own.)
 /// A granted name resolved (through the guest's `/etc/resolv.conf`, which its initramfs
 /// points at the gateway, and through a server address the guest names: every DNS datagram
 /// is the gateway's) and fetched by address with its `Host` (busybox's static wget crashes
@@ -73,6 +70,9 @@ printf 'GET /hello HTTP/1.0\\r\\nHost: plain.test\\r\\n\\r\\n' | nc -w 20 198.51
 nslookup other.test 198.51.100.53 >/dev/null 2>&1 || echo other unresolved; \
 printf 'GET / HTTP/1.0\\r\\nHost: other.test\\r\\n\\r\\n' | nc -w 10 198.51.100.20 80 | grep -q 'hello from' || echo other refused";
 
+/// What makes a clone itself: prints its random UUID, 16 random bytes and hostname, whether
+/// its disk was fresh, then marks its disk. (Not the boot id: the kernel makes it at its first
+/// read, so clones of a snapshot taken before any read each make their own.)
 const IDENTITY: &str = "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; test ! -e /mine && echo fresh; echo x > /mine";
 
 /// A home whose thaw runs templates on the microvm tier through the test double.

@@ -125,8 +125,8 @@ pub const TAP_ADDR: &str = "100.64.0.1";
 /// address space (RFC 6598), which no destination the gateway dials uses.
 pub const GUEST_ADDR: &str = "100.64.0.2";
 
-/// The tap's address and link, and IPv4 forwarding off: a packet the rules do not catch
-/// (UDP other than DNS, ICMP) has nowhere to go from this namespace.
+/// The tap's address and link. With forwarding off ([`wire`] turns it off), a packet the
+/// rules do not catch (UDP other than DNS, ICMP) has nowhere to go from this namespace.
 fn tap_route() -> String {
     format!("link set lo up\naddr replace {TAP_ADDR}/30 dev {TAP}\nlink set {TAP} up\n")
 }
@@ -169,12 +169,11 @@ pub fn wire(
             let (route, listen) = match link {
                 Link::Loopback => (SANDBOX_ROUTE.to_string(), "127.0.0.1"),
                 Link::Tap => {
-                    let tap = TAP;
-                    let name = std::ffi::CString::new(tap).map_err(std::io::Error::other)?;
+                    let name = std::ffi::CString::new(TAP).map_err(std::io::Error::other)?;
                     // SAFETY: a valid C string; the call only reads it.
                     if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
                         return Err(std::io::Error::other(format!(
-                            "the sandbox has no network device ({tap} is missing from its VMM's namespace): its snapshot predates microvm networking; deploy its template again"
+                            "the sandbox has no network device ({TAP} is missing from its VMM's namespace): its snapshot predates microvm networking; deploy its template again"
                         )));
                     }
                     std::fs::write("/proc/sys/net/ipv4/ip_forward", b"0")?;

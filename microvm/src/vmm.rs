@@ -428,10 +428,7 @@ mod tests {
         let fake = dir.path().join("fake-ch");
         std::fs::write(
             &fake,
-            "#!/bin/sh
-echo \"netns $(readlink /proc/self/ns/net)\" >&2
-exit 1
-",
+            "#!/bin/sh\necho \"netns $(readlink /proc/self/ns/net)\" >&2\nexit 1\n",
         )
         .unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))

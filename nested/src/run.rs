@@ -142,6 +142,7 @@ impl Qemu {
         // Both: the serial port has the kernel's messages and anything printed before the
         // virtio console is up, the virtio console everything after.
         let mut followers = [Follower::new(&self.console)?, Follower::new(&self.channel)?];
+        const CHANNEL: usize = 1;
         let mut outcome = Outcome {
             results: Vec::new(),
             done: false,
@@ -163,7 +164,7 @@ impl Qemu {
         loop {
             for (i, follower) in followers.iter_mut().enumerate() {
                 for line in follower.new_lines()? {
-                    if i == 1 {
+                    if i == CHANNEL {
                         heard = Instant::now();
                     } else if line.contains("soft lockup") || line.contains("hard LOCKUP") {
                         eprintln!("[nested] L1's kernel: {}", line.trim_end());

@@ -166,23 +166,14 @@ fn tempdir(prefix: &str) -> Result<PathBuf> {
 /// Bytes free to an unprivileged writer on the file system holding `path` (its parent when
 /// `path` does not exist yet).
 pub fn free_bytes(path: &Path) -> Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
     let dir = if path.exists() {
         path
     } else {
         path.parent().unwrap_or(Path::new("."))
     };
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .with_context(|| format!("{} has a NUL byte", dir.display()))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: `c` is a valid C string and `st` a writable statvfs the call fills.
-    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statvfs {}", dir.display()));
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    let st =
+        nix::sys::statvfs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// "12.3 GiB" free where `path` lives, or why that is unknown: for messages.

@@ -27,14 +27,6 @@ pub const UPSTREAM_DNS_ENV: &str = "THAW_UPSTREAM_DNS";
 /// connections leave from; default, the host's namespace.
 pub const EGRESS_NETNS_ENV: &str = "THAW_EGRESS_NETNS";
 
-/// Parses allow/deny lists; the error names the list and the bad entry.
-pub fn policy_of(
-    allow: &[String],
-    deny: &[String],
-) -> std::result::Result<Policy, thaw_gateway::PolicyError> {
-    Policy::parse(allow, deny)
-}
-
 /// Lists that do not parse, as the error naming their field: `prefix` is where the lists
 /// sit in the request or template (`""`, `"network."`, `"build."`).
 pub(crate) fn bad_lists(prefix: &str, e: thaw_gateway::PolicyError) -> Error {
@@ -71,7 +63,7 @@ pub fn check_grant(
 
 /// A grant from a session or a call, checked.
 pub fn grant_policy(g: &NetworkGrant) -> Result<Policy> {
-    policy_of(&g.allow_out, &g.deny_out).map_err(|e| bad_lists("", e))
+    Policy::parse(&g.allow_out, &g.deny_out).map_err(|e| bad_lists("", e))
 }
 
 pub(crate) fn limits_of(n: &NetworkSpec) -> Limits {
@@ -208,7 +200,7 @@ impl BuildNetwork {
         build: &thaw_types::spec::BuildLimits,
     ) -> Result<Option<BuildNetwork>> {
         let policy =
-            policy_of(&build.allow_out, &build.deny_out).map_err(|e| bad_lists("build.", e))?;
+            Policy::parse(&build.allow_out, &build.deny_out).map_err(|e| bad_lists("build.", e))?;
         if policy.is_closed() {
             return Ok(None);
         }

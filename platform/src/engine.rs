@@ -738,7 +738,7 @@ impl Engine {
         spec: &TemplateSpec,
         grant: &thaw_types::spec::NetworkGrant,
     ) -> Result<thaw_gateway::Policy> {
-        let base = crate::egress::policy_of(&spec.network.allow_out, &spec.network.deny_out)
+        let base = thaw_gateway::Policy::parse(&spec.network.allow_out, &spec.network.deny_out)
             .map_err(|e| crate::egress::bad_lists("network.", e))?;
         Ok(base.union(&crate::egress::grant_policy(grant)?))
     }

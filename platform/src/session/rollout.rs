@@ -226,6 +226,14 @@ fn child_record(parent: &Lineage, origin: String, opts: &SessionOptions) -> Sess
     }
 }
 
+impl Engine {
+    /// The lineage of sessions made from session `r`, with the secrets this process holds
+    /// for it.
+    fn lineage_of(&self, r: &SessionRecord) -> Lineage {
+        Lineage::of_session(r, self.secrets_of_session(&r.session.id))
+    }
+}
+
 impl SessionRecord {
     /// Refuses what only a checkpointable session can do.
     pub(super) fn must_checkpoint(&self, what: &str) -> Result<()> {
@@ -799,12 +807,7 @@ impl Engine {
                 }
                 let snap = checkpoint_snapshot(id, name);
                 let origin = format!("checkpoint {id}/{name}");
-                Ok((
-                    Lineage::of_session(&rec, self.secrets_of_session(id)),
-                    Some(snap),
-                    origin,
-                    None,
-                ))
+                Ok((self.lineage_of(&rec), Some(snap), origin, None))
             }
             BatchSource::Session {
                 id,
@@ -817,18 +820,13 @@ impl Engine {
                             Error::Other(format!("session `{id}` is paused without a snapshot"))
                         })?;
                         let origin = format!("session {id} (paused)");
-                        Ok((
-                            Lineage::of_session(&rec, self.secrets_of_session(id)),
-                            Some(snap),
-                            origin,
-                            None,
-                        ))
+                        Ok((self.lineage_of(&rec), Some(snap), origin, None))
                     }
                     SessionState::Running => {
                         let point = self.fork_point(&rec).await?;
                         let origin = format!("fork of session {id}");
                         Ok((
-                            Lineage::of_session(&rec, self.secrets_of_session(id)),
+                            self.lineage_of(&rec),
                             Some(point.clone()),
                             origin,
                             Some(point),

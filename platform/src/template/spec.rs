@@ -107,9 +107,9 @@ impl TemplateSpecExt for TemplateSpec {
                 return Err(bad("reward.timeout_s", "must be at least 1".into()));
             }
         }
-        crate::egress::policy_of(&self.network.allow_out, &self.network.deny_out)
+        thaw_gateway::Policy::parse(&self.network.allow_out, &self.network.deny_out)
             .map_err(|e| bad("network", e.to_string()))?;
-        crate::egress::policy_of(&self.build.allow_out, &self.build.deny_out)
+        thaw_gateway::Policy::parse(&self.build.allow_out, &self.build.deny_out)
             .map_err(|e| bad("build", e.to_string()))?;
         if let BaseSpec::Debian { suite, packages } = &self.base {
             if suite.is_empty() || !suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
