@@ -689,3 +689,94 @@ fn clones_restore_into_sandboxes_prepared_ahead() {
     assert_eq!(thaw_e2e::leaked_cgroups(&all), Vec::<String>::new());
     home.assert_clean();
 }
+
+/// With thaw's CRIU (patch `0006`), a prepared sandbox's CRIU is already running, inside the
+/// sandbox's cgroups, waiting at its gate with nothing restored. A prepared sandbox whose
+/// CRIU was killed while it waited is torn down, never handed to a caller, and closing the
+/// engine sends the waiting ones away and leaves nothing behind.
+#[test]
+fn prepared_sandboxes_hold_a_criu_waiting_at_its_gate() {
+    let gate = std::process::Command::new("criu")
+        .args(["--restore-gate-fd", "-1", "--version"])
+        .output()
+        .expect("criu on PATH");
+    assert!(
+        gate.status.success(),
+        "the installed criu lacks thaw's restore-gate patch (scripts/criu-patches/0006): run `make deps`"
+    );
+    let home = Home::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = counter_template(tmp.path(), COUNTER_LIMITS);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut all = Vec::new();
+    rt.block_on(async {
+        let engine = deployed_engine(&home, &dir).await;
+        engine.keep_prepared(2);
+        let opts = thaw_platform::engine::RunOptions::default();
+        let first = engine.spawn("counter", &opts).await.unwrap();
+        let first_id = first.id().to_string();
+        wait_for("two prepared sandboxes", Duration::from_secs(20), || {
+            sandbox_ids(&home).len() == 3
+        });
+        let mut prepared = sandbox_ids(&home);
+        prepared.remove(&first_id);
+        for id in &prepared {
+            let pids = thaw_platform::container::cgroup_pids(id);
+            assert!(!pids.is_empty(), "{id}: nothing in its cgroups");
+            for pid in &pids {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                assert_eq!(comm.trim(), "criu", "{id}: process {pid} is not its CRIU");
+            }
+            assert!(
+                !home
+                    .path()
+                    .join("sandboxes")
+                    .join(id)
+                    .join("init.pid")
+                    .exists(),
+                "{id}: restored before anyone asked"
+            );
+        }
+        // Kill every waiting CRIU: the next clone must not be restored into their sandboxes.
+        for id in &prepared {
+            for pid in thaw_platform::container::cgroup_pids(id) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        wait_for(
+            "the killed CRIUs to be gone",
+            Duration::from_secs(10),
+            || {
+                prepared
+                    .iter()
+                    .all(|id| thaw_platform::container::cgroup_pids(id).is_empty())
+            },
+        );
+        let next = engine.spawn("counter", &opts).await.unwrap();
+        let next_id = next.id().to_string();
+        assert!(
+            !prepared.contains(&next_id),
+            "{next_id} is a sandbox whose CRIU was killed"
+        );
+        let done = next.invoke(serde_json::json!(null), &opts).await.unwrap();
+        assert_eq!(done.result, Some(serde_json::json!({"n": 1})), "{done:?}");
+        wait_for(
+            "the sandboxes of the killed CRIUs torn down",
+            Duration::from_secs(20),
+            || {
+                let now = sandbox_ids(&home);
+                prepared.iter().all(|id| !now.contains(id))
+            },
+        );
+        all.extend(prepared.iter().cloned());
+        all.extend(sandbox_ids(&home));
+        first.destroy().await;
+        next.destroy().await;
+        engine.close().await;
+    });
+    assert_eq!(thaw_e2e::leaked_cgroups(&all), Vec::<String>::new());
+    home.assert_clean();
+}

@@ -144,14 +144,31 @@ pub fn run() -> Report {
             )),
         },
     ));
+    let criu_features = crate::container::criu::features_uncached();
     checks.push(check(
         "criu mmap-pages",
         false,
-        match crate::container::criu::features_uncached() {
+        match criu_features {
             Some(f) if f.mmap_pages => Ok("clones map the snapshot's memory copy-on-write".into()),
             Some(_) => Err((
                 "this criu lacks thaw's mmap-pages patch: every clone copies the snapshot's \
                  memory (slower restores, no pages shared between clones)"
+                    .into(),
+                "run `make deps` (builds CRIU with scripts/criu-patches)".into(),
+            )),
+            None => Err(("criu not found".into(), "run `make deps`".into())),
+        },
+    ));
+    checks.push(check(
+        "criu restore-gate",
+        false,
+        match criu_features {
+            Some(f) if f.restore_gate => {
+                Ok("prepared sandboxes start CRIU before anyone asks for them".into())
+            }
+            Some(_) => Err((
+                "this criu lacks thaw's restore-gate patch: every restore pays CRIU's start \
+                 and preparation (about 5 ms)"
                     .into(),
                 "run `make deps` (builds CRIU with scripts/criu-patches)".into(),
             )),

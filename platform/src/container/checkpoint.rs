@@ -21,7 +21,7 @@ use tokio::process::Command;
 use tracing::{debug, info_span, Instrument};
 
 use super::cgroups::SandboxCgroup;
-use super::criu_restore::DirectRestore;
+use super::criu_restore::{Armed, DirectRestore};
 use super::userns;
 use super::{
     mounts, oci, write_json, CloneMemory, ContainerSandbox, ContainerTier, Keeper, SandboxDir,
@@ -71,7 +71,7 @@ async fn run_checked(mut cmd: Command, what: &str) -> Result<()> {
 }
 
 /// CRIU's own log explains most failures; quote its last error lines.
-fn criu_log_errors(work: &Path, file: &str) -> String {
+pub(super) fn criu_log_errors(work: &Path, file: &str) -> String {
     let text = std::fs::read_to_string(work.join(file)).unwrap_or_default();
     // CRIU reports failing to raise its own fd limit as an error, then carries on.
     let errs: Vec<&str> = text
@@ -185,55 +185,40 @@ impl ContainerTier {
             );
             let mut timings = RestoreTimings::default();
             let r = async {
-                let cgroup = match prepared {
-                    Some(p) => Some(p.cgroup),
+                let (cgroup, armed) = match prepared {
+                    Some(p) => (Some(p.cgroup), p.armed),
                     None => {
                         self.prepare_restore_dir(&d, spec, snapshot).await?;
-                        if direct {
+                        let cgroup = if direct {
                             Some(SandboxCgroup::create(&spec.id, &spec.limits)?)
                         } else {
                             None
-                        }
+                        };
+                        (cgroup, None)
                     }
                 };
-                let guest_init = self.guest_init_of(snapshot, &d)?;
-                let cfg = self.container_config(spec, &d, &guest_init);
-                if cgroup.is_none() {
-                    write_json(&d.root.join("config.json"), &oci::render(&cfg))?;
-                }
                 timings.prepare_ms = ms(t0);
                 let t1 = Instant::now();
-                let work = d.root.join("criu-work");
-                std::fs::create_dir_all(&work).ctx("creating CRIU work directory", &work)?;
-                let images = snapshot.join(CRIU_DIR);
-                // CRIU reads some images from inside the restored user namespace, where
-                // host root's files are nobody's: they belong to the range's root (the
-                // directories above stay host root's, 0700).
-                if !userns::owned_by(&images, spec.ids) {
-                    userns::chown_tree(&images, spec.ids)?;
-                }
-                let restored = match &cgroup {
-                    Some(cgroup) => {
-                        DirectRestore {
-                            images: &images,
-                            work: &work,
-                            rootfs: &d.rootfs(),
-                            config: &self.criu_config_for(spec.memory),
-                            cgroup_root: &cfg.cgroup_path,
-                            cgroup,
-                            binds: vec![(oci::GUEST_INIT_PATH, guest_init.clone())],
-                            pid_file: &d.pid_file(),
-                            log: &d.log(),
-                        }
-                        .run()
-                        .await
-                    }
-                    None => {
+                let restored = match (&cgroup, armed) {
+                    // Prepared ahead: CRIU waits at its gate.
+                    (Some(_), Some(armed)) => armed.go().await,
+                    // CRIU restores at once: no gate to wait at.
+                    (Some(cgroup), None) => match self.arm(spec, &d, snapshot, cgroup, false) {
+                        Ok(armed) => armed.go().await,
+                        Err(e) => Err(e),
+                    },
+                    (None, _) => {
+                        let guest_init = self.guest_init_of(snapshot, &d)?;
+                        let cfg = self.container_config(spec, &d, &guest_init);
+                        write_json(&d.root.join("config.json"), &oci::render(&cfg))?;
+                        let images = self.criu_images(spec, snapshot)?;
+                        std::fs::create_dir_all(d.criu_work())
+                            .ctx("creating CRIU work directory", d.criu_work())?;
                         let args: Vec<std::ffi::OsString> = vec![
                             "--image-path".into(),
                             images.into(),
                             "--work-path".into(),
-                            work.clone().into(),
+                            d.criu_work().into(),
                             "--pid-file".into(),
                             d.pid_file().into(),
                             "--bundle".into(),
@@ -244,7 +229,7 @@ impl ContainerTier {
                     }
                 };
                 if let Err(e) = restored {
-                    return Err(with_criu_log(e, &work));
+                    return Err(with_criu_log(e, &d.criu_work()));
                 }
                 timings.criu_ms = ms(t1);
                 let t2 = Instant::now();
@@ -272,6 +257,48 @@ impl ContainerTier {
         }
         .instrument(span)
         .await
+    }
+
+    /// Starts the `criu restore` of `snapshot` into the sandbox `d` (its directory and
+    /// cgroups made), waiting at its gate when `gate` is set ([`DirectRestore::start`]).
+    pub(super) fn arm(
+        &self,
+        spec: &SandboxSpec,
+        d: &SandboxDir,
+        snapshot: &Path,
+        cgroup: &SandboxCgroup,
+        gate: bool,
+    ) -> Result<Armed> {
+        let guest_init = self.guest_init_of(snapshot, d)?;
+        let cfg = self.container_config(spec, d, &guest_init);
+        let work = d.criu_work();
+        std::fs::create_dir_all(&work).ctx("creating CRIU work directory", &work)?;
+        let images = self.criu_images(spec, snapshot)?;
+        DirectRestore {
+            images: &images,
+            work: &work,
+            rootfs: &d.rootfs(),
+            config: &self.criu_config_for(spec.memory),
+            cgroup_root: &cfg.cgroup_path,
+            cgroup,
+            cgroup_view: spec.limits.cgroup_view,
+            binds: vec![(oci::GUEST_INIT_PATH, guest_init)],
+            pid_file: &d.pid_file(),
+            log: &d.log(),
+        }
+        .start(gate)
+    }
+
+    /// The snapshot's CRIU images, readable from inside the restored user namespace.
+    fn criu_images(&self, spec: &SandboxSpec, snapshot: &Path) -> Result<PathBuf> {
+        let images = snapshot.join(CRIU_DIR);
+        // CRIU reads some images from inside the restored user namespace, where host
+        // root's files are nobody's: they belong to the range's root (the directories
+        // above stay host root's, 0700).
+        if !userns::owned_by(&images, spec.ids) {
+            userns::chown_tree(&images, spec.ids)?;
+        }
+        Ok(images)
     }
 
     /// The guest-init a snapshot's processes run: the copy it carries, else (a snapshot

@@ -19,6 +19,9 @@ use crate::paths::Paths;
 pub struct Features {
     /// `mmap-pages`: restore private memory copy-on-write from the pages image (patch 0002).
     pub mmap_pages: bool,
+    /// `restore-gate-fd`: a restore prepared ahead waits for one byte before it restores
+    /// (patch 0006).
+    pub restore_gate: bool,
 }
 
 /// The features of the `criu` that runc will run (the first on PATH).
@@ -44,7 +47,11 @@ pub fn features(paths: &Paths) -> Features {
     debug!(criu = %bin.display(), ?f, "probed CRIU features");
     // Best effort: without the cache the next process probes again.
     let tmp = cache.with_extension("tmp");
-    let text = format!("{key}\nmmap-pages={}\n", u8::from(f.mmap_pages));
+    let text = format!(
+        "{key}\nmmap-pages={}\nrestore-gate={}\n",
+        u8::from(f.mmap_pages),
+        u8::from(f.restore_gate)
+    );
     if std::fs::write(&tmp, text).is_ok() {
         let _ = std::fs::rename(&tmp, &cache);
     }
@@ -62,21 +69,26 @@ fn read_cached(cache: &Path, key: &str) -> Option<Features> {
     if lines.next()? != key {
         return None;
     }
-    let mut f = Features::default();
+    let (mut mmap_pages, mut restore_gate) = (None, None);
     for l in lines {
         match l.split_once('=') {
-            Some(("mmap-pages", v)) => f.mmap_pages = v == "1",
+            Some(("mmap-pages", v)) => mmap_pages = Some(v == "1"),
+            Some(("restore-gate", v)) => restore_gate = Some(v == "1"),
             _ => return None,
         }
     }
-    Some(f)
+    // A cache written before a feature was known does not answer for it: probe again.
+    Some(Features {
+        mmap_pages: mmap_pages?,
+        restore_gate: restore_gate?,
+    })
 }
 
 /// CRIU parses every option before it acts, so an option it lacks fails `--version`.
 fn probe(bin: &Path) -> Features {
-    let accepts = |opt: &str| {
+    let accepts = |opt: &[&str]| {
         Command::new(bin)
-            .arg(opt)
+            .args(opt)
             .arg("--version")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -86,7 +98,8 @@ fn probe(bin: &Path) -> Features {
             .unwrap_or(false)
     };
     Features {
-        mmap_pages: accepts("--mmap-pages"),
+        mmap_pages: accepts(&["--mmap-pages"]),
+        restore_gate: accepts(&["--restore-gate-fd", "-1"]),
     }
 }
 
@@ -99,11 +112,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("thaw-criu-features-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cache = dir.join("criu-features");
-        std::fs::write(&cache, "/usr/sbin/criu 10 1.2\nmmap-pages=1\n").unwrap();
+        std::fs::write(
+            &cache,
+            "/usr/sbin/criu 10 1.2\nmmap-pages=1\nrestore-gate=0\n",
+        )
+        .unwrap();
         assert_eq!(
             read_cached(&cache, "/usr/sbin/criu 10 1.2"),
-            Some(Features { mmap_pages: true })
+            Some(Features {
+                mmap_pages: true,
+                restore_gate: false
+            })
         );
+        // Written before the gate was known: not an answer.
+        std::fs::write(&cache, "/usr/sbin/criu 10 1.2\nmmap-pages=1\n").unwrap();
+        assert_eq!(read_cached(&cache, "/usr/sbin/criu 10 1.2"), None);
         assert_eq!(read_cached(&cache, "/usr/sbin/criu 11 1.2"), None);
         std::fs::write(&cache, "/usr/sbin/criu 10 1.2\nsomething-else=1\n").unwrap();
         assert_eq!(read_cached(&cache, "/usr/sbin/criu 10 1.2"), None);
@@ -117,7 +140,13 @@ mod tests {
             assert_eq!(probe(&f), Features::default());
         }
         if let Some(t) = find_on_path("true") {
-            assert_eq!(probe(&t), Features { mmap_pages: true });
+            assert_eq!(
+                probe(&t),
+                Features {
+                    mmap_pages: true,
+                    restore_gate: true
+                }
+            );
         }
     }
 }

@@ -65,6 +65,9 @@ pub struct ContainerTier {
     pub guest_init: PathBuf,
     /// The installed CRIU has our `mmap-pages` option ([`CloneMemory::Shared`]).
     pub mmap_pages: bool,
+    /// The installed CRIU has our `restore-gate-fd` option: a prepared sandbox's CRIU is
+    /// started ahead and waits ([`criu_restore::Armed`]).
+    pub restore_gate: bool,
     /// Clones restored [`CloneMemory::Shared`] skip runc ([`criu_restore`]): where thaw can
     /// confine them as runc would (see [`cgroups::can_confine_devices`]).
     pub direct_restore: bool,
@@ -118,6 +121,10 @@ impl SandboxDir {
     pub fn owner(&self) -> PathBuf {
         self.root.join("owner")
     }
+    /// CRIU's work directory (its logs) for a restore into this sandbox.
+    pub fn criu_work(&self) -> PathBuf {
+        self.root.join("criu-work")
+    }
     /// The restored init's host pid (written by runc or CRIU).
     pub fn pid_file(&self) -> PathBuf {
         self.root.join("init.pid")
@@ -153,12 +160,13 @@ impl SandboxDir {
 impl ContainerTier {
     pub fn new(paths: Paths, guest_init: PathBuf) -> ContainerTier {
         let runc = Runc::new(paths.runc_root());
-        let mmap_pages = criu::features(&paths).mmap_pages;
+        let features = criu::features(&paths);
         ContainerTier {
             paths,
             runc,
             guest_init,
-            mmap_pages,
+            mmap_pages: features.mmap_pages,
+            restore_gate: features.restore_gate,
             direct_restore: cgroups::can_confine_devices(),
             pool: Default::default(),
         }

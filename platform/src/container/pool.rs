@@ -2,8 +2,10 @@
 //!
 //! Before CRIU restores a clone, thaw makes the clone's directory, mounts its tmpfs disk,
 //! extracts the snapshot's upper directory into it, mounts the overlay root and creates
-//! its cgroups with the template's limits: about 3 ms, on the caller's clock. None of it
-//! depends on the caller. So a long-lived engine (`thaw serve`, `thaw bench`) keeps a few
+//! its cgroups with the template's limits: about 3 ms, on the caller's clock. Then CRIU
+//! starts, reads the snapshot's images and prepares: about 5 ms more. None of it depends
+//! on the caller, so a prepared sandbox holds all of it, CRIU included, waiting at its gate
+//! ([`super::criu_restore::Armed`]) where the installed CRIU has our patch `0006`. So a long-lived engine (`thaw serve`, `thaw bench`) keeps a few
 //! prepared sandboxes per snapshot and makes new ones in the background, on the core the
 //! restore is not using. A one-shot `thaw invoke` keeps none: its process would prepare a
 //! sandbox only to tear it down at exit.
@@ -22,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::cgroups::SandboxCgroup;
+use super::criu_restore::Armed;
 use super::{ContainerSandbox, ContainerTier, Keeper, SandboxSpec};
 use crate::error::Result;
 
@@ -49,11 +52,14 @@ impl Key {
     }
 }
 
-/// A sandbox ready for CRIU: directory, disk, upper directory, overlay root, cgroups.
+/// A sandbox ready for CRIU: directory, disk, upper directory, overlay root, cgroups, and
+/// (where CRIU has our gate patch) CRIU itself, started and waiting at its gate.
 #[derive(Debug)]
 pub struct Prepared {
     pub id: String,
     pub cgroup: SandboxCgroup,
+    /// Boxed: a prepared sandbox moves through the pool's queues.
+    pub armed: Option<Box<Armed>>,
 }
 
 #[derive(Debug, Default)]
@@ -160,23 +166,36 @@ impl ContainerTier {
         let d = self.sandbox_dir(&spec.id);
         let r = async {
             self.prepare_restore_dir(&d, spec, snapshot).await?;
-            SandboxCgroup::create(&spec.id, &spec.limits)
-        }
-        .await;
-        match r {
-            Ok(cgroup) => Ok(Prepared {
+            let cgroup = SandboxCgroup::create(&spec.id, &spec.limits)?;
+            // Last: a failure above leaves no CRIU to send away.
+            let armed = if self.restore_gate {
+                Some(Box::new(self.arm(spec, &d, snapshot, &cgroup, true)?))
+            } else {
+                None
+            };
+            Ok(Prepared {
                 id: spec.id.clone(),
                 cgroup,
-            }),
-            Err(e) => {
-                self.discard_prepared(spec.id.clone()).await;
-                Err(e)
-            }
+                armed,
+            })
         }
+        .await;
+        if r.is_err() {
+            self.discard_dir(spec.id.clone()).await;
+        }
+        r
     }
 
-    /// Tears down a prepared sandbox no restore used.
-    async fn discard_prepared(&self, id: String) {
+    /// Tears down a prepared sandbox no restore used: its waiting CRIU first, which may
+    /// hold its mounts.
+    async fn discard_prepared(&self, p: Prepared) {
+        if let Some(armed) = p.armed {
+            armed.cancel().await;
+        }
+        self.discard_dir(p.id).await
+    }
+
+    async fn discard_dir(&self, id: String) {
         let d = self.sandbox_dir(&id);
         ContainerSandbox::new(id, d.root, self.runc.clone(), Keeper::Thaw)
             .destroy()
@@ -184,15 +203,33 @@ impl ContainerTier {
     }
 
     /// Takes a prepared sandbox for a clone of `spec` from `snapshot`, if one is ready.
+    /// One whose waiting CRIU is gone (killed, or failed while it prepared) is torn down
+    /// instead, and the next one tried.
     pub(crate) fn take_prepared(&self, spec: &SandboxSpec, snapshot: &Path) -> Option<Prepared> {
-        let (taken, stale) = self.pool.take(&Key::of(spec, snapshot));
-        for p in stale {
-            let tier = self.clone();
-            self.pool
-                .tasks
-                .spawn(async move { tier.discard_prepared(p.id).await });
+        let key = Key::of(spec, snapshot);
+        loop {
+            let (taken, stale) = self.pool.take(&key);
+            for p in stale {
+                self.discard_in_background(p);
+            }
+            let mut p = taken?;
+            if p.armed.as_mut().is_none_or(|a| a.alive()) {
+                return Some(p);
+            }
+            let why = super::checkpoint::criu_log_errors(
+                &self.sandbox_dir(&p.id).criu_work(),
+                "restore.log",
+            );
+            warn!(sandbox = %p.id, criu = %why, "a prepared sandbox's CRIU exited while it waited; not used");
+            self.discard_in_background(p);
         }
-        taken
+    }
+
+    fn discard_in_background(&self, p: Prepared) {
+        let tier = self.clone();
+        self.pool
+            .tasks
+            .spawn(async move { tier.discard_prepared(p).await });
     }
 
     /// Makes prepared sandboxes for clones of `spec` from `snapshot` in the background, up
@@ -220,7 +257,7 @@ impl ContainerTier {
                             Ok(true) => continue,
                             Ok(false) => break,
                             Err(p) => {
-                                tier.discard_prepared(p.id).await;
+                                tier.discard_prepared(p).await;
                                 break;
                             }
                         },
@@ -246,7 +283,7 @@ impl ContainerTier {
         self.pool.tasks.wait().await;
         self.pool.tasks.reopen();
         for p in self.pool.drain() {
-            self.discard_prepared(p.id).await;
+            self.discard_prepared(p).await;
         }
     }
 }
@@ -268,6 +305,7 @@ mod tests {
         Prepared {
             id: id.into(),
             cgroup: SandboxCgroup::empty(),
+            armed: None,
         }
     }
 
