@@ -437,11 +437,19 @@ impl RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `THAW_LOG_SPANS=1` also prints each span as it closes, with its busy and idle time:
+    // where a slow restore or call spent its milliseconds.
+    let spans = if std::env::var_os("THAW_LOG_SPANS").is_some_and(|v| v == "1") {
+        tracing_subscriber::fmt::format::FmtSpan::CLOSE
+    } else {
+        tracing_subscriber::fmt::format::FmtSpan::NONE
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("THAW_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        .with_span_events(spans)
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
