@@ -632,6 +632,30 @@ fn snapshots_outlive_a_guest_init_upgrade() {
     h.assert_clean();
 }
 
+/// Whether a process in the sandbox's cgroups is a CRIU blocked in `read` on the descriptor
+/// its command line names as its restore gate (`/proc/<pid>/syscall`: the number, then the
+/// arguments; `read` is 0 on x86-64).
+fn criu_waits_at_gate(sandbox: &str) -> bool {
+    thaw_platform::container::cgroup_pids(sandbox)
+        .into_iter()
+        .any(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let Some(fd) = args
+                .iter()
+                .position(|a| *a == b"--restore-gate-fd")
+                .and_then(|i| args.get(i + 1))
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+            else {
+                return false;
+            };
+            let syscall =
+                std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+            let mut words = syscall.split_whitespace();
+            words.next() == Some("0") && words.next() == Some(format!("0x{fd:x}").as_str())
+        })
+}
+
 fn sandbox_ids(home: &Home) -> HashSet<String> {
     std::fs::read_dir(home.path().join("sandboxes"))
         .map(|rd| {
@@ -658,12 +682,18 @@ fn clones_restore_into_sandboxes_prepared_ahead() {
         let opts = thaw_platform::engine::RunOptions::default();
         let first = engine.spawn("counter", &opts).await.unwrap();
         let first_id = first.id().to_string();
-        // The first restore found none prepared, and asked for two.
+        // The first restore found none prepared, and asked for two. A prepared sandbox's
+        // directory appears before it is ready (its CRIU waiting at the gate).
+        let others = || {
+            let mut ids = sandbox_ids(&home);
+            ids.remove(&first_id);
+            ids
+        };
         wait_for("two prepared sandboxes", Duration::from_secs(20), || {
-            sandbox_ids(&home).len() == 3
+            let ids = others();
+            ids.len() == 2 && ids.iter().all(|id| criu_waits_at_gate(id))
         });
-        let mut prepared = sandbox_ids(&home);
-        prepared.remove(&first_id);
+        let prepared = others();
         let second = engine.spawn("counter", &opts).await.unwrap();
         let second_id = second.id().to_string();
         assert!(
@@ -715,15 +745,23 @@ fn prepared_sandboxes_hold_a_criu_waiting_at_its_gate() {
         let opts = thaw_platform::engine::RunOptions::default();
         let first = engine.spawn("counter", &opts).await.unwrap();
         let first_id = first.id().to_string();
-        wait_for("two prepared sandboxes", Duration::from_secs(20), || {
-            sandbox_ids(&home).len() == 3
-        });
-        let mut prepared = sandbox_ids(&home);
-        prepared.remove(&first_id);
+        // A prepared sandbox's directory appears before its CRIU starts: wait for both.
+        let others = || {
+            let mut ids = sandbox_ids(&home);
+            ids.remove(&first_id);
+            ids
+        };
+        wait_for(
+            "two prepared sandboxes, each with a CRIU blocked reading its gate",
+            Duration::from_secs(20),
+            || {
+                let ids = others();
+                ids.len() == 2 && ids.iter().all(|id| criu_waits_at_gate(id))
+            },
+        );
+        let prepared = others();
         for id in &prepared {
-            let pids = thaw_platform::container::cgroup_pids(id);
-            assert!(!pids.is_empty(), "{id}: nothing in its cgroups");
-            for pid in &pids {
+            for pid in thaw_platform::container::cgroup_pids(id) {
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
                 assert_eq!(comm.trim(), "criu", "{id}: process {pid} is not its CRIU");
             }
