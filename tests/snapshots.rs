@@ -632,6 +632,34 @@ fn snapshots_outlive_a_guest_init_upgrade() {
     h.assert_clean();
 }
 
+/// The two sandboxes an engine keeping two prepared has made besides `live`, once both are
+/// ready. A prepared sandbox's directory appears before its CRIU starts, so this waits
+/// until each has its CRIU blocked reading its gate (thaw's CRIU patch `0006`).
+fn two_prepared_besides(home: &Home, live: &str) -> HashSet<String> {
+    let gate = std::process::Command::new("criu")
+        .args(["--restore-gate-fd", "-1", "--version"])
+        .output()
+        .expect("criu on PATH");
+    assert!(
+        gate.status.success(),
+        "the installed criu lacks thaw's restore-gate patch (scripts/criu-patches/0006): run `make deps`"
+    );
+    let others = || {
+        let mut ids = sandbox_ids(home);
+        ids.remove(live);
+        ids
+    };
+    wait_for(
+        "two prepared sandboxes, each with a CRIU blocked reading its gate",
+        Duration::from_secs(20),
+        || {
+            let ids = others();
+            ids.len() == 2 && ids.iter().all(|id| criu_waits_at_gate(id))
+        },
+    );
+    others()
+}
+
 /// Whether a process in the sandbox's cgroups is a CRIU blocked in `read` on the descriptor
 /// its command line names as its restore gate (`/proc/<pid>/syscall`: the number, then the
 /// arguments; `read` is 0 on x86-64).
@@ -682,18 +710,8 @@ fn clones_restore_into_sandboxes_prepared_ahead() {
         let opts = thaw_platform::engine::RunOptions::default();
         let first = engine.spawn("counter", &opts).await.unwrap();
         let first_id = first.id().to_string();
-        // The first restore found none prepared, and asked for two. A prepared sandbox's
-        // directory appears before it is ready (its CRIU waiting at the gate).
-        let others = || {
-            let mut ids = sandbox_ids(&home);
-            ids.remove(&first_id);
-            ids
-        };
-        wait_for("two prepared sandboxes", Duration::from_secs(20), || {
-            let ids = others();
-            ids.len() == 2 && ids.iter().all(|id| criu_waits_at_gate(id))
-        });
-        let prepared = others();
+        // The first restore found none prepared, and asked for two.
+        let prepared = two_prepared_besides(&home, &first_id);
         let second = engine.spawn("counter", &opts).await.unwrap();
         let second_id = second.id().to_string();
         assert!(
@@ -726,14 +744,6 @@ fn clones_restore_into_sandboxes_prepared_ahead() {
 /// engine sends the waiting ones away and leaves nothing behind.
 #[test]
 fn prepared_sandboxes_hold_a_criu_waiting_at_its_gate() {
-    let gate = std::process::Command::new("criu")
-        .args(["--restore-gate-fd", "-1", "--version"])
-        .output()
-        .expect("criu on PATH");
-    assert!(
-        gate.status.success(),
-        "the installed criu lacks thaw's restore-gate patch (scripts/criu-patches/0006): run `make deps`"
-    );
     let home = Home::new();
     let tmp = tempfile::tempdir().unwrap();
     let dir = counter_template(tmp.path(), COUNTER_LIMITS);
@@ -745,21 +755,7 @@ fn prepared_sandboxes_hold_a_criu_waiting_at_its_gate() {
         let opts = thaw_platform::engine::RunOptions::default();
         let first = engine.spawn("counter", &opts).await.unwrap();
         let first_id = first.id().to_string();
-        // A prepared sandbox's directory appears before its CRIU starts: wait for both.
-        let others = || {
-            let mut ids = sandbox_ids(&home);
-            ids.remove(&first_id);
-            ids
-        };
-        wait_for(
-            "two prepared sandboxes, each with a CRIU blocked reading its gate",
-            Duration::from_secs(20),
-            || {
-                let ids = others();
-                ids.len() == 2 && ids.iter().all(|id| criu_waits_at_gate(id))
-            },
-        );
-        let prepared = others();
+        let prepared = two_prepared_besides(&home, &first_id);
         for id in &prepared {
             for pid in thaw_platform::container::cgroup_pids(id) {
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();

@@ -203,10 +203,9 @@ impl ContainerTier {
                     // Prepared ahead: CRIU waits at its gate.
                     (Some(_), Some(armed)) => armed.go().await,
                     // CRIU restores at once: no gate to wait at.
-                    (Some(cgroup), None) => match self.arm(spec, &d, snapshot, cgroup, false) {
-                        Ok(armed) => armed.go().await,
-                        Err(e) => Err(e),
-                    },
+                    (Some(cgroup), None) => {
+                        async { self.arm(spec, &d, snapshot, cgroup, false)?.go().await }.await
+                    }
                     (None, _) => {
                         let guest_init = self.guest_init_of(snapshot, &d)?;
                         let cfg = self.container_config(spec, &d, &guest_init);

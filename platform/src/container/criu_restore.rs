@@ -142,16 +142,13 @@ impl DirectRestore<'_> {
         let pipes = dumped_stdio(self.images)?;
         let stdio = StdioPipes::new(self.log)?;
         let (stdin, stdout, stderr) = stdio.child_ends()?;
-        let gate = if gate {
-            let (r, w) =
-                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Runtime {
-                    command: "pipe".into(),
-                    message: e.to_string(),
-                })?;
-            Some((r, w))
-        } else {
-            None
-        };
+        let gate = gate
+            .then(|| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))
+            .transpose()
+            .map_err(|e| Error::Runtime {
+                command: "pipe".into(),
+                message: e.to_string(),
+            })?;
         let gate_fd = gate.as_ref().map(|(r, _)| r.as_raw_fd());
         let procs = self.cgroup.procs_files();
         let mut cmd = Command::new("criu");

@@ -4,10 +4,10 @@
 //! extracts the snapshot's upper directory into it, mounts the overlay root and creates
 //! its cgroups with the template's limits: about 3 ms, on the caller's clock. Then CRIU
 //! starts, reads the snapshot's images and prepares: about 5 ms more. None of it depends
-//! on the caller, so a prepared sandbox holds all of it, CRIU included, waiting at its gate
-//! ([`super::criu_restore::Armed`]) where the installed CRIU has our patch `0006`. So a long-lived engine (`thaw serve`, `thaw bench`) keeps a few
-//! prepared sandboxes per snapshot and makes new ones in the background, on the core the
-//! restore is not using. A one-shot `thaw invoke` keeps none: its process would prepare a
+//! on the caller. So a long-lived engine (`thaw serve`, `thaw bench`) keeps a few prepared
+//! sandboxes per snapshot, each with its CRIU started and waiting at its gate
+//! ([`super::criu_restore::Armed`], where the installed CRIU has our patch `0006`), and
+//! makes new ones in the background, on the core the restore is not using. A one-shot `thaw invoke` keeps none: its process would prepare a
 //! sandbox only to tear it down at exit.
 //!
 //! Only clones CRIU restores directly (discarded ones, [`super::Keeper::Thaw`]) are taken
